@@ -1,0 +1,23 @@
+"""Names that the operator, the agent, the chart and users must agree on."""
+
+from typing import Final
+
+GROUP: Final = "ipvs.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+VIRTUAL_SERVER: Final = "VirtualServer"
+VIRTUAL_SERVERS: Final = "virtualservers"
+ADDRESS_POOL: Final = "AddressPool"
+ADDRESS_POOLS: Final = "addresspools"
+IPVS_NODE: Final = "IPVSNode"
+IPVS_NODES: Final = "ipvsnodes"
+
+#: spec.loadBalancerClass of the Services we serve.
+LOAD_BALANCER_CLASS: Final = "ipvs.io/lb"
+
+#: Label on VirtualServers that the operator made from a Service.
+LABEL_SERVICE_NAME: Final = "ipvs.io/service-name"
+#: Label on objects the project manages (chart, generated objects).
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "ipvs-operator"

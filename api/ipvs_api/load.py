@@ -1,0 +1,213 @@
+"""Turn raw Kubernetes objects (dicts) into validated, typed objects.
+
+Every entry point validates with the CRD schema and the CEL mirrors first, so an object the API
+server would refuse is refused here too, with the same field paths; only then is it built into
+the types of :mod:`ipvs_api.types`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipvs_api import constants, schema
+from ipvs_api.errors import FieldError, InvalidObject
+from ipvs_api.rules import parse_cidr, parse_ip
+from ipvs_api.types import (
+    AddressPool,
+    AddressRange,
+    Backends,
+    Forwarding,
+    ForwardingMethod,
+    IPAddress,
+    IPFamily,
+    LabelRequirement,
+    LabelSelector,
+    Persistence,
+    Protocol,
+    Scheduler,
+    SchedulerFlag,
+    ServicePort,
+    StaticRealServer,
+    TrafficPolicy,
+    Tunnel,
+    TunnelChecksum,
+    TunnelType,
+    VirtualServer,
+    VirtualServerSpec,
+)
+
+
+def _check(kind: str, obj: dict[str, Any], namespaced: bool) -> dict[str, Any]:
+    """Validate envelope and body; return the defaulted object or raise InvalidObject."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    errors: list[FieldError] = []
+    if obj.get("apiVersion") != constants.API_VERSION:
+        errors.append(FieldError("apiVersion", f"must be {constants.API_VERSION}"))
+    if obj.get("kind") != kind:
+        errors.append(FieldError("kind", f"must be {kind}"))
+    if not name:
+        errors.append(FieldError("metadata.name", "Required value"))
+    if namespaced and not meta.get("namespace"):
+        errors.append(FieldError("metadata.namespace", "Required value"))
+    defaulted, schema_errors = schema.validate(kind, obj)
+    errors.extend(schema_errors)
+    if errors:
+        raise InvalidObject(kind, name, errors)
+    return defaulted
+
+
+def _ip(text: str) -> IPAddress:
+    addr = parse_ip(text)
+    assert addr is not None, "validated before"
+    return addr
+
+
+def label_selector(raw: dict[str, Any] | None) -> LabelSelector:
+    raw = raw or {}
+    return LabelSelector(
+        match_labels=tuple(sorted(raw.get("matchLabels", {}).items())),
+        match_expressions=tuple(
+            LabelRequirement(e["key"], e["operator"], tuple(e.get("values", ())))
+            for e in raw.get("matchExpressions", ())
+        ),
+    )
+
+
+def virtual_server_spec(spec: dict[str, Any]) -> VirtualServerSpec:
+    """Build the typed spec from a validated, defaulted ``spec``."""
+    fwd = spec["forwarding"]
+    tun = fwd.get("tunnel", {})
+    backends = spec["backends"]
+    pers = spec.get("persistence")
+    return VirtualServerSpec(
+        address=_ip(spec["address"]) if "address" in spec else None,
+        address_pool=spec.get("addressPool"),
+        ip_family=IPFamily(spec["ipFamily"]) if "ipFamily" in spec else None,
+        sharing_key=spec.get("sharingKey"),
+        fwmark=spec.get("fwmark"),
+        ports=tuple(
+            ServicePort(
+                port=p["port"],
+                protocol=Protocol(p["protocol"]),
+                target_port=p.get("targetPort"),
+                name=p.get("name"),
+            )
+            for p in spec.get("ports", ())
+        ),
+        scheduler=Scheduler(spec["scheduler"]["name"]),
+        scheduler_flags=frozenset(SchedulerFlag(f) for f in spec["scheduler"].get("flags", ())),
+        forwarding=Forwarding(
+            method=ForwardingMethod(fwd["method"]),
+            tunnel=Tunnel(
+                type=TunnelType(tun.get("type", "ipip")),
+                port=tun.get("port"),
+                checksum=TunnelChecksum(tun.get("checksum", "nocsum")),
+            ),
+        ),
+        persistence=None
+        if pers is None
+        else Persistence(
+            timeout_seconds=pers["timeoutSeconds"],
+            ipv4_prefix_length=pers["ipv4PrefixLength"],
+            ipv6_prefix_length=pers["ipv6PrefixLength"],
+            engine=pers.get("engine"),
+        ),
+        one_packet_scheduling=spec["onePacketScheduling"],
+        backends=Backends(
+            service=backends.get("service", {}).get("name"),
+            static=tuple(
+                StaticRealServer(
+                    address=_ip(r["address"]),
+                    port=r.get("port"),
+                    weight=r.get("weight"),
+                    upper_threshold=r.get("upperThreshold", 0),
+                    lower_threshold=r.get("lowerThreshold"),
+                )
+                for r in backends.get("static", ())
+            ),
+            default_weight=backends["defaultWeight"],
+        ),
+        drain_timeout_seconds=spec["drainTimeoutSeconds"],
+        traffic_policy=TrafficPolicy(spec["trafficPolicy"]),
+        node_selector=label_selector(spec.get("nodeSelector")),
+    )
+
+
+def virtual_server(obj: dict[str, Any]) -> VirtualServer:
+    """Validate and build a VirtualServer; raises :class:`InvalidObject` naming each bad field."""
+    checked = _check(constants.VIRTUAL_SERVER, obj, namespaced=True)
+    meta = checked["metadata"]
+    status_address = (checked.get("status") or {}).get("address")
+    return VirtualServer(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation", 0)),
+        spec=virtual_server_spec(checked["spec"]),
+        status_address=parse_ip(status_address) if status_address else None,
+    )
+
+
+def address_range(text: str) -> AddressRange:
+    """Parse a validated pool entry (CIDR or ``first-last``); a reversed range is a ValueError."""
+    if "-" in text:
+        first, last = (_ip(p) for p in text.split("-"))
+        if int(first) > int(last):
+            raise ValueError(f"range {text} starts after it ends")
+        return AddressRange(first, last)
+    net = parse_cidr(text)
+    assert net is not None, "validated before"
+    return AddressRange(net.network_address, net.broadcast_address)
+
+
+def address_pool(obj: dict[str, Any]) -> AddressPool:
+    """Validate and build an AddressPool; raises :class:`InvalidObject` naming each bad field."""
+    checked = _check(constants.ADDRESS_POOL, obj, namespaced=False)
+    spec = checked["spec"]
+    ranges: list[AddressRange] = []
+    errors: list[FieldError] = []
+    for i, entry in enumerate(spec["addresses"]):
+        try:
+            ranges.append(address_range(entry))
+        except ValueError as exc:
+            errors.append(FieldError(f"spec.addresses[{i}]", str(exc)))
+    if errors:
+        raise InvalidObject(constants.ADDRESS_POOL, checked["metadata"]["name"], errors)
+    return AddressPool(
+        name=checked["metadata"]["name"],
+        ranges=tuple(ranges),
+        auto_assign=spec["autoAssign"],
+        namespaces=frozenset(spec.get("namespaces", ())),
+        namespace_selector=label_selector(spec["namespaceSelector"])
+        if "namespaceSelector" in spec
+        else None,
+        generation=int(checked["metadata"].get("generation", 0)),
+    )
+
+
+def read_manifests(paths: Iterable[Path | str]) -> Iterator[dict[str, Any]]:
+    """Yield every object in the YAML files (multi-document; ``List`` kinds unwrapped)."""
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            for doc in yaml.safe_load_all(fh):
+                if not doc:
+                    continue
+                if str(doc.get("kind", "")).endswith("List") and "items" in doc:
+                    yield from doc["items"]
+                else:
+                    yield doc
+
+
+__all__ = [
+    "address_pool",
+    "address_range",
+    "label_selector",
+    "read_manifests",
+    "virtual_server",
+    "virtual_server_spec",
+]

@@ -1,0 +1,245 @@
+"""Typed, immutable views of the v1alpha1 objects, in LVS vocabulary.
+
+Built only from objects that passed :func:`ipvs_api.schema.validate`, so every field here is
+already defaulted and consistent; the planners in the operator and the agent work on these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Scheduler(StrEnum):
+    """Kernel IPVS schedulers, by the name the kernel module registers."""
+
+    RR = "rr"
+    WRR = "wrr"
+    LC = "lc"
+    WLC = "wlc"
+    LBLC = "lblc"
+    LBLCR = "lblcr"
+    DH = "dh"
+    SH = "sh"
+    SED = "sed"
+    NQ = "nq"
+    MH = "mh"
+    FO = "fo"
+    OVF = "ovf"
+    TWOS = "twos"
+
+
+class SchedulerFlag(StrEnum):
+    """Scheduler flags; the kernel reuses three generic bits, named per scheduler here."""
+
+    SH_FALLBACK = "sh-fallback"
+    SH_PORT = "sh-port"
+    MH_FALLBACK = "mh-fallback"
+    MH_PORT = "mh-port"
+
+
+class ForwardingMethod(StrEnum):
+    NAT = "NAT"
+    DR = "DR"
+    TUN = "TUN"
+
+
+class TunnelType(StrEnum):
+    IPIP = "ipip"
+    GUE = "gue"
+    GRE = "gre"
+
+
+class TunnelChecksum(StrEnum):
+    NOCSUM = "nocsum"
+    CSUM = "csum"
+    REMCSUM = "remcsum"
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class IPFamily(StrEnum):
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+    @classmethod
+    def of(cls, addr: IPAddress) -> IPFamily:
+        return cls.IPV4 if addr.version == 4 else cls.IPV6
+
+
+class TrafficPolicy(StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        inside = labels.get(self.key) in self.values
+        return inside if self.operator == "In" else not inside
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A Kubernetes label selector; the empty selector matches everything."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of a virtual service; ``target_port`` None means the same port."""
+
+    port: int
+    protocol: Protocol = Protocol.TCP
+    target_port: int | str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    type: TunnelType = TunnelType.IPIP
+    port: int | None = None
+    checksum: TunnelChecksum = TunnelChecksum.NOCSUM
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    method: ForwardingMethod = ForwardingMethod.NAT
+    tunnel: Tunnel = field(default_factory=Tunnel)
+
+
+@dataclass(frozen=True)
+class Persistence:
+    timeout_seconds: int = 300
+    ipv4_prefix_length: int = 32
+    ipv6_prefix_length: int = 128
+    engine: str | None = None
+
+
+@dataclass(frozen=True)
+class StaticRealServer:
+    address: IPAddress
+    port: int | None = None
+    weight: int | None = None
+    upper_threshold: int = 0
+    lower_threshold: int | None = None
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Exactly one of ``service`` (a Service name) or ``static`` is in use."""
+
+    service: str | None = None
+    static: tuple[StaticRealServer, ...] = ()
+    default_weight: int = 1
+
+
+@dataclass(frozen=True)
+class VirtualServerSpec:
+    backends: Backends
+    address: IPAddress | None = None
+    address_pool: str | None = None
+    ip_family: IPFamily | None = None
+    sharing_key: str | None = None
+    fwmark: int | None = None
+    ports: tuple[ServicePort, ...] = ()
+    scheduler: Scheduler = Scheduler.WLC
+    scheduler_flags: frozenset[SchedulerFlag] = frozenset()
+    forwarding: Forwarding = field(default_factory=Forwarding)
+    persistence: Persistence | None = None
+    one_packet_scheduling: bool = False
+    drain_timeout_seconds: int = 300
+    traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    node_selector: LabelSelector = field(default_factory=LabelSelector)
+
+    @property
+    def family(self) -> IPFamily:
+        """The family of the virtual address: from address, else ipFamily, else IPv4."""
+        if self.address is not None:
+            return IPFamily.of(self.address)
+        return self.ip_family or IPFamily.IPV4
+
+
+@dataclass(frozen=True)
+class VirtualServer:
+    """A validated VirtualServer with the identity the agents report against."""
+
+    namespace: str
+    name: str
+    spec: VirtualServerSpec
+    generation: int = 0
+    uid: str = ""
+    #: The address the operator allocated (status.address), when spec.address is unset.
+    status_address: IPAddress | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def address(self) -> IPAddress | None:
+        """The virtual address to program: requested, else allocated, else none yet."""
+        return self.spec.address or self.status_address
+
+
+@dataclass(frozen=True)
+class AddressRange:
+    """An inclusive range of addresses of one family (a CIDR is a range too)."""
+
+    first: IPAddress
+    last: IPAddress
+
+    @property
+    def size(self) -> int:
+        return int(self.last) - int(self.first) + 1
+
+    def __contains__(self, addr: object) -> bool:
+        return (
+            isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address)
+            and addr.version == self.first.version
+            and int(self.first) <= int(addr) <= int(self.last)
+        )
+
+
+@dataclass(frozen=True)
+class AddressPool:
+    name: str
+    ranges: tuple[AddressRange, ...]
+    auto_assign: bool = True
+    namespaces: frozenset[str] = frozenset()
+    namespace_selector: LabelSelector | None = None
+    generation: int = 0
+
+    def admits(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """Whether objects in this namespace may take addresses from the pool."""
+        if not self.namespaces and self.namespace_selector is None:
+            return True
+        if namespace in self.namespaces:
+            return True
+        return self.namespace_selector is not None and self.namespace_selector.matches(labels)
+
+    def __contains__(self, addr: object) -> bool:
+        return any(addr in r for r in self.ranges)

@@ -1,0 +1,60 @@
+"""The two programs of the one distribution, as users run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ipvs_api import schema
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_agent_never_imports_kopf() -> None:
+    code = (
+        "import sys, ipvs_agent.__main__\n"
+        "bad = sorted(m for m in sys.modules if m == 'kopf' or m.startswith('kopf.'))\n"
+        "assert not bad, bad\n"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_console_scripts_report_their_version() -> None:
+    for name in ("ipvs-agent", "ipvs-operator"):
+        result = run(str(BIN / name), "--version")
+        assert result.returncode == 0 and "0.1.0" in result.stdout, result
+
+
+def test_operator_prints_the_crds_it_serves() -> None:
+    result = run(str(BIN / "ipvs-operator"), "crds")
+    assert result.returncode == 0, result.stderr
+    printed = list(yaml.safe_load_all(result.stdout))
+    files = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+    assert printed == files == [doc for _, doc in schema.crd_documents()]
+
+
+def test_agent_validates_manifests_offline(tmp_path: Path) -> None:
+    examples = sorted(str(p) for p in (ROOT / "examples").glob("*.yaml"))
+    ok = run(str(BIN / "ipvs-agent"), "validate", "-f", *examples)
+    assert ok.returncode == 0, ok.stderr
+    assert "VirtualServer/api-dr: valid" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: ipvs.io/v1alpha1\nkind: VirtualServer\nmetadata: {name: x}\n"
+        "spec:\n  ports: [{port: 80, targetPort: 8080}]\n  forwarding: {method: DR}\n"
+        "  backends: {static: [{address: 198.51.100.1}]}\n"
+    )
+    result = run(str(BIN / "ipvs-agent"), "validate", "-f", str(bad))
+    assert result.returncode == 1
+    assert "VirtualServer/x: invalid" in result.stderr
+    assert "spec.ports: DR and TUN cannot remap ports" in result.stderr
