@@ -58,3 +58,10 @@ def test_agent_validates_manifests_offline(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "VirtualServer/x: invalid" in result.stderr
     assert "spec.ports: DR and TUN cannot remap ports" in result.stderr
+
+
+def test_image_installs_this_version() -> None:
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert f"ipvs-operator=={version}" in (ROOT / "Dockerfile").read_text()
