@@ -147,6 +147,7 @@ def virtual_server(obj: dict[str, Any]) -> VirtualServer:
         namespace=meta["namespace"],
         name=meta["name"],
         uid=meta.get("uid", ""),
+        created=str(meta.get("creationTimestamp", "")),
         generation=int(meta.get("generation", 0)),
         spec=virtual_server_spec(checked["spec"]),
         status_address=parse_ip(status_address) if status_address else None,

@@ -192,6 +192,8 @@ class VirtualServer:
     spec: VirtualServerSpec
     generation: int = 0
     uid: str = ""
+    #: metadata.creationTimestamp (RFC 3339); the earlier object wins a conflict.
+    created: str = ""
     #: The address the operator allocated (status.address), when spec.address is unset.
     status_address: IPAddress | None = None
 

@@ -10,9 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ipvs_api import InvalidObject, constants, load
-
 from ipvs_agent import __version__
+from ipvs_api import InvalidObject, constants, load
 
 
 def validate_files(paths: Sequence[Path]) -> int:

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 
 import yaml
-from ipvs_api import schema
 
+from ipvs_api import schema
 from ipvs_operator import __version__
 
 

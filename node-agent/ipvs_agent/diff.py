@@ -1,0 +1,135 @@
+"""Desired table minus observed table = the fewest kernel operations, with graceful drain.
+
+Pure: the caller passes the clock and the drain bookkeeping, and gets back the operations and
+the new bookkeeping. Only services the agent owns are ever edited or deleted; a desired service
+that collides with a foreign one is reported as a conflict and left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from ipvs_agent.model import (
+    MANAGED_FLAGS,
+    DesiredTable,
+    Dest,
+    DestKey,
+    ForwardingMethod,
+    ObservedDest,
+    ObservedTable,
+    Protocol,
+    Service,
+    ServiceKey,
+)
+from ipvs_agent.ops import Op, OpKind
+
+#: When each draining real server started to drain (seconds on the caller's clock).
+DrainBook = Mapping[tuple[ServiceKey, DestKey], float]
+
+
+@dataclass(frozen=True)
+class Diff:
+    ops: list[Op]
+    draining: dict[tuple[ServiceKey, DestKey], float]
+    #: Desired services that a foreign program already holds in the kernel.
+    conflicts: frozenset[ServiceKey]
+
+
+def same_service(a: Service, b: Service) -> bool:
+    """Equal in every attribute the agent sets (the kernel's HASHED bit is not ours)."""
+    return (
+        a.scheduler == b.scheduler
+        and a.flags & MANAGED_FLAGS == b.flags & MANAGED_FLAGS
+        and a.timeout == b.timeout
+        and a.netmask == b.netmask
+        and a.pe_name == b.pe_name
+    )
+
+
+def same_dest(a: Dest, b: Dest) -> bool:
+    """Equal in every attribute the kernel applies to this forwarding method."""
+    base = (a.forwarding, a.weight, a.upper_threshold, a.lower_threshold) == (
+        b.forwarding,
+        b.weight,
+        b.upper_threshold,
+        b.lower_threshold,
+    )
+    if not base or a.forwarding is not ForwardingMethod.TUNNEL:
+        return base
+    return (a.tunnel_type, a.tunnel_port, a.tunnel_flags) == (
+        b.tunnel_type,
+        b.tunnel_port,
+        b.tunnel_flags,
+    )
+
+
+def _drain(
+    key: ServiceKey,
+    service: Service,
+    gone: ObservedDest,
+    drain_seconds: int,
+    started: float | None,
+    now: float,
+) -> tuple[Op | None, float | None]:
+    """Step one real server that is no longer wanted: quiesce, wait, then delete."""
+    dest = gone.dest
+    idle = gone.stats.active_connections + gone.stats.inactive_connections == 0
+    if key.protocol == Protocol.UDP or drain_seconds <= 0 or idle:
+        return Op(OpKind.DEL_DEST, service, dest), None
+    since = now if started is None else started
+    if dest.weight != 0:
+        return Op(OpKind.EDIT_DEST, service, replace(dest, weight=0)), since
+    if now - since >= drain_seconds:
+        return Op(OpKind.DEL_DEST, service, dest), None
+    return None, since
+
+
+def diff(
+    desired: DesiredTable,
+    observed: ObservedTable,
+    owned: Callable[[ServiceKey], bool],
+    drain_seconds: Mapping[ServiceKey, int],
+    draining: DrainBook,
+    now: float,
+) -> Diff:
+    """The operations that turn ``observed`` into ``desired`` for the services we own."""
+    ops: list[Op] = []
+    book: dict[tuple[ServiceKey, DestKey], float] = {}
+    conflicts: set[ServiceKey] = set()
+    for key in sorted(desired):
+        want = desired[key]
+        have = observed.get(key)
+        if have is None:
+            ops.append(Op(OpKind.ADD_SERVICE, want.service))
+            ops.extend(Op(OpKind.ADD_DEST, want.service, d) for _, d in sorted(want.dests.items()))
+            continue
+        if not owned(key):
+            conflicts.add(key)
+            continue
+        if not same_service(want.service, have.service):
+            ops.append(Op(OpKind.EDIT_SERVICE, want.service))
+        for dkey in sorted(want.dests):
+            d = want.dests[dkey]
+            current = have.dests.get(dkey)
+            if current is None:
+                ops.append(Op(OpKind.ADD_DEST, want.service, d))
+            elif not same_dest(d, current.dest):
+                ops.append(Op(OpKind.EDIT_DEST, want.service, d))
+        for dkey in sorted(set(have.dests) - set(want.dests)):
+            op, since = _drain(
+                key,
+                want.service,
+                have.dests[dkey],
+                drain_seconds.get(key, 0),
+                draining.get((key, dkey)),
+                now,
+            )
+            if op is not None:
+                ops.append(op)
+            if since is not None:
+                book[(key, dkey)] = since
+    for key in sorted(set(observed) - set(desired)):
+        if owned(key):
+            ops.append(Op(OpKind.DEL_SERVICE, observed[key].service))
+    return Diff(ops, book, frozenset(conflicts))

@@ -1,0 +1,98 @@
+"""Builders shared by the agent's unit tests: valid objects in a line, tables applied in memory."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ipvs_agent.model import (
+    DesiredTable,
+    ObservedDest,
+    ObservedService,
+    ObservedTable,
+    ServiceKey,
+)
+from ipvs_agent.ops import Op, OpKind
+from ipvs_api import load
+from ipvs_api.endpoints import Endpoint, endpoints_from_slices
+from ipvs_api.types import VirtualServer
+
+
+def vs(
+    name: str = "web",
+    namespace: str = "ns",
+    created: str = "",
+    status_address: str = "",
+    generation: int = 1,
+    **spec: Any,
+) -> VirtualServer:
+    """A validated VirtualServer from spec fields (defaults fill the rest)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "generation": generation}
+    if created:
+        meta["creationTimestamp"] = created
+    obj: dict[str, Any] = {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": meta,
+        "spec": spec,
+    }
+    if status_address:
+        obj["status"] = {"address": status_address}
+    return load.virtual_server(obj)
+
+
+def slice_(
+    addresses: list[tuple[str, dict[str, bool], str | None]],
+    ports: list[tuple[str, int, str]],
+    family: str = "IPv4",
+) -> dict[str, Any]:
+    """An EndpointSlice: (address, conditions, nodeName) endpoints and (name, port, proto) ports."""
+    return {
+        "addressType": family,
+        "endpoints": [{"addresses": [a], "conditions": c, "nodeName": n} for a, c, n in addresses],
+        "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ports],
+    }
+
+
+def endpoints(*slices: dict[str, Any]) -> tuple[Endpoint, ...]:
+    return endpoints_from_slices(slices)
+
+
+def observed_from(desired: DesiredTable) -> dict[ServiceKey, ObservedService]:
+    """What the kernel would report right after programming ``desired`` (no traffic yet)."""
+    return {
+        k: ObservedService(s.service, {dk: ObservedDest(d) for dk, d in s.dests.items()})
+        for k, s in desired.items()
+    }
+
+
+def apply_ops(table: ObservedTable, ops: list[Op]) -> dict[ServiceKey, ObservedService]:
+    """Apply operations to an in-memory table with the kernel's semantics (errors raise)."""
+    out = {k: ObservedService(s.service, dict(s.dests), s.stats) for k, s in table.items()}
+    for op in ops:
+        key = op.service.key
+        if op.kind is OpKind.ADD_SERVICE:
+            assert key not in out, f"EEXIST {op}"
+            out[key] = ObservedService(op.service, {})
+            continue
+        assert key in out, f"ESRCH {op}"
+        current = out[key]
+        if op.kind is OpKind.EDIT_SERVICE:
+            out[key] = replace(current, service=op.service)
+        elif op.kind is OpKind.DEL_SERVICE:
+            del out[key]
+        else:
+            assert op.dest is not None
+            dests = dict(current.dests)
+            dkey = op.dest.key
+            if op.kind is OpKind.ADD_DEST:
+                assert dkey not in dests, f"EEXIST {op}"
+                dests[dkey] = ObservedDest(op.dest)
+            elif op.kind is OpKind.EDIT_DEST:
+                assert dkey in dests, f"ENOENT {op}"
+                dests[dkey] = replace(dests[dkey], dest=op.dest)
+            else:
+                assert dkey in dests, f"ENOENT {op}"
+                del dests[dkey]
+            out[key] = replace(current, dests=dests)
+    return out
