@@ -1,17 +1,32 @@
 """Command line of the node agent (``ipvs-agent``).
 
-Only offline validation exists so far; reconciling the kernel arrives with the agent itself.
+``run`` is the in-cluster agent. ``plan``, ``apply`` and ``status`` work without a cluster, on
+VirtualServer (and EndpointSlice, Node) manifests, through the very same reconcile pass:
+``plan`` prints the kernel operations the manifests would cause on this host, ``apply`` makes
+them, ``status`` shows the live table like ``ipvsadm -Ln`` with the Kubernetes name of each
+service. ``validate`` checks manifests as the API server would.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ipvs_agent import __version__
+from ipvs_agent.desired import State
+from ipvs_agent.model import Timeouts
+from ipvs_agent.reconciler import Memory, PassResult, reconcile
 from ipvs_api import InvalidObject, constants, load
+
+log = logging.getLogger("ipvs_agent")
 
 
 def validate_files(paths: Sequence[Path]) -> int:
@@ -40,18 +55,154 @@ def validate_files(paths: Sequence[Path]) -> int:
     return 1 if failures else 0
 
 
+def _offline_pass(args: argparse.Namespace, dry_run: bool) -> tuple[PassResult, int]:
+    from ipvs_agent import snapshot
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.system import LinuxHost
+
+    objects = list(load.read_manifests(args.filename or []))
+    vss, slices, node_obj = snapshot.split_manifests(objects, args.namespace)
+    with IPVSKernel() as kernel:
+        info = kernel.info()
+        node = snapshot.node_from(node_obj, args.node_name, info)
+        snap = snapshot.take(vss, slices, node)
+        host = LinuxHost(args.interface, read_only=dry_run)
+        result = reconcile(snap, kernel, host, Memory(), time.monotonic(), dry_run=dry_run)
+    failed = [k for k, o in result.outcomes.items() if o.state is State.FAILED]
+    return result, 1 if failed or result.failures else 0
+
+
+def _print_outcomes(result: PassResult) -> None:
+    for key in sorted(result.outcomes):
+        o = result.outcomes[key]
+        detail = f" {o.reason}: {o.message}" if o.reason else ""
+        print(f"# VirtualServer {key}: {o.state}{detail}")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    result, code = _offline_pass(args, dry_run=True)
+    _print_outcomes(result)
+    for op in result.ops:
+        print(op)
+    print(f"# {len(result.ops)} operation(s)" + ("" if result.ops else ": the kernel matches"))
+    return code
+
+
+def apply_command(args: argparse.Namespace) -> int:
+    result, code = _offline_pass(args, dry_run=False)
+    _print_outcomes(result)
+    for r in result.results:
+        print(("" if r.ok else f"FAILED ({r.message or r.error}): ") + str(r.op))
+    print(f"# {len(result.results) - len(result.failures)} applied, {len(result.failures)} failed")
+    return code
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from ipvs_agent import snapshot
+    from ipvs_agent.desired import plan
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.show import render_table
+
+    objects = list(load.read_manifests(args.filename or []))
+    vss, slices, node_obj = snapshot.split_manifests(objects, args.namespace)
+    with IPVSKernel() as kernel:
+        info = kernel.info()
+        table = kernel.dump()
+    snap = snapshot.take(vss, slices, snapshot.node_from(node_obj, args.node_name, info))
+    owners = plan(snap.virtual_servers, snap.endpoints, snap.node).owners
+    sys.stdout.write(render_table(table, owners, info))
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from kubernetes import client, config
+
+    from ipvs_agent.agent import Agent, Settings, serve_http
+    from ipvs_agent.cluster import mirrors
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.report import NodeReporter
+    from ipvs_agent.system import LinuxHost, prepare_node
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = client.ApiClient()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    changed = threading.Event()
+    with IPVSKernel() as kernel:
+        info = kernel.info()
+        prepare_node(info.release)
+        timeouts = Timeouts(*args.timeouts)
+        if timeouts != Timeouts():
+            kernel.set_timeouts(timeouts)
+        agent = Agent(
+            Settings(args.node_name, resync_seconds=args.resync_seconds),
+            kernel,
+            LinuxHost(args.interface),
+            mirrors(api, args.node_name, changed),
+            changed,
+            report=NodeReporter(api, args.node_name).report,
+        )
+        server = serve_http(agent, args.metrics_port, args.metrics_address)
+        log.info("ipvs-agent %s on node %s (IPVS %s)", __version__, args.node_name, info.version)
+        agent.run(stop)
+        server.shutdown()
+    # The kernel table is left as it is: traffic keeps flowing while the agent restarts.
+    return 0
+
+
+def _timeouts(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3 or any(p < 0 for p in parts):
+        raise argparse.ArgumentTypeError("expected TCP,TCPFIN,UDP seconds, e.g. 900,120,300")
+    return parts[0], parts[1], parts[2]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ipvs-agent", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ipvs-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    val = sub.add_parser(
-        "validate", help="validate VirtualServer and AddressPool manifests offline"
-    )
-    val.add_argument("-f", "--filename", type=Path, nargs="+", action="extend", required=True)
+
+    def with_files(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("-f", "--filename", type=Path, nargs="+", action="extend",
+                       required=required, help="manifest files (VirtualServer, EndpointSlice, Node)")
+        p.add_argument("-n", "--namespace", default="default",
+                       help="namespace of objects that name none")
+
+    def with_node(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
+        p.add_argument("--interface", default="ipvs0",
+                       help="dummy interface holding the virtual addresses")
+
+    val = sub.add_parser("validate", help="validate VirtualServer and AddressPool manifests")
+    with_files(val, required=True)
+    for name, text in (("plan", "print the kernel operations the manifests would cause"),
+                       ("apply", "make the kernel match the manifests")):
+        p = sub.add_parser(name, help=text)
+        with_files(p, required=True)
+        with_node(p)
+    st = sub.add_parser("status", help="show the live IPVS table with Kubernetes names")
+    with_files(st, required=False)
+    with_node(st)
+    run = sub.add_parser("run", help="run the in-cluster agent")
+    with_node(run)
+    run.add_argument("--resync-seconds", type=float, default=30.0)
+    run.add_argument("--metrics-port", type=int, default=9753)
+    run.add_argument("--metrics-address", default="0.0.0.0")
+    run.add_argument("--timeouts", type=_timeouts, default=(0, 0, 0),
+                     help="IPVS TCP,TCPFIN,UDP timeouts in seconds (0 leaves one as it is)")
+
     args = parser.parse_args(argv)
-    if args.command == "validate":
-        return validate_files(args.filename)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"validate": lambda a: validate_files(a.filename), "plan": plan_command,
+                "apply": apply_command, "status": status_command, "run": run_command}
+    return int(commands[args.command](args))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,23 @@ def apply_ops(table: ObservedTable, ops: list[Op]) -> dict[ServiceKey, ObservedS
                 del dests[dkey]
             out[key] = replace(current, dests=dests)
     return out
+
+
+class FakeHost:
+    """The agent's host state in memory: the ownership record, masquerade set and addresses."""
+
+    def __init__(self, owned: set[ServiceKey] | None = None) -> None:
+        self.owned_keys: set[ServiceKey] = set(owned or ())
+        self.masquerade: set[ServiceKey] = set()
+        self.addresses: set[Any] = set()
+        self.records: list[set[ServiceKey]] = []
+
+    def owned(self) -> set[ServiceKey]:
+        return set(self.owned_keys)
+
+    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
+        self.owned_keys, self.masquerade = set(owned), set(masquerade)
+        self.records.append(set(owned))
+
+    def sync_addresses(self, wanted: set[Any]) -> None:
+        self.addresses = set(wanted)

@@ -1,0 +1,181 @@
+"""The in-cluster agent: mirrors, a reconcile on each change or resync, reports and probes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ipvs_agent import __version__
+from ipvs_agent.cluster import Mirror
+from ipvs_agent.kernel import Kernel
+from ipvs_agent.metrics import AgentMetrics
+from ipvs_agent.model import KernelInfo
+from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
+from ipvs_agent.snapshot import node_from, take
+from ipvs_agent.status import node_status
+from ipvs_api import conditions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str
+    resync_seconds: float = 30.0
+    #: Quiet time after a change before reconciling, so a burst of events is one pass.
+    settle_seconds: float = 0.1
+
+
+class Agent:
+    """Owns the loop; every collaborator is injected so tests can run it against fakes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        kernel: Kernel,
+        host: Host,
+        mirrors: list[Mirror],
+        changed: threading.Event,
+        report: Callable[[dict[str, Any], str], object] | None = None,
+        metrics: AgentMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.kernel = kernel
+        self.host = host
+        self.mirrors = mirrors
+        self.changed = changed
+        self.report = report
+        self.metrics = metrics or AgentMetrics()
+        self.clock = clock
+        self.memory = Memory()
+        self.kernel_info: KernelInfo | None = None
+        self.last: PassResult | None = None
+        self.passes = 0
+        self.last_pass_at = 0.0
+        self._conditions: list[dict[str, Any]] = []
+
+    @property
+    def synced(self) -> bool:
+        return all(m.synced.is_set() for m in self.mirrors)
+
+    def _objects(self, name: str) -> list[dict[str, Any]]:
+        return next(m for m in self.mirrors if m.name == name).items()
+
+    def run_once(self, cause: str) -> PassResult:
+        """One pass from the mirrors' current contents (never before they synced)."""
+        if self.kernel_info is None:
+            self.kernel_info = self.kernel.info()
+        nodes = self._objects("node")
+        node_obj = nodes[0] if nodes else None
+        node = node_from(node_obj, self.settings.node_name, self.kernel_info)
+        snap = take(self._objects("virtualservers"), self._objects("endpointslices"), node)
+        started = time.perf_counter()
+        result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        self._account(result, cause)
+        self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
+        if self.report is not None:
+            status = node_status(
+                result.outcomes, self.kernel_info, __version__, conditions.now(), self._conditions
+            )
+            self._conditions = status["conditions"]
+            uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
+            try:
+                self.report(status, uid)
+            except Exception as e:  # reporting must never stop programming
+                log.warning("could not report IPVSNode status: %s", e)
+        return result
+
+    def _account(self, result: PassResult, cause: str) -> None:
+        m = self.metrics
+        for r in result.results:
+            m.operations.labels(kind=str(r.op.kind)).inc()
+        m.netlink_errors.inc(len(result.failures))
+        if cause == "resync" and result.ops:
+            m.drift_repairs.inc(len(result.ops))
+            log.info("resync repaired %d drifted entries", len(result.ops))
+        tally = Tally(str(o.state) for o in result.outcomes.values())
+        for state in ("Programmed", "Pending", "Failed", "Unsupported"):
+            m.programmed.labels(state=state).set(tally.get(state, 0))
+        m.table.update(result.observed, result.plan.owners)
+        for r in result.failures:
+            log.warning("kernel refused %s: %s", r.op, r.message or r.error)
+
+    def run(self, stop: threading.Event) -> None:
+        """Start the mirrors and reconcile on every change and every resync period."""
+        threads = [
+            threading.Thread(target=m.run, args=(stop,), name=f"mirror-{m.name}", daemon=True)
+            for m in self.mirrors
+        ]
+        for t in threads:
+            t.start()
+        while not stop.is_set() and not self.synced:
+            self.changed.wait(1.0)
+        next_resync = self.clock() + self.settings.resync_seconds
+        while not stop.is_set():
+            timeout = max(0.0, next_resync - self.clock())
+            cause = "change" if self.changed.wait(timeout) else "resync"
+            if stop.is_set():
+                break
+            if cause == "change":
+                stop.wait(self.settings.settle_seconds)
+            self.changed.clear()
+            try:
+                self.run_once(cause)
+            except Exception:
+                log.exception("reconcile pass failed; retrying at the next change or resync")
+            next_resync = self.clock() + self.settings.resync_seconds
+        for m in self.mirrors:
+            m.stop()
+
+
+def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """/metrics, /healthz (the loop is alive) and /readyz (synced and one pass done)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, ctype, code = (
+                    generate_latest(agent.metrics.registry),
+                    CONTENT_TYPE_LATEST,
+                    200,
+                )
+            elif self.path == "/healthz":
+                stale = agent.passes and agent.clock() - agent.last_pass_at > 3 * max(
+                    agent.settings.resync_seconds, 10
+                )
+                body, ctype, code = (
+                    (b"stale\n" if stale else b"ok\n"),
+                    "text/plain",
+                    500 if stale else 200,
+                )
+            elif self.path == "/readyz":
+                ready = agent.synced and agent.passes > 0
+                body, ctype, code = (
+                    (b"ok\n" if ready else b"not ready\n"),
+                    "text/plain",
+                    200 if ready else 503,
+                )
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

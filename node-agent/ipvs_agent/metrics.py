@@ -1,0 +1,150 @@
+"""Prometheus metrics: kernel counters per virtual service and real server, and the agent's own.
+
+Kernel counters are exported from the table the last reconcile read (64-bit STATS64), with
+the Kubernetes names of each service, by a custom collector — no per-scrape netlink dump.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ipvs_agent.model import ObservedTable, ServiceKey
+
+SERVICE_LABELS = ["namespace", "virtualserver", "protocol", "address", "port", "fwmark"]
+DEST_LABELS = [*SERVICE_LABELS, "real_server"]
+
+
+def _service_labels(key: ServiceKey, owner: str) -> list[str]:
+    namespace, _, name = owner.partition("/")
+    proto = {6: "TCP", 17: "UDP", 132: "SCTP"}.get(key.protocol, "")
+    return [
+        namespace,
+        name,
+        proto,
+        key.address if not key.fwmark else "",
+        str(key.port),
+        str(key.fwmark) if key.fwmark else "",
+    ]
+
+
+class TableCollector(Collector):
+    """Exports the owned part of the last observed table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._table: ObservedTable = {}
+        self._owners: Mapping[ServiceKey, str] = {}
+
+    def update(self, table: ObservedTable, owners: Mapping[ServiceKey, str]) -> None:
+        with self._lock:
+            self._table, self._owners = table, owners
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        with self._lock:
+            table, owners = self._table, self._owners
+        svc = {
+            name: CounterMetricFamily(f"ipvs_virtual_service_{name}", doc, labels=SERVICE_LABELS)
+            for name, doc in (
+                ("connections", "Connections scheduled by the virtual service."),
+                ("packets_in", "Packets received by the virtual service."),
+                ("packets_out", "Packets sent by the virtual service (NAT only)."),
+                ("bytes_in", "Bytes received by the virtual service."),
+                ("bytes_out", "Bytes sent by the virtual service (NAT only)."),
+            )
+        }
+        rs = {
+            name: CounterMetricFamily(f"ipvs_real_server_{name}", doc, labels=DEST_LABELS)
+            for name, doc in (
+                ("connections", "Connections sent to the real server."),
+                ("packets_in", "Packets forwarded to the real server."),
+                ("packets_out", "Packets from the real server (NAT only)."),
+                ("bytes_in", "Bytes forwarded to the real server."),
+                ("bytes_out", "Bytes from the real server (NAT only)."),
+            )
+        }
+        gauges = {
+            "active_connections": GaugeMetricFamily(
+                "ipvs_real_server_active_connections",
+                "Established connections.",
+                labels=DEST_LABELS,
+            ),
+            "inactive_connections": GaugeMetricFamily(
+                "ipvs_real_server_inactive_connections",
+                "Other connections (and all UDP).",
+                labels=DEST_LABELS,
+            ),
+            "weight": GaugeMetricFamily(
+                "ipvs_real_server_weight", "Scheduling weight (0 = draining).", labels=DEST_LABELS
+            ),
+        }
+        for key, observed in table.items():
+            owner = owners.get(key)
+            if owner is None:
+                continue  # not ours: other programs' services are not our business
+            labels = _service_labels(key, owner)
+            s = observed.stats
+            for name, value in (
+                ("connections", s.connections),
+                ("packets_in", s.packets_in),
+                ("packets_out", s.packets_out),
+                ("bytes_in", s.bytes_in),
+                ("bytes_out", s.bytes_out),
+            ):
+                svc[name].add_metric(labels, value)
+            for dkey, od in observed.dests.items():
+                dl = [*labels, str(dkey)]
+                ds = od.stats
+                for name, value in (
+                    ("connections", ds.connections),
+                    ("packets_in", ds.packets_in),
+                    ("packets_out", ds.packets_out),
+                    ("bytes_in", ds.bytes_in),
+                    ("bytes_out", ds.bytes_out),
+                ):
+                    rs[name].add_metric(dl, value)
+                gauges["active_connections"].add_metric(dl, ds.active_connections)
+                gauges["inactive_connections"].add_metric(dl, ds.inactive_connections)
+                gauges["weight"].add_metric(dl, od.dest.weight)
+        yield from svc.values()
+        yield from rs.values()
+        yield from gauges.values()
+
+
+class AgentMetrics:
+    """The agent's own metrics, in a registry of their own (no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.table = TableCollector()
+        self.registry.register(self.table)
+        self.reconcile_seconds = Histogram(
+            "ipvs_agent_reconcile_duration_seconds",
+            "Time of one reconcile pass.",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.netlink_errors = Counter(
+            "ipvs_agent_netlink_errors", "Kernel operations that failed.", registry=self.registry
+        )
+        self.operations = Counter(
+            "ipvs_agent_kernel_operations",
+            "Kernel operations applied.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.drift_repairs = Counter(
+            "ipvs_agent_drift_repairs",
+            "Operations applied by a periodic resync with no cluster change (drift repaired).",
+            registry=self.registry,
+        )
+        self.programmed = Gauge(
+            "ipvs_agent_virtual_servers",
+            "VirtualServers on this node by state.",
+            ["state"],
+            registry=self.registry,
+        )

@@ -1,0 +1,105 @@
+"""Raw cluster objects (dicts, from watches or from files) to the planner's inputs.
+
+The in-cluster agent and ``ipvs-agent plan -f`` both end here, so both judge objects the same
+way: an object that fails validation becomes a ``Failed``/``InvalidSpec`` outcome and is left
+out, without disturbing the others.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
+from ipvs_agent.model import KernelInfo
+from ipvs_api import InvalidObject, constants, load
+from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
+from ipvs_api.types import VirtualServer
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the planner needs, taken at one moment."""
+
+    virtual_servers: tuple[VirtualServer, ...]
+    endpoints: EndpointIndex
+    node: Node
+    #: Outcomes of objects that could not even be read (invalid spec).
+    rejected: Mapping[str, Outcome] = field(default_factory=dict)
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def read_virtual_servers(
+    objects: Iterable[Mapping[str, Any]],
+) -> tuple[tuple[VirtualServer, ...], dict[str, Outcome]]:
+    """Validate each VirtualServer on its own; invalid ones become outcomes, not exceptions."""
+    good: list[VirtualServer] = []
+    bad: dict[str, Outcome] = {}
+    for obj in objects:
+        try:
+            good.append(load.virtual_server(dict(obj)))
+        except InvalidObject as e:
+            generation = int((obj.get("metadata") or {}).get("generation", 0) or 0)
+            details = "; ".join(str(err) for err in e.errors)
+            bad[_key(obj)] = Outcome(
+                State.FAILED, "InvalidSpec", details, frozenset({Role.DIRECTOR}), generation
+            )
+        except Exception as e:  # malformed beyond the schema's reach (not a mapping, …)
+            bad[_key(obj)] = Outcome(State.FAILED, "InvalidSpec", f"{type(e).__name__}: {e}")
+    return tuple(good), bad
+
+
+def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
+    """Endpoints grouped by (namespace, Service name), from the slices' service-name label."""
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for s in slices:
+        meta = s.get("metadata") or {}
+        service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if service:
+            grouped[(meta.get("namespace", ""), service)].append(s)
+    return {k: list(endpoints_from_slices(v)) for k, v in grouped.items()}
+
+
+def node_from(obj: Mapping[str, Any] | None, name: str, kernel: KernelInfo | None) -> Node:
+    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+    return Node(name=name, labels=dict(labels), kernel=kernel)
+
+
+def take(
+    virtual_servers: Iterable[Mapping[str, Any]],
+    endpoint_slices: Iterable[Mapping[str, Any]],
+    node: Node,
+) -> Snapshot:
+    good, bad = read_virtual_servers(virtual_servers)
+    return Snapshot(good, index_endpoints(endpoint_slices), node, bad)
+
+
+def split_manifests(
+    objects: Iterable[Mapping[str, Any]], default_namespace: str = "default"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """Sort objects from files into VirtualServers, EndpointSlices and a Node (others ignored)."""
+    vss: list[dict[str, Any]] = []
+    slices: list[dict[str, Any]] = []
+    node: dict[str, Any] | None = None
+    for raw in objects:
+        obj = dict(raw)
+        kind, api = obj.get("kind"), str(obj.get("apiVersion", ""))
+        if kind == constants.VIRTUAL_SERVER and api.startswith(constants.GROUP + "/"):
+            meta = dict(obj.get("metadata") or {})
+            meta.setdefault("namespace", default_namespace)
+            obj["metadata"] = meta
+            vss.append(obj)
+        elif kind == "EndpointSlice":
+            meta = dict(obj.get("metadata") or {})
+            meta.setdefault("namespace", default_namespace)
+            obj["metadata"] = meta
+            slices.append(obj)
+        elif kind == "Node":
+            node = obj
+    return vss, slices, node

@@ -1,0 +1,232 @@
+"""The agent's reconcile pass on a real kernel, proven with real connections (runs in the VM).
+
+The pass runs in-process against the director's network namespace, exactly as
+``ipvs-agent apply`` and the in-cluster agent run it. The host side (addresses, nftables) is
+an in-memory double here — the topology already puts the VIP on the director — and is proven
+on its own in tests/kernel/test_host_*.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ipvs_agent.desired import Node, State
+from ipvs_agent.kernel.ipvs import IPVSKernel
+from ipvs_agent.ops import OpKind
+from ipvs_agent.reconciler import Memory, PassResult, reconcile
+from ipvs_agent.snapshot import take
+from tests.kernel.ipvsctl import ipvsadm, ipvsadm_list
+from tests.kernel.topology import Lab, Topology, build_nat
+from tests.unit.agent_helpers import FakeHost
+
+
+def manifest(
+    topology: Topology,
+    name: str = "web",
+    scheduler: str = "wrr",
+    weights: list[int] | None = None,
+    drain: int = 300,
+    servers: list[int] | None = None,
+) -> dict[str, Any]:
+    """A VirtualServer for the topology's VIP with static real servers (by index)."""
+    picked = range(len(topology.real_servers)) if servers is None else servers
+    static = [
+        {"address": topology.real_servers[i].rip, "weight": (weights[i] if weights else 1)}
+        for i in picked
+    ]
+    return {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {
+            "name": name,
+            "namespace": "lab",
+            "generation": 1,
+            "creationTimestamp": "2026-11-26T00:00:00Z",
+        },
+        "spec": {
+            "address": topology.vip,
+            "ports": [{"port": topology.port, "protocol": "TCP"}],
+            "scheduler": {"name": scheduler},
+            "drainTimeoutSeconds": drain,
+            "backends": {"static": static},
+        },
+    }
+
+
+class Agent:
+    """The pass as the agent runs it: the same host record and memory between passes."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.host = FakeHost()
+        self.memory = Memory()
+
+    def kernel(self) -> IPVSKernel:
+        return IPVSKernel(netns=self.topology.director.name)
+
+    def reconcile(self, *objects: dict[str, Any]) -> PassResult:
+        with self.kernel() as kernel:
+            snap = take(objects, [], Node("director", {}, kernel.info()))
+            return reconcile(snap, kernel, self.host, self.memory, time.monotonic())
+
+
+@pytest.fixture
+def nat(lab: Lab) -> Iterator[tuple[Topology, Agent]]:
+    topology = build_nat(lab, family=4, real_servers=3)
+    yield topology, Agent(topology)
+
+
+def test_wrr_from_a_virtual_server_balances_real_connections(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    result = agent.reconcile(manifest(topology, weights=[3, 2, 1]))
+    assert result.failures == [] and result.outcomes["lab/web"].state is State.PROGRAMMED
+    assert [op.kind for op in result.ops] == [OpKind.ADD_SERVICE] + [OpKind.ADD_DEST] * 3
+    counts = topology.client.tcp_identities(topology.vip, topology.port, 60)
+    assert counts == Counter(rs1=30, rs2=20, rs3=10), ipvsadm_list(topology.director)
+
+
+def test_a_restarted_agent_adopts_the_table_and_changes_nothing(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    vs = manifest(topology, weights=[3, 2, 1])
+    agent.reconcile(vs)
+    before = ipvsadm(topology.director, "-S", "-n").stdout
+    agent.memory = Memory()  # a new process: nothing in memory, the kernel socket is new
+    again = agent.reconcile(vs)
+    assert again.ops == [], [str(op) for op in again.ops]
+    assert ipvsadm(topology.director, "-S", "-n").stdout == before
+
+
+def test_a_weight_change_is_one_operation_and_takes_effect(nat: tuple[Topology, Agent]) -> None:
+    topology, agent = nat
+    agent.reconcile(manifest(topology, weights=[1, 1, 1]))
+    result = agent.reconcile(manifest(topology, weights=[1, 1, 4]))
+    assert [(op.kind, op.dest.weight if op.dest else None) for op in result.ops] == [
+        (OpKind.EDIT_DEST, 4)
+    ]
+    counts = topology.client.tcp_identities(topology.vip, topology.port, 60)
+    assert counts == Counter(rs1=10, rs2=10, rs3=40)
+
+
+def test_a_scheduler_change_keeps_the_service_and_its_counters(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    agent.reconcile(manifest(topology, scheduler="wrr"))
+    topology.client.tcp_identities(topology.vip, topology.port, 6)
+    result = agent.reconcile(manifest(topology, scheduler="rr"))
+    assert [op.kind for op in result.ops] == [OpKind.EDIT_SERVICE]
+    with agent.kernel() as kernel:
+        (observed,) = kernel.dump().values()
+    assert observed.service.scheduler == "rr"
+    assert observed.stats.connections == 6, "edited in place, not deleted and re-added"
+
+
+def _alive(sock: socket.socket) -> bool:
+    """An established connection neither closed nor reset: a read would block."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b"x"  # the identity server sends nothing more
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        return e.errno not in (errno.ECONNRESET, errno.EPIPE)
+    finally:
+        sock.setblocking(True)
+
+
+def test_a_removed_real_server_drains_without_reset_then_goes(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    agent.reconcile(manifest(topology, scheduler="rr"))
+    idle = agent.reconcile(manifest(topology, scheduler="rr", servers=[0, 1]))
+    assert [op.kind for op in idle.ops] == [OpKind.DEL_DEST], "no connections: removed at once"
+
+    with topology.client.hold_tcp(topology.vip, topology.port, 4) as held:
+        assert held.identities == Counter(rs1=2, rs2=2)
+        result = agent.reconcile(manifest(topology, scheduler="rr", servers=[0]))
+        assert [(op.kind, op.dest.weight if op.dest else None) for op in result.ops] == [
+            (OpKind.EDIT_DEST, 0)
+        ], "quiesced, not deleted, while connections are open"
+        assert result.outcomes["lab/web"].state is State.PROGRAMMED
+        fresh = topology.client.tcp_identities(topology.vip, topology.port, 20)
+        assert fresh == Counter(rs1=20), "no new connection reaches a draining server"
+        assert all(_alive(s) for s in held.sockets), "no held connection was reset"
+        assert agent.reconcile(manifest(topology, scheduler="rr", servers=[0])).ops == []
+    # Closed connections linger in the kernel as TIME_WAIT entries for two minutes, so a
+    # drain ends at its timeout here: shorten it, and the next pass deletes the real server.
+    gone = agent.reconcile(manifest(topology, scheduler="rr", servers=[0], drain=1))
+    assert [op.kind for op in gone.ops] == [OpKind.DEL_DEST]
+    assert topology.real_servers[1].rip not in ipvsadm_list(topology.director)
+
+
+def test_foreign_services_and_real_servers_are_never_touched(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    d = topology.director
+    ipvsadm(d, "-A", "-t", f"{topology.vip}:8443", "-s", "sh")
+    ipvsadm(
+        d,
+        "-a",
+        "-t",
+        f"{topology.vip}:8443",
+        "-r",
+        f"{topology.real_servers[0].rip}:8443",
+        "-m",
+        "-w",
+        "7",
+    )
+    ipvsadm(d, "-A", "-u", "203.0.113.99:53", "-s", "rr")
+    foreign = ipvsadm(d, "-S", "-n").stdout
+
+    agent.reconcile(manifest(topology))
+    agent.memory = Memory()
+    agent.reconcile(manifest(topology))  # a restart and resync
+    agent.reconcile()  # the VirtualServer is deleted: our service goes, theirs stay
+    assert ipvsadm(d, "-S", "-n").stdout == foreign
+
+
+def test_a_foreign_service_at_our_address_is_a_conflict_not_a_takeover(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    d = topology.director
+    ipvsadm(d, "-A", "-t", f"{topology.vip}:{topology.port}", "-s", "lc")
+    before = ipvsadm(d, "-S", "-n").stdout
+    result = agent.reconcile(manifest(topology))
+    assert result.ops == []
+    assert result.outcomes["lab/web"].state is State.FAILED
+    assert result.outcomes["lab/web"].reason == "AddressConflict"
+    assert ipvsadm(d, "-S", "-n").stdout == before
+
+
+def test_one_unprogrammable_virtual_server_leaves_the_others_working(
+    nat: tuple[Topology, Agent],
+) -> None:
+    topology, agent = nat
+    good = manifest(topology, scheduler="rr")
+    twos = manifest(topology, name="twos", scheduler="twos")
+    twos["spec"]["ports"][0]["port"] = topology.port + 1
+    with agent.kernel() as kernel:
+        has_twos = "twos" in kernel.info().schedulers
+    result = agent.reconcile(good, twos)
+    assert result.outcomes["lab/web"].state is State.PROGRAMMED
+    if has_twos:
+        assert result.outcomes["lab/twos"].state is State.PROGRAMMED
+    else:
+        assert result.outcomes["lab/twos"].state is State.UNSUPPORTED
+        assert "twos" in result.outcomes["lab/twos"].message
+    counts = topology.client.tcp_identities(topology.vip, topology.port, 9)
+    assert counts == Counter(rs1=3, rs2=3, rs3=3)
