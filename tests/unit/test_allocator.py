@@ -1,0 +1,278 @@
+"""The address allocator, without a cluster: every rule of docs/operator.md "Addresses"."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipvs_api import conditions
+from ipvs_api.types import AddressPool, AddressRange, IPFamily, LabelSelector
+from ipvs_operator.allocator import Allocator, Claim
+
+V4, V6 = IPFamily.IPV4, IPFamily.IPV6
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def pool(
+    name: str,
+    *ranges: str,
+    auto: bool = True,
+    namespaces: frozenset[str] = frozenset(),
+    selector: LabelSelector | None = None,
+) -> AddressPool:
+    parsed = []
+    for r in ranges:
+        first, _, last = r.partition("-")
+        parsed.append(AddressRange(ip(first), ip(last or first)))
+    return AddressPool(name, tuple(parsed), auto, namespaces, selector)
+
+
+def claim(
+    name: str,
+    *,
+    ns: str = "shop",
+    created: str = "2026-01-01T00:00:00Z",
+    family: IPFamily = V4,
+    ports: tuple[tuple[str, int], ...] = (("TCP", 80),),
+    key: str | None = None,
+    requested: str | None = None,
+    pool_name: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> Claim:
+    return Claim(
+        key=f"{ns}/{name}",
+        namespace=ns,
+        age=(created, ns, name),
+        family=family,
+        ports=frozenset(ports),
+        sharing_key=key,
+        requested=ip(requested) if requested else None,
+        pool=pool_name,
+        namespace_labels=labels or {},
+    )
+
+
+def allocator(*pools: AddressPool, unusable: dict[str, str] | None = None) -> Allocator:
+    a = Allocator()
+    a.set_pools(pools, unusable or {})
+    return a
+
+
+def test_allocates_in_order_and_keeps_what_it_gave() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.2"))
+    first = a.ensure(claim("a"))
+    assert (first.reason, str(first.address), first.pool) == (
+        conditions.ALLOCATED,
+        "192.0.2.0",
+        "p",
+    )
+    assert str(a.ensure(claim("b")).address) == "192.0.2.1"
+    # Reconciling again changes nothing: a holder keeps its address.
+    assert str(a.ensure(claim("a")).address) == "192.0.2.0"
+    assert a.allocated_in("p") == 2
+
+
+def test_exhausted_pool_fails_until_an_address_is_released() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.1"))
+    a.ensure(claim("a"))
+    a.ensure(claim("b"))
+    out = a.ensure(claim("c"))
+    assert not out.ok and out.reason == conditions.POOL_EXHAUSTED
+    assert "AddressPool p" in out.message
+    a.release("shop/a")
+    assert str(a.ensure(claim("c")).address) == "192.0.2.0"  # the freed one, found again
+
+
+def test_requested_address_in_a_pool_is_honoured_even_without_auto_assign() -> None:
+    a = allocator(pool("manual", "192.0.2.10-192.0.2.20", auto=False))
+    out = a.ensure(claim("a", requested="192.0.2.15"))
+    assert (str(out.address), out.pool) == ("192.0.2.15", "manual")
+    # ... but nothing is allocated from it automatically.
+    assert a.ensure(claim("b")).reason == conditions.POOL_NOT_FOUND
+
+
+def test_requested_address_outside_every_pool_is_refused() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    out = a.ensure(claim("a", requested="198.51.100.1"))
+    assert out.reason == conditions.ADDRESS_NOT_IN_POOL and out.address is None
+    out = a.ensure(claim("b", requested="192.0.2.1", pool_name="p"))
+    assert out.ok
+    a.set_pools([pool("p", "192.0.2.0-192.0.2.9"), pool("q", "198.51.100.0-198.51.100.9")], {})
+    out = a.ensure(claim("c", requested="192.0.2.2", pool_name="q"))
+    assert out.reason == conditions.ADDRESS_NOT_IN_POOL and "AddressPool q" in out.message
+
+
+def test_named_pool_must_exist_be_ready_and_admit_the_namespace() -> None:
+    a = allocator(
+        pool("team", "192.0.2.0-192.0.2.9", namespaces=frozenset({"team"})),
+        unusable={"broken": "range 192.0.2.9-192.0.2.1 starts after it ends"},
+    )
+    assert "does not exist" in a.ensure(claim("a", pool_name="nope")).message
+    assert "not ready" in a.ensure(claim("a", pool_name="broken")).message
+    assert "does not admit" in a.ensure(claim("a", pool_name="team")).message
+    assert a.ensure(claim("a", ns="team", pool_name="team")).ok
+
+
+def test_namespace_selector_admits_by_label() -> None:
+    selector = LabelSelector(match_labels=(("lb", "ipvs"),))
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9", selector=selector))
+    assert a.ensure(claim("a")).reason == conditions.POOL_NOT_FOUND
+    assert a.ensure(claim("a", labels={"lb": "ipvs"})).ok
+
+
+def test_families_come_from_their_own_ranges() -> None:
+    a = allocator(pool("dual", "192.0.2.0-192.0.2.3", "2001:db8::10-2001:db8::1f"))
+    assert str(a.ensure(claim("a", family=V6)).address) == "2001:db8::10"
+    assert str(a.ensure(claim("a-v4", family=V4)).address) == "192.0.2.0"
+    only4 = allocator(pool("p", "192.0.2.0-192.0.2.3"))
+    out = only4.ensure(claim("a", family=V6))
+    assert out.reason == conditions.POOL_NOT_FOUND and "IPv6" in out.message
+
+
+def test_sharing_key_shares_an_address_on_different_ports() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    web = a.ensure(claim("web", key="k", ports=(("TCP", 80),)))
+    dns = a.ensure(claim("dns", key="k", ports=(("UDP", 53),)))
+    assert web.address == dns.address
+    assert a.allocated_in("p") == 1
+    # Same key but the same port: a different address, not a conflict.
+    other = a.ensure(claim("web2", key="k", ports=(("TCP", 80),)))
+    assert other.ok and other.address != web.address
+    # Another namespace never joins, even with the same key.
+    far = a.ensure(claim("web3", ns="other", key="k", ports=(("TCP", 8080),)))
+    assert far.address != web.address
+
+
+def test_requesting_a_shared_address_needs_the_key_and_free_ports() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    a.ensure(claim("web", key="k", requested="192.0.2.5", created="2026-01-01T00:00:00Z"))
+    ok = a.ensure(
+        claim(
+            "dns",
+            key="k",
+            ports=(("UDP", 53),),
+            requested="192.0.2.5",
+            created="2026-01-02T00:00:00Z",
+        )
+    )
+    assert ok.ok
+    clash = a.ensure(claim("api", key="k", requested="192.0.2.5", created="2026-01-03T00:00:00Z"))
+    assert clash.reason == conditions.ADDRESS_CONFLICT
+    assert "port 80/TCP is already used by VirtualServer shop/web" in clash.message
+    nokey = a.ensure(
+        claim("x", ports=(("TCP", 81),), requested="192.0.2.5", created="2026-01-03T00:00:00Z")
+    )
+    assert nokey.reason == conditions.ADDRESS_CONFLICT and "sharingKey" in nokey.message
+
+
+def test_the_older_object_wins_a_conflict_whatever_the_order() -> None:
+    old = claim("old", requested="192.0.2.5", created="2026-01-01T00:00:00Z")
+    new = claim("new", requested="192.0.2.5", created="2026-02-01T00:00:00Z")
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    assert a.ensure(new).ok  # alone, the newer one gets it ...
+    took = a.ensure(old)  # ... until the older one asks: the agents program the older one too
+    assert took.ok and took.evicted == ("shop/new",)
+    lost = a.ensure(new)
+    assert lost.reason == conditions.ADDRESS_CONFLICT and "shop/old" in lost.message
+    b = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    assert b.ensure(old).ok
+    assert b.ensure(new).reason == conditions.ADDRESS_CONFLICT
+
+
+def test_an_evicted_automatic_holder_moves_to_another_address() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    auto = claim("auto", created="2026-02-01T00:00:00Z")
+    assert str(a.ensure(auto).address) == "192.0.2.0"
+    asked = a.ensure(claim("asked", requested="192.0.2.0", created="2026-01-01T00:00:00Z"))
+    assert asked.evicted == ("shop/auto",)
+    assert str(a.ensure(auto).address) == "192.0.2.1"
+
+
+def test_changing_the_requested_address_releases_the_old_one() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    a.ensure(claim("a", requested="192.0.2.3"))
+    a.ensure(claim("a", requested="192.0.2.4"))
+    assert [str(h.address) for h in a.holdings()] == ["192.0.2.4"]
+
+
+def test_an_address_no_longer_in_a_pool_is_replaced() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    assert str(a.ensure(claim("a")).address) == "192.0.2.0"
+    a.set_pools([pool("p", "192.0.2.5-192.0.2.9")], {})
+    assert str(a.ensure(claim("a")).address) == "192.0.2.5"
+    # Moving to a named pool moves the address too.
+    a.set_pools([pool("p", "192.0.2.5-192.0.2.9"), pool("q", "198.51.100.0-198.51.100.9")], {})
+    assert str(a.ensure(claim("a", pool_name="q")).address) == "198.51.100.0"
+
+
+def test_restore_rebuilds_the_table_and_settles_duplicates_by_age() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    younger = claim("younger", created="2026-02-01T00:00:00Z")
+    older = claim("older", created="2026-01-01T00:00:00Z")
+    dropped = a.restore([(younger, ip("192.0.2.4"), "p"), (older, ip("192.0.2.4"), "p")])
+    assert dropped == ["shop/younger"]
+    # Restored holders keep their addresses; new claims get others.
+    assert str(a.ensure(older).address) == "192.0.2.4"
+    assert str(a.ensure(claim("fresh")).address) == "192.0.2.0"
+    assert str(a.ensure(younger).address) == "192.0.2.1"
+
+
+def test_large_ipv6_pool_allocates_quickly_and_saturates_nothing() -> None:
+    a = allocator(pool("big", "2001:db8::-2001:db8::ffff:ffff:ffff:ffff"))
+    got = {a.ensure(claim(f"s{i}", family=V6)).address for i in range(2000)}
+    assert len(got) == 2000
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 11),  # object
+            st.sampled_from(["ensure", "release", "request"]),
+            st.integers(0, 5),  # requested address offset
+            st.sampled_from([None, "k"]),
+            st.integers(1, 3),  # port
+        ),
+        max_size=60,
+    )
+)
+def test_no_address_is_ever_held_twice_on_one_port(
+    ops: list[tuple[int, str, int, str | None, int]],
+) -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.5"))
+    for obj, op, offset, key, port in ops:
+        name = f"o{obj}"
+        if op == "release":
+            a.release(f"shop/{name}")
+            continue
+        requested = f"192.0.2.{offset}" if op == "request" else None
+        a.ensure(
+            claim(
+                name,
+                created=f"2026-01-{obj + 1:02d}T00:00:00Z",
+                key=key,
+                ports=(("TCP", port),),
+                requested=requested,
+            )
+        )
+        seen = Counter((h.address, p) for h in a.holdings() for p in h.claim.ports)
+        assert max(seen.values(), default=1) == 1
+        by_address: dict[object, list[Claim]] = {}
+        for h in a.holdings():
+            by_address.setdefault(h.address, []).append(h.claim)
+        for holders in by_address.values():
+            if len(holders) > 1:
+                assert len({(c.namespace, c.sharing_key) for c in holders}) == 1
+                assert holders[0].sharing_key is not None
+    # A rebuilt allocator keeps every holding as it was.
+    b = allocator(pool("p", "192.0.2.0-192.0.2.5"))
+    assert b.restore([(h.claim, h.address, h.pool) for h in a.holdings()]) == []
+    assert {(h.claim.key, h.address) for h in b.holdings()} == {
+        (h.claim.key, h.address) for h in a.holdings()
+    }

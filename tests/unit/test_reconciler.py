@@ -1,0 +1,301 @@
+"""The reconcile pass and the agent loop around it, with the in-memory kernel."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipvs_agent.agent import Agent, Settings
+from ipvs_agent.desired import Node, State, plan
+from ipvs_agent.kernel.fake import FakeKernel
+from ipvs_agent.ops import OpKind
+from ipvs_agent.reconciler import Memory, reconcile
+from ipvs_agent.snapshot import take
+from tests.unit.agent_helpers import FakeHost
+
+NODE = Node("n1", {})
+
+
+def vs_obj(name: str, address: str, port: int = 80, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {"name": name, "namespace": "ns", "generation": 2},
+        "spec": {
+            "address": address,
+            "ports": [{"port": port}],
+            "backends": {"static": [{"address": "198.51.100.11"}, {"address": "198.51.100.12"}]},
+            **spec,
+        },
+    }
+
+
+def test_ownership_is_recorded_before_creating_and_dropped_after_deleting() -> None:
+    kernel, host = FakeKernel(), FakeHost()
+    first = reconcile(take([vs_obj("a", "192.0.2.1")], [], NODE), kernel, host, Memory(), 0)
+    (key,) = first.plan.table
+    assert key in host.records[0], "recorded before the service was created"
+    assert {str(a) for a in host.addresses} == {key.address}
+    gone = reconcile(take([], [], NODE), kernel, host, Memory(), 1)
+    assert [op.kind for op in gone.ops] == [OpKind.DEL_SERVICE]
+    assert key in host.records[-2] and key not in host.records[-1]
+    assert kernel.dump() == {} and host.addresses == set()
+
+
+def test_a_kernel_error_fails_one_virtual_server_and_programs_the_rest() -> None:
+    kernel, host = FakeKernel(), FakeHost()
+    kernel.fail(lambda op: op.service.key.address == "192.0.2.2", errno.ENOMEM, "no memory")
+    result = reconcile(
+        take([vs_obj("a", "192.0.2.1"), vs_obj("b", "192.0.2.2")], [], NODE),
+        kernel,
+        host,
+        Memory(),
+        0,
+    )
+    assert result.outcomes["ns/a"].state is State.PROGRAMMED
+    assert result.outcomes["ns/b"].state is State.FAILED
+    assert result.outcomes["ns/b"].reason == "KernelError"
+    assert "no memory" in result.outcomes["ns/b"].message
+    kernel.clear_failures()
+    retry = reconcile(
+        take([vs_obj("a", "192.0.2.1"), vs_obj("b", "192.0.2.2")], [], NODE),
+        kernel,
+        host,
+        Memory(),
+        1,
+    )
+    assert retry.outcomes["ns/b"].state is State.PROGRAMMED, "retried on the next pass"
+
+
+def test_dry_run_changes_nothing() -> None:
+    kernel, host = FakeKernel(), FakeHost()
+    result = reconcile(
+        take([vs_obj("a", "192.0.2.1")], [], NODE), kernel, host, Memory(), 0, dry_run=True
+    )
+    assert [op.kind for op in result.ops] == [OpKind.ADD_SERVICE, OpKind.ADD_DEST, OpKind.ADD_DEST]
+    assert kernel.dump() == {} and host.records == [] and host.addresses == set()
+
+
+# Bad objects never take the agent down: random JSON in place of VirtualServers, and random
+# valid-looking specs, always give outcomes.
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+spec_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "address": st.sampled_from(["192.0.2.1", "2001:db8::1", "bogus", "127.0.0.1"]),
+        "ipFamily": st.sampled_from(["IPv4", "IPv6", "IPv5"]),
+        "fwmark": st.integers(-1, 5),
+        "ports": st.lists(
+            st.fixed_dictionaries(
+                {"port": st.integers(0, 70000)},
+                optional={
+                    "protocol": st.sampled_from(["TCP", "UDP", "SCTP", "X"]),
+                    "targetPort": st.one_of(
+                        st.integers(0, 70000), st.sampled_from(["http", "BAD"])
+                    ),
+                },
+            ),
+            max_size=3,
+        ),
+        "scheduler": st.fixed_dictionaries(
+            {"name": st.sampled_from(["rr", "wrr", "sh", "mh", "twos", "nope"])},
+            optional={
+                "flags": st.lists(st.sampled_from(["sh-port", "mh-fallback", "x"]), max_size=2)
+            },
+        ),
+        "forwarding": st.fixed_dictionaries(
+            {"method": st.sampled_from(["NAT", "DR", "TUN", "X"])},
+            optional={
+                "tunnel": st.fixed_dictionaries(
+                    {"type": st.sampled_from(["ipip", "gue", "gre"])},
+                    optional={
+                        "port": st.integers(0, 70000),
+                        "checksum": st.sampled_from(["nocsum", "csum", "remcsum"]),
+                    },
+                )
+            },
+        ),
+        "persistence": st.fixed_dictionaries(
+            {},
+            optional={
+                "timeoutSeconds": st.integers(0, 10),
+                "ipv4PrefixLength": st.integers(0, 40),
+                "engine": st.just("sip"),
+            },
+        ),
+        "onePacketScheduling": st.booleans(),
+        "backends": st.one_of(
+            st.fixed_dictionaries({"service": st.fixed_dictionaries({"name": st.just("web")})}),
+            st.fixed_dictionaries(
+                {
+                    "static": st.lists(
+                        st.fixed_dictionaries(
+                            {"address": st.sampled_from(["198.51.100.1", "2001:db8::2", "x"])},
+                            optional={
+                                "port": st.integers(0, 70000),
+                                "weight": st.integers(-1, 70000),
+                                "upperThreshold": st.integers(0, 9),
+                                "lowerThreshold": st.integers(0, 9),
+                            },
+                        ),
+                        max_size=3,
+                    )
+                }
+            ),
+            json_values,
+        ),
+        "trafficPolicy": st.sampled_from(["Cluster", "Local"]),
+        "nodeSelector": json_values,
+    },
+)
+endpoint_slices = st.lists(
+    st.fixed_dictionaries(
+        {
+            "metadata": st.fixed_dictionaries(
+                {
+                    "namespace": st.just("ns"),
+                    "labels": st.just({"kubernetes.io/service-name": "web"}),
+                }
+            ),
+            "addressType": st.sampled_from(["IPv4", "IPv6", "FQDN"]),
+            "endpoints": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "addresses": st.lists(
+                            st.sampled_from(["10.0.0.1", "2001:db8::9", "zz"]), max_size=2
+                        ),
+                        "conditions": st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "ready": st.booleans() | st.none(),
+                                "serving": st.booleans(),
+                                "terminating": st.booleans(),
+                            },
+                        ),
+                        "nodeName": st.sampled_from(["n1", "n2"]),
+                    }
+                ),
+                max_size=3,
+            ),
+            "ports": st.lists(
+                st.fixed_dictionaries(
+                    {"port": st.integers(1, 9), "name": st.sampled_from(["http", ""])}
+                ),
+                max_size=2,
+            ),
+        }
+    ),
+    max_size=2,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(spec_fields, json_values), max_size=4), endpoint_slices)
+def test_random_objects_give_outcomes_never_exceptions(specs: list[Any], slices: list[Any]) -> None:
+    objects = [
+        {
+            "apiVersion": "ipvs.io/v1alpha1",
+            "kind": "VirtualServer",
+            "metadata": {"name": f"v{i}", "namespace": "ns"},
+            "spec": spec,
+        }
+        for i, spec in enumerate(specs)
+    ]
+    snap = take(objects, slices, NODE)
+    p = plan(snap.virtual_servers, snap.endpoints, NODE)
+    keys = set(p.outcomes) | set(snap.rejected)
+    assert keys == {f"ns/v{i}" for i in range(len(specs))}, "every object gets an outcome"
+    kernel, host = FakeKernel(), FakeHost()
+    result = reconcile(snap, kernel, host, Memory(), 0)
+    assert all(o.state in State for o in result.outcomes.values())
+    assert reconcile(snap, kernel, host, Memory(), 1).ops == [], "one pass converges"
+
+
+class StubMirror:
+    """A mirror whose contents the test sets; ``run`` does nothing."""
+
+    def __init__(self, name: str, items: list[dict[str, Any]], synced: bool = True) -> None:
+        self.name = name
+        self._items = items
+        self.synced = threading.Event()
+        if synced:
+            self.synced.set()
+
+    def items(self) -> list[dict[str, Any]]:
+        return list(self._items)
+
+    def run(self, stop: threading.Event) -> None:
+        stop.wait()
+
+    def stop(self) -> None:
+        pass
+
+
+def _agent(vs_mirror: StubMirror, kernel: FakeKernel, reports: list[dict[str, Any]]) -> Agent:
+    mirrors = [
+        vs_mirror,
+        StubMirror("endpointslices", []),
+        StubMirror("node", [{"metadata": {"name": "n1", "uid": "u1"}}]),
+    ]
+    return Agent(
+        Settings("n1", resync_seconds=0.05, settle_seconds=0),
+        kernel,
+        FakeHost(),
+        mirrors,
+        threading.Event(),  # type: ignore[arg-type]
+        report=lambda status, uid: reports.append(status),
+    )
+
+
+def test_the_agent_waits_for_every_mirror_before_touching_the_kernel() -> None:
+    kernel, reports = FakeKernel(), []  # type: ignore[var-annotated]
+    unsynced = StubMirror("virtualservers", [], synced=False)
+    agent = _agent(unsynced, kernel, reports)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread.start()
+    try:
+        assert not agent.changed.wait(0.3)
+        assert agent.passes == 0 and kernel.applied == [], "no pass before a full list"
+        unsynced._items = [vs_obj("a", "192.0.2.1")]
+        unsynced.synced.set()
+        agent.changed.set()
+        deadline = threading.Event()
+        for _ in range(100):
+            if agent.passes:
+                break
+            deadline.wait(0.05)
+        assert agent.passes >= 1 and kernel.dump()
+        assert reports and reports[-1]["virtualServers"][0]["state"] == "Programmed"
+    finally:
+        stop.set()
+        agent.changed.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_resync_repairs_drift_and_counts_it() -> None:
+    kernel, reports = FakeKernel(), []  # type: ignore[var-annotated]
+    agent = _agent(StubMirror("virtualservers", [vs_obj("a", "192.0.2.1")]), kernel, reports)
+    agent.run_once("change")
+    (key,) = kernel.dump()
+    from ipvs_agent.ops import Op
+
+    kernel.apply([Op(OpKind.DEL_SERVICE, kernel.dump()[key].service)])  # someone deletes it
+    result = agent.run_once("resync")
+    assert [op.kind for op in result.ops] == [OpKind.ADD_SERVICE, OpKind.ADD_DEST, OpKind.ADD_DEST]
+    from prometheus_client import generate_latest
+
+    text = generate_latest(agent.metrics.registry).decode()
+    assert "ipvs_agent_drift_repairs_total 3.0" in text
