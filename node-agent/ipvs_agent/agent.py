@@ -6,15 +6,14 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipvs_agent import __version__
-from ipvs_agent.cluster import Mirror
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import KernelInfo
@@ -24,6 +23,19 @@ from ipvs_agent.status import node_status
 from ipvs_api import conditions
 
 log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """A mirror of one resource (``cluster.Mirror``; a stub in tests)."""
+
+    name: str
+    synced: threading.Event
+
+    def items(self) -> list[dict[str, Any]]: ...
+
+    def run(self, stop: threading.Event) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class Agent:
         settings: Settings,
         kernel: Kernel,
         host: Host,
-        mirrors: list[Mirror],
+        mirrors: Sequence[Source],
         changed: threading.Event,
         report: Callable[[dict[str, Any], str], object] | None = None,
         metrics: AgentMetrics | None = None,

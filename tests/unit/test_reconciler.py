@@ -253,7 +253,7 @@ def _agent(vs_mirror: StubMirror, kernel: FakeKernel, reports: list[dict[str, An
         kernel,
         FakeHost(),
         mirrors,
-        threading.Event(),  # type: ignore[arg-type]
+        threading.Event(),
         report=lambda status, uid: reports.append(status),
     )
 
