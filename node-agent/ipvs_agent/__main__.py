@@ -162,27 +162,39 @@ def _timeouts(text: str) -> tuple[int, int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ipvs-agent", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ipvs-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_files(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("-f", "--filename", type=Path, nargs="+", action="extend",
-                       required=required, help="manifest files (VirtualServer, EndpointSlice, Node)")
-        p.add_argument("-n", "--namespace", default="default",
-                       help="namespace of objects that name none")
+        p.add_argument(
+            "-f",
+            "--filename",
+            type=Path,
+            nargs="+",
+            action="extend",
+            required=required,
+            help="manifest files (VirtualServer, EndpointSlice, Node)",
+        )
+        p.add_argument(
+            "-n", "--namespace", default="default", help="namespace of objects that name none"
+        )
 
     def with_node(p: argparse.ArgumentParser) -> None:
         p.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
-        p.add_argument("--interface", default="ipvs0",
-                       help="dummy interface holding the virtual addresses")
+        p.add_argument(
+            "--interface", default="ipvs0", help="dummy interface holding the virtual addresses"
+        )
 
     val = sub.add_parser("validate", help="validate VirtualServer and AddressPool manifests")
     with_files(val, required=True)
-    for name, text in (("plan", "print the kernel operations the manifests would cause"),
-                       ("apply", "make the kernel match the manifests")):
+    for name, text in (
+        ("plan", "print the kernel operations the manifests would cause"),
+        ("apply", "make the kernel match the manifests"),
+    ):
         p = sub.add_parser(name, help=text)
         with_files(p, required=True)
         with_node(p)
@@ -194,14 +206,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--resync-seconds", type=float, default=30.0)
     run.add_argument("--metrics-port", type=int, default=9753)
     run.add_argument("--metrics-address", default="0.0.0.0")
-    run.add_argument("--timeouts", type=_timeouts, default=(0, 0, 0),
-                     help="IPVS TCP,TCPFIN,UDP timeouts in seconds (0 leaves one as it is)")
+    run.add_argument(
+        "--timeouts",
+        type=_timeouts,
+        default=(0, 0, 0),
+        help="IPVS TCP,TCPFIN,UDP timeouts in seconds (0 leaves one as it is)",
+    )
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"validate": lambda a: validate_files(a.filename), "plan": plan_command,
-                "apply": apply_command, "status": status_command, "run": run_command}
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    commands = {
+        "validate": lambda a: validate_files(a.filename),
+        "plan": plan_command,
+        "apply": apply_command,
+        "status": status_command,
+        "run": run_command,
+    }
     return int(commands[args.command](args))
 
 

@@ -35,7 +35,9 @@ def render_table(
     """The table as text; services are named after their VirtualServer, or marked foreign."""
     lines = []
     if info is not None:
-        lines.append(f"IP Virtual Server version {info.version} (size={info.connection_table_size})")
+        lines.append(
+            f"IP Virtual Server version {info.version} (size={info.connection_table_size})"
+        )
     lines.append("Prot LocalAddress:Port Scheduler Flags                 VirtualServer")
     lines.append("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn")
     for key in sorted(table):
@@ -54,7 +56,7 @@ def render_table(
             od = table[key].dests[dkey]
             d, s = od.dest, od.stats
             lines.append(
-                f"  -> {str(dkey):<28} {_FORWARD[d.forwarding]:<7} {d.weight:<6} "
+                f"  -> {dkey!s:<28} {_FORWARD[d.forwarding]:<7} {d.weight:<6} "
                 f"{s.active_connections:<10} {s.inactive_connections}"
             )
     return "\n".join(lines) + "\n"

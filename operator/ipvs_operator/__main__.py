@@ -1,7 +1,7 @@
 """Command line of the operator (``ipvs-operator``).
 
-So far it prints the CRDs it serves (``ipvs-operator crds | kubectl apply -f -``); the kopf
-controller arrives with the operator itself.
+``ipvs-operator run`` starts the controller (kopf, behind a Lease); ``ipvs-operator crds``
+prints the CRDs it serves (``ipvs-operator crds | kubectl apply -f -``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import yaml
 
 from ipvs_api import schema
-from ipvs_operator import __version__
+from ipvs_operator import __version__, config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,11 +21,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+    run = sub.add_parser("run", help="run the operator (leader-elected kopf controller)")
+    config.add_arguments(run)
     args = parser.parse_args(argv)
     if args.command == "crds":
         docs = [doc for _, doc in schema.crd_documents()]
         sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
         return 0
+    if args.command == "run":
+        from ipvs_operator import run as runner  # kopf is imported only to run
+
+        return runner.main(config.from_arguments(args))
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

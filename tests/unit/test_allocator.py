@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -276,3 +277,18 @@ def test_no_address_is_ever_held_twice_on_one_port(
     assert {(h.claim.key, h.address) for h in b.holdings()} == {
         (h.claim.key, h.address) for h in a.holdings()
     }
+
+
+def test_an_address_the_object_already_shows_is_kept_when_free() -> None:
+    """A status written just before a restart, but missed by the rebuild, is adopted."""
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    shown = replace(claim("late", created="2026-01-01T00:00:00Z"), current=ip("192.0.2.7"))
+    assert str(a.ensure(shown).address) == "192.0.2.7"
+    # Held by an older object: the younger one moves instead.
+    b = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    b.ensure(claim("old", requested="192.0.2.7", created="2025-01-01T00:00:00Z"))
+    assert str(b.ensure(shown).address) == "192.0.2.0"
+    # Outside every pool it may use: ignored.
+    c = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    stray = replace(claim("stray"), current=ip("198.51.100.1"))
+    assert str(c.ensure(stray).address) == "192.0.2.0"

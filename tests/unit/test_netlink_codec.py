@@ -598,6 +598,7 @@ class KernelSocket:
     answered with GOLDEN, one datagram per kernel skb."""
 
     def __init__(self) -> None:
+        self.golden = dict(GOLDEN)  # tests may change what the "kernel" reports
         self.fake = FakeKernel()
         self.queue: list[bytes] = []
         self.sends: list[list[tuple[int, int]]] = []  # per send: (cmd, flags) of each message
@@ -625,7 +626,7 @@ class KernelSocket:
                     self.queue.append(_ack(header.seq, result.error))
             elif cmd == nl.Cmd.GET_SERVICE:
                 names = [n for n in GOLDEN if n.startswith("service ")]
-                self.queue.append(b"".join(_with_seq(GOLDEN[n], header.seq) for n in names))
+                self.queue.append(b"".join(_with_seq(self.golden[n], header.seq) for n in names))
                 self.queue.append(_done(header.seq))
             elif cmd == nl.Cmd.GET_DEST:
                 span = nl.nested_payload(data, header, nl.CmdAttr.SERVICE)
@@ -633,7 +634,9 @@ class KernelSocket:
                 wanted = nl.decode_service_attrs(data, *span)[0].key
                 names = [n for n, (svc, _) in DESTS.items() if svc == wanted]
                 if names:
-                    self.queue.append(b"".join(_with_seq(GOLDEN[n], header.seq) for n in names))
+                    self.queue.append(
+                        b"".join(_with_seq(self.golden[n], header.seq) for n in names)
+                    )
                 self.queue.append(_done(header.seq))
             elif cmd == nl.Cmd.GET_INFO:
                 self.queue.append(_with_seq(GOLDEN["info"], header.seq))
@@ -645,14 +648,14 @@ class KernelSocket:
         self.sends.append(batch)
         return len(data)
 
-    def recvmsg_into(self, buffers: list[bytearray]) -> tuple[int, list[Any], int, Any]:
+    def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0) -> int:
         if self.recv_error is not None:
             raise self.recv_error
         if not self.queue:
             raise TimeoutError("nothing queued")
         data = self.queue.pop(0)
-        buffers[0][: len(data)] = data
-        return len(data), [], 0, None
+        buffer[: len(data)] = data
+        return len(data)  # the whole datagram's size, as with MSG_TRUNC
 
 
 @pytest.fixture
@@ -713,7 +716,7 @@ def test_when_acks_are_lost_the_outcome_is_reported_unknown(wire: KernelSocket) 
 def test_dump_reads_services_dests_and_counters(wire: KernelSocket) -> None:
     with IPVSKernel() as kernel:
         table = kernel.dump()
-        decoder = kernel._decoder
+        decoder = kernel.decoder
     assert {k: (o.service, o.stats) for k, o in table.items()} == {
         service.key: (service, stats) for service, stats in SERVICES.values()
     }
@@ -721,6 +724,37 @@ def test_dump_reads_services_dests_and_counters(wire: KernelSocket) -> None:
         assert table[service].dests[observed.dest.key] == observed, name
     assert sum(len(o.dests) for o in table.values()) == len(DESTS)
     assert decoder.dests.hits == len(DESTS)
+
+
+def _patched(message: bytes, kind: int, value: int) -> bytes:
+    """``message`` with the u32 dest attribute ``kind`` set to ``value``."""
+    parts = _dest_attrs(message)
+    for index, part in enumerate(parts):
+        if struct.unpack_from("=H", part, 2)[0] == kind:
+            parts[index] = part[:4] + struct.pack("=I", value)
+    return _with_seq(_dest_message(parts), 0)
+
+
+def test_repeated_dumps_share_what_did_not_change(wire: KernelSocket) -> None:
+    """Unchanged entries are the previous dump's own objects; changed ones are new."""
+    with IPVSKernel() as kernel:
+        first = kernel.dump()
+        again = kernel.dump()
+        assert all(again[k] is first[k] for k in first)
+        gue = "dest 198.51.100.12:80"
+        wire.golden[gue] = _patched(GOLDEN[gue], nl.DestAttr.WEIGHT, 7)
+        busy = "dest [2001:db8:5e::11]:5060"
+        wire.golden[busy] = _patched(GOLDEN[busy], nl.DestAttr.ACTIVE_CONNS, 4)
+        third = kernel.dump()
+    assert third[TCP80] is not first[TCP80]
+    for dest_key, observed in third[TCP80].dests.items():
+        changed = dest_key.address == "198.51.100.12"
+        assert (observed is first[TCP80].dests[dest_key]) is not changed
+    assert third[TCP80].dests[DestKey("198.51.100.12", 80)].dest.weight == 7
+    busy_key = DestKey("2001:db8:5e::11", 5060)
+    assert third[SIP].dests[busy_key].stats.active_connections == 4
+    assert third[SIP].dests[busy_key].dest is first[SIP].dests[busy_key].dest
+    assert third[DNS] is first[DNS]
 
 
 def test_info_and_timeouts(wire: KernelSocket, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from ipvs_api import constants
 from ipvs_api.types import IPFamily
-from ipvs_operator import annotations, services
+from ipvs_operator import annotations as ann
+from ipvs_operator import services
 
 
 def svc(
@@ -59,7 +60,7 @@ def test_one_virtual_server_owned_and_labelled() -> None:
     assert meta["ownerReferences"] == [
         {"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u-1", "controller": True}
     ]
-    assert vs["spec"]["backends"] == {"service": {"name": "web"}}
+    assert vs["spec"]["backends"] == {"service": {"name": "web"}, "defaultWeight": 1}
     assert vs["spec"]["ipFamily"] == "IPv4"
 
 
@@ -91,12 +92,12 @@ def test_unnamed_port_with_a_named_target_cannot_be_resolved() -> None:
 
 def test_annotations_become_fields() -> None:
     notes = {
-        annotations.SCHEDULER: "mh",
-        annotations.SCHEDULER_FLAGS: "mh-fallback, mh-port",
-        annotations.ADDRESS_POOL: "edge",
-        annotations.SHARING_KEY: "shared-1",
-        annotations.DRAIN_TIMEOUT: "30",
-        annotations.NODE_SELECTOR: "edge=true,zone=a",
+        ann.SCHEDULER: "mh",
+        ann.SCHEDULER_FLAGS: "mh-fallback, mh-port",
+        ann.ADDRESS_POOL: "edge",
+        ann.SHARING_KEY: "shared-1",
+        ann.DRAIN_TIMEOUT: "30",
+        ann.NODE_SELECTOR: "edge=true,zone=a",
     }
     spec = services.plan(svc(notes=notes)).manifests[0]["spec"]
     assert spec["scheduler"] == {"name": "mh", "flags": ["mh-fallback", "mh-port"]}
@@ -108,13 +109,16 @@ def test_annotations_become_fields() -> None:
 
 def test_tunnel_forwarding_keeps_ports_and_refuses_remapping() -> None:
     notes = {
-        annotations.FORWARDING_METHOD: "tun",
-        annotations.TUNNEL_TYPE: "gue",
-        annotations.TUNNEL_PORT: "6080",
+        ann.FORWARDING_METHOD: "tun",
+        ann.TUNNEL_TYPE: "gue",
+        ann.TUNNEL_PORT: "6080",
     }
     ok = services.plan(svc(notes=notes, ports=[{"name": "http", "port": 80, "targetPort": 80}]))
     spec = ok.manifests[0]["spec"]
-    assert spec["forwarding"] == {"method": "TUN", "tunnel": {"type": "gue", "port": 6080}}
+    assert spec["forwarding"] == {
+        "method": "TUN",
+        "tunnel": {"type": "gue", "port": 6080, "checksum": "nocsum"},
+    }
     assert spec["ports"] == [{"name": "http", "port": 80, "protocol": "TCP"}]
     remap = services.plan(svc(notes=notes))  # targetPort 8080 != 80
     assert remap.errors and "cannot change the port" in remap.errors[0]
@@ -125,16 +129,17 @@ def test_session_affinity_is_persistence() -> None:
         svc(
             sessionAffinity="ClientIP",
             sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}},
-            notes={annotations.PERSISTENCE_IPV4_PREFIX: "24"},
+            notes={ann.PERSISTENCE_IPV4_PREFIX: "24"},
         )
     )
     assert plan.manifests[0]["spec"]["persistence"] == {
         "timeoutSeconds": 600,
         "ipv4PrefixLength": 24,
+        "ipv6PrefixLength": 128,
     }
     default = services.plan(svc(sessionAffinity="ClientIP")).manifests[0]["spec"]
-    assert default["persistence"] == {"timeoutSeconds": services.DEFAULT_AFFINITY_SECONDS}
-    alone = services.plan(svc(notes={annotations.PERSISTENCE_IPV4_PREFIX: "24"}))
+    assert default["persistence"]["timeoutSeconds"] == services.DEFAULT_AFFINITY_SECONDS
+    alone = services.plan(svc(notes={ann.PERSISTENCE_IPV4_PREFIX: "24"}))
     assert alone.errors
 
 
@@ -147,8 +152,8 @@ def test_invalid_and_unknown_annotations_are_errors_naming_them() -> None:
     plan = services.plan(
         svc(
             notes={
-                annotations.SCHEDULER: "fastest",
-                annotations.DRAIN_TIMEOUT: "-1",
+                ann.SCHEDULER: "fastest",
+                ann.DRAIN_TIMEOUT: "-1",
                 "ipvs.io/schedular": "rr",
                 "example.com/other": "ignored",
             }
@@ -164,13 +169,13 @@ def test_invalid_and_unknown_annotations_are_errors_naming_them() -> None:
 
 def test_cross_field_rules_are_judged_like_the_api_server() -> None:
     # sh-fallback belongs to sh, not to the default scheduler (a CEL rule of the CRD).
-    plan = services.plan(svc(notes={annotations.SCHEDULER_FLAGS: "sh-fallback"}))
+    plan = services.plan(svc(notes={ann.SCHEDULER_FLAGS: "sh-fallback"}))
     assert plan.errors and "flags must belong to the scheduler" in plan.errors[0]
 
 
 def test_dual_stack_is_one_virtual_server_per_family() -> None:
     plan = services.plan(
-        svc(families=["IPv6", "IPv4"], notes={annotations.ADDRESS: "192.0.2.7, 2001:db8::7"})
+        svc(families=["IPv6", "IPv4"], notes={ann.ADDRESS: "192.0.2.7, 2001:db8::7"})
     )
     names = [
         (m["metadata"]["name"], m["spec"]["ipFamily"], m["spec"]["address"]) for m in plan.manifests
@@ -182,19 +187,19 @@ def test_dual_stack_is_one_virtual_server_per_family() -> None:
 def test_requested_addresses_must_fit_the_families() -> None:
     legacy = services.plan(svc(loadBalancerIP="192.0.2.9")).manifests[0]["spec"]
     assert legacy["address"] == "192.0.2.9"
-    wrong = services.plan(svc(notes={annotations.ADDRESS: "2001:db8::1"}))
+    wrong = services.plan(svc(notes={ann.ADDRESS: "2001:db8::1"}))
     assert wrong.errors and "ipFamilies" in wrong.errors[0]
-    two = services.plan(svc(notes={annotations.ADDRESS: "192.0.2.1,192.0.2.2"}))
+    two = services.plan(svc(notes={ann.ADDRESS: "192.0.2.1,192.0.2.2"}))
     assert two.errors and "one address per IP family" in two.errors[0]
 
 
 def test_drift_is_judged_on_the_defaulted_spec() -> None:
     (manifest,) = services.plan(svc()).manifests
     stored = copy.deepcopy(manifest)
-    stored["spec"] = services.defaulted_spec(manifest)
+    assert stored["spec"] == services.defaulted_spec(manifest)  # plans carry the defaults
     stored["metadata"]["resourceVersion"] = "7"
     assert not services.needs_update(manifest, stored)
-    (changed,) = services.plan(svc(notes={annotations.SCHEDULER: "rr"})).manifests
+    (changed,) = services.plan(svc(notes={ann.SCHEDULER: "rr"})).manifests
     assert services.needs_update(changed, stored)
     patch = services.update_patch(changed, stored)
     assert patch["spec"] == {"scheduler": {"name": "rr"}}

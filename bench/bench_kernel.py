@@ -1,0 +1,303 @@
+"""Kernel-layer benchmark: IPVSKernel against ipvsadm on the same kernel, in the same boot.
+
+Run inside the IPVS test VM (it needs a kernel with IPVS and root), from the checkout::
+
+    .venv/bin/python -m tests.vm.qemu -- python bench/bench_kernel.py
+
+Measures, in a private network namespace:
+
+(a) cold programming of S services x D real servers: IPVSKernel.apply() vs ``ipvsadm -R``
+    reading an equivalent restore file (best of --rounds; the table is flushed in between);
+(b) a full read of that table: IPVSKernel.dump() vs ``ipvsadm -Ln`` and ``-Ln --stats``;
+(c) resident memory of a fresh process holding a dump of M services x D real servers.
+
+Ratios are ours / ipvsadm's: below 1.0 we are faster. Every step is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+NETNS = "ipvs-bench"
+LAN = "172.16.255.254/12"  # real servers live in 172.16.0.0/12, routed via a dummy link
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str], timeout: float, stdin: str | None = None) -> str:
+    proc = subprocess.run(
+        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@contextmanager
+def inside(netns: str) -> Iterator[None]:
+    """Run the calling thread (and processes it starts) in ``netns``."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        yield
+    finally:
+        _libc.setns(own, CLONE_NEWNET)
+        os.close(target)
+        os.close(own)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def machine() -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    return {
+        "kernel": os.uname().release,
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "python": sys.version.split()[0],
+        "ipvsadm": run(["ipvsadm", "--version"], 30).strip(),
+    }
+
+
+def vip(i: int) -> str:
+    return str(ipaddress.IPv4Address("10.0.0.1") + i * 256)
+
+
+def rip(i: int, j: int, dests: int) -> str:
+    return str(ipaddress.IPv4Address("172.16.0.1") + i * dests + j)
+
+
+def build(services: int, dests: int) -> tuple[list[object], str]:
+    """The ops for services x dests (TCP, wlc, NAT) and the equivalent ipvsadm restore file."""
+    from ipvs_agent.model import Dest, DestKey, Protocol, Service, ServiceKey
+    from ipvs_agent.ops import Op, OpKind
+
+    ops: list[object] = []
+    lines: list[str] = []
+    for i in range(services):
+        address = vip(i)
+        service = Service(ServiceKey.for_address(ipaddress.ip_address(address), Protocol.TCP, 80))
+        ops.append(Op(OpKind.ADD_SERVICE, service))
+        lines.append(f"-A -t {address}:80 -s wlc")
+        for j in range(dests):
+            real = rip(i, j, dests)
+            ops.append(Op(OpKind.ADD_DEST, service, Dest(DestKey(real, 8080))))
+            lines.append(f"-a -t {address}:80 -r {real}:8080 -m -w 1")
+    return ops, "\n".join(lines) + "\n"
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def bench_program_and_read(args: argparse.Namespace) -> dict[str, object]:
+    started = time.perf_counter()
+    import_started = time.perf_counter()
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.ops import Op
+
+    imported = time.perf_counter() - import_started
+    ops, restore = build(args.services, args.dests)
+    typed_ops: list[Op] = [op for op in ops if isinstance(op, Op)]
+    open_started = time.perf_counter()
+    kernel = IPVSKernel(netns=NETNS)
+    opened = time.perf_counter() - open_started
+    results: dict[str, object] = {"import_s": imported, "open_s": opened}
+
+    def flush() -> None:
+        with inside(NETNS):
+            run(["ipvsadm", "-C"], args.step_timeout)
+
+    def ipvsadm_restore() -> None:
+        with inside(NETNS):
+            run(["ipvsadm", "-R"], args.step_timeout, stdin=restore)
+
+    def ours() -> None:
+        failed = [r for r in kernel.apply(typed_ops) if not r.ok]
+        if failed:
+            raise BenchError(
+                f"{len(failed)} ops failed, first: {failed[0].op}: {failed[0].message}"
+            )
+
+    program_ipvsadm, program_ours = [], []
+    for _ in range(args.rounds):
+        flush()
+        program_ipvsadm.append(timed(ipvsadm_restore))
+        by_ipvsadm = kernel.dump()
+        flush()
+        program_ours.append(timed(ours))
+        if kernel.dump() != by_ipvsadm:
+            raise BenchError("apply() and ipvsadm -R programmed different tables")
+        if time.perf_counter() - started > args.deadline / 2:
+            break
+    dests = sum(len(o.dests) for o in by_ipvsadm.values())
+    if (len(by_ipvsadm), dests) != (args.services, args.services * args.dests):
+        raise BenchError(
+            f"expected {args.services} x {args.dests}, found {len(by_ipvsadm)}/{dests}"
+        )
+
+    def ipvsadm_list(*extra: str) -> Callable[[], None]:
+        def list_table() -> None:
+            with inside(NETNS):
+                subprocess.run(["ipvsadm", "-Ln", *extra], stdout=subprocess.DEVNULL,
+                               timeout=args.step_timeout, check=True)  # fmt: skip
+
+        return list_table
+
+    # cold: a new IPVSKernel (nothing learned, no previous table to share entries with);
+    # warm: the same one again, as the agent's periodic resync runs
+    read: dict[str, list[float]] = {
+        "ipvsadm -Ln": [], "ipvsadm -Ln --stats": [], "dump cold": [], "dump warm": [],
+    }  # fmt: skip
+    for _ in range(args.rounds):
+        read["ipvsadm -Ln"].append(timed(ipvsadm_list()))
+        with IPVSKernel(netns=NETNS) as fresh:
+            read["dump cold"].append(timed(fresh.dump))
+        read["ipvsadm -Ln --stats"].append(timed(ipvsadm_list("--stats")))
+        kernel.dump()
+        read["dump warm"].append(timed(kernel.dump))
+    fast = kernel.decoder.dests.hits  # how many dests took the fast path
+    kernel.close()
+    flush()
+    best = {name: min(times) for name, times in read.items()}
+    results |= {
+        "program": {
+            "ipvsadm -R": min(program_ipvsadm),
+            "apply": min(program_ours),
+            "ratio": min(program_ours) / min(program_ipvsadm),
+            "rounds": len(program_ours),
+        },
+        "read": {
+            **best,
+            "cold ratio vs -Ln": best["dump cold"] / best["ipvsadm -Ln"],
+            "warm ratio vs -Ln": best["dump warm"] / best["ipvsadm -Ln"],
+            "cold ratio vs -Ln --stats": best["dump cold"] / best["ipvsadm -Ln --stats"],
+            "fast path dests": fast,
+        },
+    }
+    return results
+
+
+MEMORY_CHILD = r"""
+import gc, json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+start = rss()
+from ipvs_agent.kernel.ipvs import IPVSKernel
+kernel = IPVSKernel(netns=sys.argv[1])
+gc.collect()
+opened = rss()
+table = kernel.dump()
+gc.collect()
+held = rss()
+services = len(table)
+dests = sum(len(o.dests) for o in table.values())
+agent = None
+try:
+    import ipvs_agent.agent  # everything else the agent imports (kubernetes client, ...)
+    gc.collect()
+    agent = rss()
+except Exception as error:  # report, do not fail the memory figure
+    agent = repr(error)
+print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
+                  "holding_dump_mb": held, "dump_mb": held - opened,
+                  "with_agent_imports_mb": agent, "services": services, "dests": dests}))
+"""
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, object]:
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.ops import Op
+
+    built, _ = build(args.memory_services, args.dests)
+    ops = [op for op in built if isinstance(op, Op)]
+    del built
+    with IPVSKernel(netns=NETNS, batch_size=1024) as kernel:
+        program = timed(lambda: kernel.apply(ops))
+    ops.clear()
+    gc.collect()
+    out = run([sys.executable, "-c", MEMORY_CHILD, NETNS], args.step_timeout)
+    measured: dict[str, object] = json.loads(out)
+    measured["programming_s"] = program
+    if (measured["services"], measured["dests"]) != (
+        args.memory_services,
+        args.memory_services * args.dests,
+    ):
+        raise BenchError(f"memory table incomplete: {measured}")
+    return measured
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, default=2000)
+    parser.add_argument("--dests", type=int, default=10)
+    parser.add_argument("--memory-services", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--step-timeout", type=float, default=600.0)
+    parser.add_argument("--deadline", type=float, default=1500.0, help="whole run, seconds")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench_kernel: needs root and an IPVS kernel (run it in the test VM)")
+    sys.path.insert(0, str(CHECKOUT))
+
+    def out_of_time(signum: int, frame: object) -> None:
+        raise BenchError(f"the benchmark ran longer than --deadline {args.deadline:.0f}s")
+
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(int(args.deadline))
+    report: dict[str, object] = {"machine": machine(), "args": vars(args) | {"json": None}}
+    run(["ip", "netns", "add", NETNS], 60)
+    try:
+        run(["ip", "-n", NETNS, "-batch", "-"], 60, stdin=(
+            "link set lo up\nlink add lan type dummy\nlink set lan up\n"
+            f"addr add {LAN} dev lan\n"
+        ))  # fmt: skip
+        report |= bench_program_and_read(args)
+        report["memory"] = bench_memory(args)
+    finally:
+        run(["ip", "netns", "del", NETNS], 120)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

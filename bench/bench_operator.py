@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Operator scale benchmark: N LoadBalancer Services created at once, on a real kube-apiserver.
+
+Starts the API-server test bed (kube-apiserver + etcd on loopback), installs the CRDs and
+rbac/, runs ``ipvs-operator run`` as its ServiceAccount, creates one AddressPool and then
+``--count`` Services from 16 client threads at once, and waits until every Service has its
+VirtualServer with an allocated address and that address in ``status.loadBalancer.ingress``.
+It then checks that no address was given twice and reports the time to converge and the
+operator's memory (RSS now, and its peak)::
+
+    .venv/bin/python bench/bench_operator.py --count 500
+
+Results go to docs/benchmarks.md ("Operator"). tests/operator/test_scale.py runs the same
+measurement with a smaller count as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.apiserver.cluster import LocalApiServer  # noqa: E402
+from tests.operator import harness  # noqa: E402
+
+
+class BenchError(AssertionError):
+    """The operator did not converge, or converged wrongly."""
+
+
+@dataclass
+class Result:
+    count: int
+    create_seconds: float
+    converge_seconds: float
+    rss_idle_mib: float
+    rss_mib: float
+    peak_rss_mib: float
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process, in MiB."""
+    fields: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def create_services(api: Any, namespace: str, names: list[str], threads: int = 16) -> float:
+    core = harness.core(api)
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(
+            pool.map(
+                lambda n: core.create_namespaced_service(
+                    namespace, harness.service(n), _preload_content=False
+                ),
+                names,
+            )
+        )
+    return time.monotonic() - started
+
+
+def converged(api: Any, namespace: str) -> dict[str, str]:
+    """Service name -> address, for Services whose VirtualServer and ingress agree."""
+    by_vs = {
+        vs["metadata"]["name"]: vs["status"]["address"]
+        for vs in harness.list_vs(api, namespace)
+        if harness.condition(vs, "AddressAllocated").get("status") == "True"
+    }
+    listed = harness.core(api).list_namespaced_service(namespace, _preload_content=False)
+    done: dict[str, str] = {}
+    for svc in json.loads(listed.data)["items"]:
+        name = svc["metadata"]["name"]
+        ingress = (svc.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
+        if name in by_vs and [i.get("ip") for i in ingress] == [by_vs[name]]:
+            done[name] = by_vs[name]
+    return done
+
+
+def measure(
+    api: Any,
+    operator: harness.Operator,
+    namespace: str,
+    count: int,
+    network: str,
+    timeout: float = 600.0,
+    interval: float = 1.0,
+) -> Result:
+    """Create ``count`` Services at once and wait until all are served; checks the outcome."""
+    idle, _ = memory_mib(operator.pid)
+    names = [f"svc-{i:05d}" for i in range(count)]
+    started = time.monotonic()
+    create_seconds = create_services(api, namespace, names)
+    deadline = started + timeout
+    while True:
+        done = converged(api, namespace)
+        if len(done) == count:
+            break
+        if not operator.alive():
+            raise BenchError(f"the operator exited:\n{operator.tail()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{len(done)}/{count} converged after {timeout:.0f}s")
+        time.sleep(interval)
+    converge_seconds = time.monotonic() - started
+    rss, peak = memory_mib(operator.pid)
+    addresses = list(done.values())
+    if len(set(addresses)) != count:
+        raise BenchError("an address was given twice")
+    net = ipaddress.ip_network(network)
+    if not all(ipaddress.ip_address(a) in net for a in addresses):
+        raise BenchError(f"an address outside {network}")
+    return Result(count, create_seconds, converge_seconds, idle, rss, peak)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return (
+        f"{os.cpu_count()} x {model}, {mem_kib / 1024 / 1024:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--network", default="10.64.0.0/16", help="the AddressPool's CIDR")
+    parser.add_argument("--workers", type=int, default=8, help="operator reconcile workers")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp, LocalApiServer() as bed:
+        bed.install_crds(sorted((REPO / "crds").glob("*.yaml")))
+        with bed.api_client() as api:
+            core = harness.core(api)
+            for name in (harness.OPERATOR_NAMESPACE, "bench"):
+                core.create_namespace({"metadata": {"name": name}})
+            for name in ("operator.yaml", "agent.yaml"):
+                harness.apply_manifests(api, REPO / "rbac" / name)
+            harness.custom(api).create_cluster_custom_object(
+                harness.GROUP,
+                harness.VERSION,
+                "addresspools",
+                harness.address_pool("bench", [args.network]),
+            )
+            kubeconfig = harness.service_account_kubeconfig(
+                bed, harness.OPERATOR_NAMESPACE, harness.OPERATOR_SA, Path(tmp) / "kubeconfig"
+            )
+            operator = harness.Operator(
+                kubeconfig, Path(tmp) / "operator.log", "bench", ["--workers", str(args.workers)]
+            )
+            with harness.running(operator):
+                harness.wait_for(
+                    "the operator to lead", lambda: harness.lease_holder(api) == "bench"
+                )
+                time.sleep(2)  # let it settle (initial listing) before measuring idle memory
+                result = measure(api, operator, "bench", args.count, args.network)
+    print(f"machine: {machine()}")
+    print(f"command: .venv/bin/python bench/bench_operator.py --count {args.count}")
+    print(
+        f"{result.count} Services: created in {result.create_seconds:.1f} s, all served "
+        f"(distinct addresses, ingress set) {result.converge_seconds:.1f} s after the first "
+        f"create; operator RSS {result.rss_idle_mib:.0f} MiB idle, {result.rss_mib:.0f} MiB "
+        f"after, peak {result.peak_rss_mib:.0f} MiB"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({**asdict(result), "machine": machine()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The agent's kernel layer: IPVS as a table of values, read with dump() and changed with apply().
+
+``Kernel`` is the interface the planner is written against. ``IPVSKernel`` (kernel.ipvs) talks
+generic netlink to the real thing; ``FakeKernel`` (kernel.fake) is an in-memory stand-in with the
+kernel's semantics for unit tests. Neither is imported here, so importing the interface does not
+pull in pyroute2.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+from ipvs_agent.model import KernelInfo, ObservedTable, Timeouts
+from ipvs_agent.ops import Op, OpKind
+
+__all__ = ["Kernel", "KernelError", "OpResult", "describe_error"]
+
+_SERVICE_OPS = frozenset({OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE, OpKind.DEL_SERVICE})
+
+#: What an errno means for an IPVS op, in LVS words (ipvsadm's own wording where it has one):
+#: the kernel rarely attaches a message, and "No such process" for a missing service helps no one.
+_MEANINGS: dict[tuple[int, bool | None], str] = {
+    (errno.ESRCH, None): "virtual service not found",
+    (errno.EEXIST, True): "virtual service already exists",
+    (errno.EEXIST, False): "real server already exists",
+    (errno.ENOENT, True): "scheduler or persistence engine not found",
+    (errno.ENOENT, False): "real server not found",
+    (errno.ERANGE, False): "weight below zero or lower threshold above upper threshold",
+    (errno.EAFNOSUPPORT, None): "address family not supported",
+}
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """Outcome of one op: ``error`` is the kernel's errno (0 = done), ``message`` says why."""
+
+    op: Op
+    error: int = 0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error == 0
+
+
+def describe_error(op: Op, code: int, detail: str = "") -> str:
+    """The message reported with a failed op: meaning, kernel detail, strerror."""
+    if code == 0:
+        return ""
+    is_service = op.kind in _SERVICE_OPS
+    meaning = _MEANINGS.get((code, is_service)) or _MEANINGS.get((code, None), "")
+    parts = [p for p in (meaning, detail) if p]
+    parts.append(f"{errno.errorcode.get(code, code)}: {os.strerror(code)}")
+    return "; ".join(parts)
+
+
+class KernelError(OSError):
+    """A whole kernel call failed (socket, dump, config), as opposed to one op of a batch."""
+
+
+class Kernel(Protocol):
+    """What the planner needs from the kernel's IPVS table."""
+
+    def dump(self) -> ObservedTable:
+        """Every service with its dests, settings and counters.
+
+        Active/inactive/persistent connection counts are live; the traffic counters
+        (connections, packets, bytes) are as of the kernel's last 2-second estimator tick.
+        """
+        ...
+
+    def apply(self, ops: Sequence[Op]) -> list[OpResult]:
+        """Run ``ops`` in order; one result per op, a failed op never stops the others."""
+        ...
+
+    def info(self) -> KernelInfo:
+        """IPVS version, connection table size, release, schedulers and tunnel types."""
+        ...
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Set the TCP / TCP FIN / UDP connection timeouts (0 leaves one unchanged)."""
+        ...
+
+    def get_timeouts(self) -> Timeouts: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

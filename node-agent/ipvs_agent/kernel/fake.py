@@ -1,0 +1,223 @@
+"""FakeKernel: an in-memory IPVS table with the kernel's semantics, for the planner's tests.
+
+Each op goes through the same encoder as IPVSKernel and is decoded back, so the fake sees
+exactly the values the kernel would (flags limited to MANAGED_FLAGS, ops that cannot be
+encoded fail the same way), then applies the rules of ``ip_vs_ctl.c`` as observed on
+Debian's 6.1 kernel:
+
+* a missing *service* is ESRCH for every op but ADD_SERVICE (the kernel's check comes first);
+* ADD_SERVICE of an existing one, ADD_DEST of an existing one: EEXIST;
+* EDIT/DEL_DEST of a missing dest: ENOENT; unknown scheduler or persistence engine: ENOENT;
+* lower threshold above upper threshold (even when the upper one is 0): ERANGE;
+* tunnel type GUE with tunnel port 0: EINVAL, whatever the forwarding method;
+* a dest of another address family than its service unless forwarding is TUNNEL: EINVAL;
+* DEL_SERVICE takes the service's dests with it; EDIT keeps counters (not delete + add);
+* new dests go to the head of the list, so dumps list them newest first.
+
+Counters never move by themselves: tests set them with ``set_stats`` / ``set_dest_stats``.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from ipvs_agent.kernel import KernelError, OpResult, describe_error
+from ipvs_agent.kernel import netlink as nl
+from ipvs_agent.model import (
+    Dest,
+    DestKey,
+    DestStats,
+    ForwardingMethod,
+    KernelInfo,
+    ObservedDest,
+    ObservedService,
+    ObservedTable,
+    Service,
+    ServiceKey,
+    ServiceStats,
+    Timeouts,
+    TunnelType,
+)
+from ipvs_agent.ops import Op, OpKind
+
+#: What Debian's 6.1 kernel offers (it predates twos).
+DEFAULT_SCHEDULERS = (
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh",
+)  # fmt: skip
+DEFAULT_TUNNEL_TYPES = ("ipip", "gue", "gre")
+PERSISTENCE_ENGINES = ("sip",)
+DEFAULT_TIMEOUTS = Timeouts(tcp=900, tcp_fin=120, udp=300)
+#: ip_vs_set_timeout takes ints: anything above INT_MAX comes out negative and is refused.
+_INT_MAX = 2**31 - 1
+
+
+@dataclass
+class _Entry:
+    service: Service
+    stats: ServiceStats = field(default_factory=ServiceStats)
+    #: insertion order; dumps list them reversed, like the kernel's list_add at the head
+    dests: dict[DestKey, Dest] = field(default_factory=dict)
+    dest_stats: dict[DestKey, DestStats] = field(default_factory=dict)
+
+
+class FakeKernel:
+    """In-memory ``kernel.Kernel``; see the module docstring for the semantics it copies."""
+
+    def __init__(
+        self,
+        schedulers: Sequence[str] = DEFAULT_SCHEDULERS,
+        tunnel_types: Sequence[str] = DEFAULT_TUNNEL_TYPES,
+        release: str = "6.1.0-fake",
+    ) -> None:
+        self.schedulers = tuple(schedulers)
+        self.tunnel_types = tuple(tunnel_types)
+        self.release = release
+        self.timeouts = DEFAULT_TIMEOUTS
+        #: Every op that succeeded, in order, for tests that check what was done.
+        self.applied: list[Op] = []
+        self.dumps = 0
+        self.closed = False
+        self._table: dict[ServiceKey, _Entry] = {}
+        self._failures: list[tuple[Callable[[Op], bool], int, str]] = []
+        self._family = 0x20  # any id: the messages never leave the process
+
+    # --- test controls -------------------------------------------------------------------
+
+    def set_stats(self, key: ServiceKey, stats: ServiceStats) -> None:
+        self._table[key].stats = stats
+
+    def set_dest_stats(self, key: ServiceKey, dest: DestKey, stats: DestStats) -> None:
+        entry = self._table[key]
+        if dest not in entry.dests:
+            raise KeyError(dest)
+        entry.dest_stats[dest] = stats
+
+    def fail(self, match: Callable[[Op], bool], code: int, message: str = "") -> None:
+        """Make every op for which ``match`` is true fail with ``code`` (until cleared)."""
+        self._failures.append((match, code, message))
+
+    def clear_failures(self) -> None:
+        self._failures.clear()
+
+    # --- Kernel protocol -----------------------------------------------------------------
+
+    def dump(self) -> ObservedTable:
+        self._check_open()
+        self.dumps += 1
+        table: dict[ServiceKey, ObservedService] = {}
+        for key, entry in self._table.items():
+            dests = {
+                dest_key: ObservedDest(dest, entry.dest_stats.get(dest_key, nl.ZERO_DEST_STATS))
+                for dest_key, dest in reversed(entry.dests.items())
+            }
+            table[key] = ObservedService(entry.service, dests, entry.stats)
+        return table
+
+    def apply(self, ops: Sequence[Op]) -> list[OpResult]:
+        self._check_open()
+        results = []
+        for op in ops:
+            code, detail = self._apply(op)
+            if code == 0:
+                self.applied.append(op)
+            results.append(OpResult(op, code, describe_error(op, code, detail)))
+        return results
+
+    def info(self) -> KernelInfo:
+        self._check_open()
+        return KernelInfo("1.2.1", 4096, self.release, self.schedulers, self.tunnel_types)
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        self._check_open()
+        values = (timeouts.tcp, timeouts.tcp_fin, timeouts.udp)
+        if any(not 0 <= value <= _INT_MAX for value in values):
+            raise KernelError(errno.EINVAL, "SET_CONFIG: Invalid argument")
+        current = self.timeouts
+        self.timeouts = Timeouts(
+            tcp=timeouts.tcp or current.tcp,
+            tcp_fin=timeouts.tcp_fin or current.tcp_fin,
+            udp=timeouts.udp or current.udp,
+        )
+
+    def get_timeouts(self) -> Timeouts:
+        self._check_open()
+        return self.timeouts
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- the kernel's rules --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KernelError(errno.EBADF, "kernel connection closed")
+
+    def _apply(self, op: Op) -> tuple[int, str]:
+        for match, code, message in self._failures:
+            if match(op):
+                return code, message
+        try:
+            seen = nl.decode_op(nl.encode_op(op, self._family, seq=1))
+        except nl.CodecError as error:
+            return error.errno, str(error)
+        entry = self._table.get(seen.service.key)
+        if seen.kind is OpKind.ADD_SERVICE:
+            if entry is not None:
+                return errno.EEXIST, ""
+            return self._set_service(seen.service, _Entry(seen.service))
+        if entry is None:
+            return errno.ESRCH, ""
+        if seen.kind is OpKind.EDIT_SERVICE:
+            return self._set_service(seen.service, entry)
+        if seen.kind is OpKind.DEL_SERVICE:
+            del self._table[seen.service.key]
+            return 0, ""
+        assert seen.dest is not None  # decode_op gives dest ops a dest
+        return self._dest_op(seen.kind, entry, seen.dest)
+
+    def _set_service(self, service: Service, entry: _Entry) -> tuple[int, str]:
+        if service.scheduler not in self.schedulers:
+            return errno.ENOENT, f"scheduler {service.scheduler} not available"
+        if service.pe_name and service.pe_name not in PERSISTENCE_ENGINES:
+            return errno.ENOENT, f"persistence engine {service.pe_name} not available"
+        entry.service = service
+        self._table[service.key] = entry
+        return 0, ""
+
+    def _dest_op(self, kind: OpKind, entry: _Entry, dest: Dest) -> tuple[int, str]:
+        # decode_op leaves dest.af set only when it differs from the service's
+        cross_family = dest.af is not None and kind is not OpKind.DEL_DEST
+        if cross_family and dest.forwarding is not ForwardingMethod.TUNNEL:
+            return errno.EINVAL, "only TUN can reach a real server of another family"
+        exists = dest.key in entry.dests
+        if kind is OpKind.DEL_DEST:
+            if not exists:
+                return errno.ENOENT, ""
+            del entry.dests[dest.key]
+            entry.dest_stats.pop(dest.key, None)
+            return 0, ""
+        if dest.lower_threshold > dest.upper_threshold:
+            return errno.ERANGE, ""
+        if dest.tunnel_type is TunnelType.GUE and dest.tunnel_port == 0:
+            return errno.EINVAL, "GUE needs a tunnel port"
+        if kind is OpKind.ADD_DEST and exists:
+            return errno.EEXIST, ""
+        if kind is OpKind.EDIT_DEST and not exists:
+            return errno.ENOENT, ""
+        entry.dests[dest.key] = dest
+        return 0, ""

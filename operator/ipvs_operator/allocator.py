@@ -1,0 +1,313 @@
+"""Virtual address allocation, pure: every rule here is tested without a cluster.
+
+MetalLB's ``allocator`` is the model. The table lives in memory, but every entry is also
+written to its object (VirtualServer ``status.address``/``status.addressPool``), so a restarted
+operator rebuilds the same table with :meth:`Allocator.restore` before it allocates anything.
+
+Who wins a contested address is decided by age — ``(creationTimestamp, namespace, name)``,
+the order the node agents use when two VirtualServers claim one IPVS service — so the
+conditions the operator reports match what the data plane does, whatever order events come in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from ipvs_api import conditions
+from ipvs_api.types import AddressPool, IPAddress, IPFamily
+
+#: (protocol, port) of one virtual service.
+PortKey = tuple[str, int]
+#: ``(creationTimestamp, namespace, name)``: the older object wins a conflict.
+Age = tuple[str, str, str]
+
+ALLOCATED: Final = conditions.ALLOCATED
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one VirtualServer needs from the allocator."""
+
+    key: str
+    namespace: str
+    age: Age
+    family: IPFamily
+    ports: frozenset[PortKey]
+    sharing_key: str | None = None
+    #: spec.address: this address or none.
+    requested: IPAddress | None = None
+    #: spec.addressPool: only this pool.
+    pool: str | None = None
+    #: status.address: what the object says it holds, kept when still valid and free.
+    current: IPAddress | None = None
+    namespace_labels: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Holding:
+    claim: Claim
+    address: IPAddress
+    pool: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of :meth:`Allocator.ensure`: an address, or the reason there is none."""
+
+    reason: str
+    message: str
+    address: IPAddress | None = None
+    pool: str | None = None
+    #: Younger holders that lost the address to this (older) claim; reconcile them again.
+    evicted: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.address is not None
+
+
+def _fail(reason: str, message: str) -> Outcome:
+    return Outcome(reason=reason, message=message)
+
+
+def shareable(a: Claim, b: Claim) -> bool:
+    """Two claims may share an address: same namespace and sharing key, no common port."""
+    return (
+        a.namespace == b.namespace
+        and a.sharing_key is not None
+        and a.sharing_key == b.sharing_key
+        and not (a.ports & b.ports)
+    )
+
+
+def conflict_message(address: IPAddress, claim: Claim, holder: Claim) -> str:
+    common = sorted(claim.ports & holder.ports)
+    if common:
+        proto, port = common[0]
+        return f"{address} port {port}/{proto} is already used by VirtualServer {holder.key}"
+    return (
+        f"{address} is used by VirtualServer {holder.key}; objects share an address only with "
+        "the same sharingKey in the same namespace"
+    )
+
+
+class Allocator:
+    """The address table: who holds which address from which pool."""
+
+    def __init__(self) -> None:
+        self._usable: dict[str, AddressPool] = {}
+        self._unusable: dict[str, str] = {}
+        self._holdings: dict[str, Holding] = {}
+        self._by_address: dict[IPAddress, dict[str, Holding]] = {}
+        #: (pool, range index) -> lowest offset that may be free: allocation stays O(1) amortised.
+        self._cursor: dict[tuple[str, int], int] = {}
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def set_pools(self, usable: Iterable[AddressPool], unusable: Mapping[str, str]) -> None:
+        """Replace the pools: ``usable`` may hand out addresses, ``unusable`` maps name -> why."""
+        self._usable = {p.name: p for p in sorted(usable, key=lambda p: p.name)}
+        self._unusable = dict(unusable)
+        self._cursor.clear()
+
+    def _pool_problem(self, name: str, claim: Claim) -> Outcome | None:
+        if name in self._unusable:
+            why = self._unusable[name]
+            return _fail(conditions.POOL_NOT_FOUND, f"AddressPool {name} is not ready: {why}")
+        pool = self._usable.get(name)
+        if pool is None:
+            return _fail(conditions.POOL_NOT_FOUND, f"AddressPool {name} does not exist")
+        if not pool.admits(claim.namespace, claim.namespace_labels):
+            return _fail(
+                conditions.POOL_NOT_FOUND,
+                f"AddressPool {name} does not admit namespace {claim.namespace}",
+            )
+        return None
+
+    def _pools_for(self, claim: Claim, *, auto: bool) -> tuple[list[AddressPool], Outcome | None]:
+        if claim.pool is not None:
+            problem = self._pool_problem(claim.pool, claim)
+            return ([], problem) if problem else ([self._usable[claim.pool]], None)
+        found = [
+            p
+            for p in self._usable.values()
+            if (p.auto_assign or not auto) and p.admits(claim.namespace, claim.namespace_labels)
+        ]
+        return found, None
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def holding(self, key: str) -> Holding | None:
+        return self._holdings.get(key)
+
+    def holdings(self) -> list[Holding]:
+        return list(self._holdings.values())
+
+    def allocated_in(self, pool: str) -> int:
+        """Distinct addresses held from ``pool``."""
+        return len({h.address for h in self._holdings.values() if h.pool == pool})
+
+    def _rivals(self, claim: Claim, address: IPAddress) -> list[Holding]:
+        """Holders of ``address`` that cannot share it with ``claim``, oldest first."""
+        holders = self._by_address.get(address, {})
+        return sorted(
+            (h for k, h in holders.items() if k != claim.key and not shareable(claim, h.claim)),
+            key=lambda h: h.claim.age,
+        )
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def _take(self, claim: Claim, address: IPAddress, pool: str) -> None:
+        self.release(claim.key)
+        holding = Holding(claim, address, pool)
+        self._holdings[claim.key] = holding
+        self._by_address.setdefault(address, {})[claim.key] = holding
+
+    def release(self, key: str) -> Holding | None:
+        """Forget ``key``'s address; returns what it held."""
+        holding = self._holdings.pop(key, None)
+        if holding is None:
+            return None
+        holders = self._by_address.get(holding.address, {})
+        holders.pop(key, None)
+        if not holders:
+            self._by_address.pop(holding.address, None)
+            self._lower_cursors(holding.address)
+        return holding
+
+    def _lower_cursors(self, address: IPAddress) -> None:
+        for pool in self._usable.values():
+            for index, rng in enumerate(pool.ranges):
+                if address in rng:
+                    slot = (pool.name, index)
+                    offset = int(address) - int(rng.first)
+                    self._cursor[slot] = min(self._cursor.get(slot, 0), offset)
+
+    def restore(self, held: Iterable[tuple[Claim, IPAddress, str]]) -> list[str]:
+        """Rebuild the table from objects' status, oldest first; returns keys that did not fit.
+
+        Pools are not judged here: each object is reconciled right after, and :meth:`ensure`
+        then keeps or replaces its address. Only two objects claiming one address are settled
+        here, so the older keeps it whichever is listed first.
+        """
+        dropped: list[str] = []
+        for claim, address, pool in sorted(held, key=lambda h: h[0].age):
+            if self._rivals(claim, address):
+                dropped.append(claim.key)
+            else:
+                self._take(claim, address, pool)
+        return dropped
+
+    def _settle(self, claim: Claim, address: IPAddress, pool: str) -> Outcome:
+        """Take ``address`` unless an older rival holds it; younger rivals are evicted."""
+        rivals = self._rivals(claim, address)
+        older = [h for h in rivals if h.claim.age < claim.age]
+        if older:
+            self.release(claim.key)
+            return _fail(
+                conditions.ADDRESS_CONFLICT, conflict_message(address, claim, older[0].claim)
+            )
+        for h in rivals:
+            self.release(h.claim.key)
+        self._take(claim, address, pool)
+        return Outcome(
+            reason=ALLOCATED,
+            message=f"{address} from AddressPool {pool}",
+            address=address,
+            pool=pool,
+            evicted=tuple(h.claim.key for h in rivals),
+        )
+
+    def ensure(self, claim: Claim) -> Outcome:
+        """Give ``claim`` an address: keep the one it holds while still valid, else find one."""
+        if claim.requested is not None:
+            return self._ensure_requested(claim)
+        holding = self._holdings.get(claim.key)
+        current = holding.address if holding is not None else claim.current
+        if current is not None and current.version == _version(claim.family):
+            pools, problem = self._pools_for(claim, auto=False)
+            home = next((p for p in pools if current in p), None)
+            if problem is None and home is not None:
+                outcome = self._settle(claim, current, home.name)
+                if outcome.ok:
+                    return outcome
+        self.release(claim.key)
+        pools, problem = self._pools_for(claim, auto=True)
+        if problem is not None:
+            return problem
+        version = _version(claim.family)
+        pools = [p for p in pools if any(r.first.version == version for r in p.ranges)]
+        if not pools:
+            return _fail(
+                conditions.POOL_NOT_FOUND,
+                f"no AddressPool with autoAssign admits namespace {claim.namespace} and has "
+                f"{claim.family.value} addresses",
+            )
+        shared = self._shared_address(claim, pools)
+        if shared is not None:
+            return self._settle(claim, *shared)
+        for pool in pools:
+            address = self._first_free(pool, claim.family)
+            if address is not None:
+                return self._settle(claim, address, pool.name)
+        names = ", ".join(p.name for p in pools)
+        return _fail(
+            conditions.POOL_EXHAUSTED,
+            f"no free {claim.family.value} address left in AddressPool {names}",
+        )
+
+    def _ensure_requested(self, claim: Claim) -> Outcome:
+        address = claim.requested
+        assert address is not None
+        pools, problem = self._pools_for(claim, auto=False)
+        if problem is not None:
+            self.release(claim.key)
+            return problem
+        home = next((p for p in pools if address in p), None)
+        if home is None:
+            self.release(claim.key)
+            where = (
+                f"AddressPool {claim.pool}"
+                if claim.pool
+                else f"any AddressPool that admits namespace {claim.namespace}"
+            )
+            return _fail(conditions.ADDRESS_NOT_IN_POOL, f"{address} is not in {where}")
+        return self._settle(claim, address, home.name)
+
+    def _shared_address(
+        self, claim: Claim, pools: Sequence[AddressPool]
+    ) -> tuple[IPAddress, str] | None:
+        """An address already used under the claim's sharing key that it can join."""
+        if claim.sharing_key is None:
+            return None
+        for holding in sorted(self._holdings.values(), key=lambda h: h.claim.age):
+            other = holding.claim
+            if other.namespace != claim.namespace or other.sharing_key != claim.sharing_key:
+                continue
+            pool = next((p for p in pools if holding.address in p), None)
+            if pool is not None and not self._rivals(claim, holding.address):
+                return holding.address, pool.name
+        return None
+
+    def _first_free(self, pool: AddressPool, family: IPFamily) -> IPAddress | None:
+        version = _version(family)
+        for index, rng in enumerate(pool.ranges):
+            if rng.first.version != version:
+                continue
+            slot = (pool.name, index)
+            offset = self._cursor.get(slot, 0)
+            first = int(rng.first)
+            while offset < rng.size:
+                address = type(rng.first)(first + offset)
+                if address not in self._by_address:
+                    self._cursor[slot] = offset
+                    return address
+                offset += 1
+            self._cursor[slot] = offset
+        return None
+
+
+def _version(family: IPFamily) -> int:
+    return 4 if family is IPFamily.IPV4 else 6

@@ -1,0 +1,421 @@
+"""The controller: a work queue of dirty keys, addresses, and VirtualServer and pool status.
+
+kopf's event handlers only mark keys dirty here (:mod:`ipvs_operator.handlers`); workers take
+keys from a de-duplicating queue and reconcile each from the current indexes, so the outcome
+depends on state, never on the order events came in. All decisions are made by the pure modules
+(:mod:`.services`, :mod:`.allocator`, :mod:`.pools`, :mod:`.backends`, :mod:`.status`); this
+module reads, calls them and writes (through :mod:`.writer`; Services are reconciled by
+:mod:`.service_reconciler`).
+
+Allocation is synchronous between two ``await``\\ s, so concurrent workers never hand out one
+address twice. Before the first reconcile the table is rebuilt from every VirtualServer's
+``status.address`` (:meth:`Controller.restore`); kopf calls no event handler before its indexes
+hold the initial listings, so nothing is allocated from a partial picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from ipvs_api import conditions, constants, load
+from ipvs_api.errors import InvalidObject
+from ipvs_api.rules import parse_ip
+from ipvs_api.types import IPAddress, VirtualServer
+from ipvs_operator import backends, kube, pools, status
+from ipvs_operator.allocator import Allocator, Claim, Outcome
+from ipvs_operator.events import EventPoster
+from ipvs_operator.service_reconciler import ServiceReconciler
+from ipvs_operator.status import Address, DirectorReport
+from ipvs_operator.views import Views
+from ipvs_operator.workqueue import POOL, SVC, VS, Key, WorkQueue
+from ipvs_operator.writer import NotLeading, Writer, status_patch
+from ipvs_operator.writer import meta as _meta
+
+log = logging.getLogger(__name__)
+
+#: Pool statuses are written at most this often while addresses churn.
+POOL_STATUS_DELAY: Final = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    default_load_balancer: bool = False
+    workers: int = 8
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: Settings,
+        views: Views,
+        client: kube.Kube,
+        poster: EventPoster,
+        leading: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.settings = settings
+        self.views = views
+        self.writer = Writer(client, poster, leading)
+        self.allocator = Allocator()
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.services = ServiceReconciler(
+            settings.default_load_balancer, views, self.writer, self.queue
+        )
+        self.restored = False
+        self._pool_signature: tuple[tuple[str, str], ...] | None = None
+        self._pool_views: dict[str, pools.PoolView] = {}
+        self._waiting: set[Key] = set()
+        self._node_labels: dict[str, dict[str, str]] = {}
+        self._node_reports: dict[str, set[tuple[str, str]]] = {}
+        self._namespace_labels: dict[str, dict[str, str]] = {}
+        self._pool_generations: dict[str, int] = {}
+        #: Parsed VirtualServers by (uid, generation): validation is the costliest step, and
+        #: most events are the operator's own status writes.
+        self._parsed: dict[tuple[str, str], tuple[Any, VirtualServer | None]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+
+    # -- triggers (from kopf event handlers) ---------------------------------------------
+
+    def virtual_server_changed(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
+        self.queue.add((VS, namespace, name))
+        service = labels.get(constants.LABEL_SERVICE_NAME)
+        if service:
+            self.queue.add((SVC, namespace, service))
+
+    def service_changed(self, namespace: str, name: str) -> None:
+        svc = self.views.service(namespace, name)
+        relevant = svc is not None and (svc.get("spec") or {}).get("type") == "LoadBalancer"
+        if relevant or self.views.owned_by_service(namespace, name):
+            self.queue.add((SVC, namespace, name))
+
+    def pool_changed(self, name: str, generation: int | None) -> None:
+        """A pool's spec change (or arrival, or removal) concerns every pool and object.
+
+        Its status changing (our own writes) concerns nobody: the generation tells them apart.
+        """
+        if self._pool_generations.get(name) == generation:
+            return
+        if generation is None:
+            self._pool_generations.pop(name, None)
+        else:
+            self._pool_generations[name] = generation
+        for body in self.views.pools():
+            self.queue.add((POOL, "", str(_meta(body).get("name"))))
+        self._all_virtual_servers()
+
+    def namespace_changed(self, name: str, labels: Mapping[str, str]) -> None:
+        if self._namespace_labels.get(name) == dict(labels):
+            return
+        self._namespace_labels[name] = dict(labels)
+        for namespace, vs_name in self.views.virtual_server_keys():
+            if namespace == name:
+                self.queue.add((VS, namespace, vs_name))
+
+    def slices_changed(self, namespace: str, service: str) -> None:
+        for name in self.views.using_service(namespace, service):
+            self.queue.add((VS, namespace, name))
+
+    def report_changed(self, node: str, listed: Iterable[tuple[str, str]], gone: bool) -> None:
+        now = set() if gone else set(listed)
+        before = self._node_reports.get(node)
+        if gone:
+            self._node_reports.pop(node, None)
+        else:
+            self._node_reports[node] = now
+        if before is None or gone:
+            self._all_virtual_servers()  # the set of directors changed
+            return
+        for namespace, name in now | before:
+            self.queue.add((VS, namespace, name))
+
+    def node_changed(self, name: str, labels: Mapping[str, str] | None) -> None:
+        new = None if labels is None else dict(labels)
+        if self._node_labels.get(name) == new:
+            return
+        if new is None:
+            self._node_labels.pop(name, None)
+        else:
+            self._node_labels[name] = new
+        self._all_virtual_servers()
+
+    def _all_virtual_servers(self) -> None:
+        for namespace, name in self.views.virtual_server_keys():
+            self.queue.add((VS, namespace, name))
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"reconciler-{i}")
+            for i in range(self.settings.workers)
+        ]
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self.reconcile(key)
+                self.queue.forget(key)
+            except asyncio.CancelledError:
+                raise
+            except NotLeading:
+                log.warning("not leading any more: %s left alone", key)
+            except Exception as exc:  # one object's failure must not stop the others
+                delay = self.queue.retry(key)
+                if isinstance(exc, kube.ApiError | OSError | TimeoutError):
+                    log.warning("%s: %s; retrying in %.1fs", "/".join(key), exc, delay)
+                else:
+                    log.exception("%s failed; retrying in %.1fs", "/".join(key), delay)
+            finally:
+                self.queue.done(key)
+
+    async def reconcile(self, key: Key) -> None:
+        if not self.restored:
+            self.restore()
+        self._refresh_pools()
+        kind, namespace, name = key
+        if kind == VS:
+            await self.reconcile_virtual_server(namespace, name)
+        elif kind == SVC:
+            await self.services.reconcile(namespace, name)
+        elif kind == POOL:
+            await self.reconcile_pool(name)
+
+    # -- allocation table ------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild the address table from the objects, before any allocation."""
+        self._refresh_pools()
+        held: list[tuple[Claim, IPAddress, str]] = []
+        for body in self.views.virtual_servers():
+            st = body.get("status") or {}
+            address = parse_ip(str(st.get("address") or ""))
+            vs = self._load(body)
+            if address is None or vs is None or not st.get("addressPool"):
+                continue
+            held.append((self._claim(vs, address), address, str(st["addressPool"])))
+        dropped = self.allocator.restore(held)
+        for key in dropped:
+            namespace, _, name = key.partition("/")
+            self.queue.add((VS, namespace, name))
+        self.restored = True
+        log.info("restored %d address allocation(s) from VirtualServer status", len(held))
+
+    def _refresh_pools(self) -> None:
+        bodies = self.views.pools()
+        signature = tuple(
+            sorted(
+                (str(_meta(b).get("name")), str(_meta(b).get("resourceVersion"))) for b in bodies
+            )
+        )
+        if signature == self._pool_signature:
+            return
+        self._pool_signature = signature
+        judged = pools.judge(bodies)
+        self._pool_views = {v.name: v for v in judged}
+        self.allocator.set_pools(
+            [v.pool for v in judged if v.usable and v.pool is not None],
+            {v.name: v.problem[1] for v in judged if v.problem is not None},
+        )
+
+    def _claim(self, vs: VirtualServer, current: IPAddress | None) -> Claim:
+        return Claim(
+            key=vs.key,
+            namespace=vs.namespace,
+            age=(vs.created or "~", vs.namespace, vs.name),
+            family=vs.spec.family,
+            ports=frozenset((p.protocol.value, p.port) for p in vs.spec.ports),
+            sharing_key=vs.spec.sharing_key,
+            requested=vs.spec.address,
+            pool=vs.spec.address_pool,
+            current=current,
+            namespace_labels=self.views.namespace_labels(vs.namespace),
+        )
+
+    def _allocate(self, vs: VirtualServer, current: IPAddress | None) -> Outcome:
+        """Allocate for ``vs``, which says it holds ``current`` (status.address)."""
+        key: Key = (VS, vs.namespace, vs.name)
+        before = self.allocator.holding(vs.key)
+        if vs.spec.fwmark is not None:
+            self._release(vs.key)
+            return Outcome(status.FIREWALL_MARK, "a firewall-mark service needs no address")
+        outcome = self.allocator.ensure(self._claim(vs, current))
+        after = self.allocator.holding(vs.key)
+        for evicted in outcome.evicted:
+            namespace, _, name = evicted.partition("/")
+            self.queue.add((VS, namespace, name))
+        if outcome.ok:
+            self._waiting.discard(key)
+        else:
+            self._waiting.add(key)
+        if before != after:
+            for holding in (before, after):
+                if holding is not None:
+                    self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
+            if before is not None and (after is None or after.address != before.address):
+                self._wake_waiters(key)
+        return outcome
+
+    def _release(self, vs_key: str) -> None:
+        holding = self.allocator.release(vs_key)
+        if holding is not None:
+            namespace, _, name = vs_key.partition("/")
+            self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
+            self._wake_waiters((VS, namespace, name))
+
+    def _wake_waiters(self, but: Key) -> None:
+        for key in list(self._waiting):
+            if key != but:
+                self.queue.add(key)
+
+    # -- VirtualServers --------------------------------------------------------------------
+
+    def _load(self, body: Mapping[str, Any]) -> VirtualServer | None:
+        """The validated VirtualServer (status aside), parsed once per generation."""
+        meta = _meta(body)
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        stamp = (meta.get("uid"), meta.get("generation"), meta.get("creationTimestamp"))
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            vs: VirtualServer | None = load.virtual_server(
+                {k: v for k, v in body.items() if k != "status"}
+            )
+        except InvalidObject:
+            vs = None
+        self._parsed[key] = (stamp, vs)
+        return vs
+
+    def _directors(self, vs: VirtualServer, reports: Mapping[str, DirectorReport]) -> set[str]:
+        """Nodes that should program ``vs``: agents on matching nodes, and self-declared ones."""
+        selector = vs.spec.node_selector
+        desired = {
+            node
+            for node in self.views.agents()
+            if selector.matches(self.views.node_labels(node) or {})
+        }
+        return desired | set(reports)
+
+    async def reconcile_virtual_server(self, namespace: str, name: str) -> None:
+        key: Key = (VS, namespace, name)
+        body = self.views.virtual_server(namespace, name)
+        if body is None:
+            self._release(f"{namespace}/{name}")
+            self._waiting.discard(key)
+            self.writer.forget(key)
+            self._parsed.pop((namespace, name), None)
+            return
+        generation = int(_meta(body).get("generation") or 0)
+        old = self.writer.current(key, body)
+        vs = self._load(body)
+        reports = self.views.reports(namespace, name)
+        if vs is None:
+            self._release(f"{namespace}/{name}")
+            message = "the VirtualServer does not validate"
+            try:
+                load.virtual_server(dict(body))
+            except InvalidObject as exc:
+                message = str(exc)
+            address = Address(False, conditions.INVALID_SPEC, message)
+            counts = backends.Counts()
+            desired: set[str] = set(reports)
+        else:
+            outcome = self._allocate(vs, parse_ip(str(old.get("address") or "")))
+            address = Address(
+                outcome.ok or outcome.reason == status.FIREWALL_MARK,
+                outcome.reason,
+                outcome.message,
+                outcome.address,
+                outcome.pool,
+            )
+            served = replace(vs, status_address=outcome.address)
+            counts = backends.count(
+                served, self.views.endpoints(namespace, vs.spec.backends.service or "")
+            )
+            desired = self._directors(vs, reports)
+        new = status.compute(
+            generation=generation,
+            old=old,
+            address=address,
+            counts=counts,
+            desired=desired,
+            reports=reports,
+        )
+        if new != old:
+            path = kube.vs_path(namespace, name, status=True)
+            await self.writer.patch_status(key, body, path, status_patch(old, new), new)
+        await self._announce(body, status.events(old, new))
+
+    async def _announce(self, body: Mapping[str, Any], found: list[status.Event]) -> None:
+        """Post Events on the VirtualServer, and allocation news on its Service too."""
+        if not found:
+            return
+        labels = _meta(body).get("labels") or {}
+        service_name = labels.get(constants.LABEL_SERVICE_NAME)
+        service = (
+            self.views.service(str(_meta(body).get("namespace")), service_name)
+            if service_name
+            else None
+        )
+        for event in found:
+            await self.writer.post(body, event.type, event.reason, event.message)
+            if service is not None and event.reason in _SERVICE_EVENTS:
+                message = f"VirtualServer {_meta(body).get('name')}: {event.message}"
+                await self.writer.post(service, event.type, event.reason, message)
+
+    # -- AddressPools ----------------------------------------------------------------------
+
+    async def reconcile_pool(self, name: str) -> None:
+        key: Key = (POOL, "", name)
+        body = self.views.pool(name)
+        view = self._pool_views.get(name)
+        if body is None or view is None:
+            self.writer.forget(key)
+            return
+        old = self.writer.current(key, body)
+        new = pools.status(view, self.allocator.allocated_in(name), old.get("conditions") or [])
+        if new == old:
+            return
+        path = kube.pool_status_path(name)
+        await self.writer.patch_status(key, body, path, status_patch(old, new), new)
+        old_ready = status.condition(old, conditions.READY)
+        new_ready = status.condition(new, conditions.READY)
+        if new_ready.get("status") == "False" and (
+            old_ready.get("status") != "False" or old_ready.get("reason") != new_ready.get("reason")
+        ):
+            await self.writer.post(
+                body, "Warning", str(new_ready.get("reason")), str(new_ready.get("message"))
+            )
+        if view.usable and new["available"] == 0 and old.get("available", 1) != 0:
+            await self.writer.post(
+                body,
+                "Warning",
+                conditions.POOL_EXHAUSTED,
+                f"all {new['allocated']} addresses of AddressPool {name} are allocated",
+            )
+
+
+#: VirtualServer Events worth repeating on the Service that made it.
+_SERVICE_EVENTS: Final = frozenset(
+    {
+        "AddressAllocated",
+        "AddressChanged",
+        conditions.ADDRESS_CONFLICT,
+        conditions.ADDRESS_NOT_IN_POOL,
+        conditions.POOL_NOT_FOUND,
+        conditions.POOL_EXHAUSTED,
+    }
+)

@@ -1,0 +1,154 @@
+"""kopf registrations, kept thin: indexes keep the state, event handlers mark keys dirty.
+
+Every handler is ``async`` (kopf would run sync ones in a thread pool) and does no more than
+hand the object to :class:`ipvs_operator.controller.Controller`. With only index and event
+handlers kopf writes nothing to the watched objects — no finalizers, no progress annotations —
+so the operator never touches a user's VirtualServer or Service spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from ipvs_api import constants
+from ipvs_operator import kube, views
+from ipvs_operator.controller import Controller, Settings
+from ipvs_operator.events import EventPoster
+
+VIRTUAL_SERVERS = (constants.GROUP, constants.VERSION, constants.VIRTUAL_SERVERS)
+ADDRESS_POOLS = (constants.GROUP, constants.VERSION, constants.ADDRESS_POOLS)
+IPVS_NODES = (constants.GROUP, constants.VERSION, constants.IPVS_NODES)
+SERVICES = ("v1", "services")
+NAMESPACES = ("v1", "namespaces")
+NODES = ("v1", "nodes")
+ENDPOINT_SLICES = ("discovery.k8s.io", "v1", "endpointslices")
+
+
+class App:
+    """What the handlers share: the controller, built once kopf's indexes exist."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: kube.Kube,
+        poster: EventPoster,
+        leading: Callable[[], bool],
+        stopped: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self._stopped = stopped
+        self.kube = client
+        self.poster = poster
+        self.leading = leading
+        self._controller: Controller | None = None
+
+    @property
+    def controller(self) -> Controller:
+        assert self._controller is not None, "started by the startup handler"
+        return self._controller
+
+    def start(self, indices: Mapping[str, Any]) -> None:
+        self._controller = Controller(
+            self.settings, views.IndexViews(indices), self.kube, self.poster, self.leading
+        )
+        self._controller.start()
+
+    async def stop(self) -> None:
+        if self._controller is not None:
+            await self._controller.stop()
+        # kopf waits for every task it did not start to end; one waits for the stop flag.
+        self._stopped()
+
+
+_INDEXES: list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]] = [
+    (VIRTUAL_SERVERS, views.VIRTUAL_SERVERS, views.virtual_server_entry),
+    (VIRTUAL_SERVERS, views.VS_BY_SERVICE, views.vs_by_service_entry),
+    (VIRTUAL_SERVERS, views.VS_BY_BACKEND, views.vs_by_backend_entry),
+    (SERVICES, views.SERVICES, views.service_entry),
+    (ADDRESS_POOLS, views.POOLS, views.pool_entry),
+    (NAMESPACES, views.NAMESPACES, views.namespace_entry),
+    (ENDPOINT_SLICES, views.SLICES, views.slice_entry),
+    (IPVS_NODES, views.REPORTS, views.report_entries),
+    (IPVS_NODES, views.AGENTS, views.agent_entry),
+    (NODES, views.NODES, views.node_entry),
+]
+
+
+def _deleted(event: Mapping[str, Any]) -> bool:
+    return event.get("type") == "DELETED"
+
+
+def make_registry(app: App) -> kopf.OperatorRegistry:
+    """A registry with every handler of the operator (no module-level global state)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kube.login()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**kwargs: Any) -> None:
+        app.start({name: kwargs[name] for name in views.ALL})
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await app.stop()
+
+    for resource, index_id, entry in _INDEXES:
+        _register_index(registry, resource, index_id, entry)
+
+    @kopf.on.event(*VIRTUAL_SERVERS, registry=registry)
+    async def virtual_server(
+        namespace: str | None, name: str, labels: Mapping[str, str], **_: Any
+    ) -> None:
+        app.controller.virtual_server_changed(namespace or "", name, labels)
+
+    @kopf.on.event(*SERVICES, registry=registry)
+    async def service(namespace: str | None, name: str, **_: Any) -> None:
+        app.controller.service_changed(namespace or "", name)
+
+    @kopf.on.event(*ADDRESS_POOLS, registry=registry)
+    async def address_pool(
+        name: str, meta: Mapping[str, Any], event: Mapping[str, Any], **_: Any
+    ) -> None:
+        generation = None if _deleted(event) else int(meta.get("generation") or 0)
+        app.controller.pool_changed(name, generation)
+
+    @kopf.on.event(*NAMESPACES, registry=registry)
+    async def namespace(name: str, labels: Mapping[str, str], **_: Any) -> None:
+        app.controller.namespace_changed(name, labels)
+
+    @kopf.on.event(*ENDPOINT_SLICES, registry=registry)
+    async def endpoint_slice(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        service_name = labels.get("kubernetes.io/service-name")
+        if service_name:
+            app.controller.slices_changed(namespace or "", service_name)
+
+    @kopf.on.event(*IPVS_NODES, registry=registry)
+    async def ipvs_node(
+        name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
+    ) -> None:
+        listed = views.report_entries(body)
+        app.controller.report_changed(name, listed, gone=_deleted(event))
+
+    @kopf.on.event(*NODES, registry=registry)
+    async def node(
+        name: str, labels: Mapping[str, str], event: Mapping[str, Any], **_: Any
+    ) -> None:
+        app.controller.node_changed(name, None if _deleted(event) else labels)
+
+    return registry
+
+
+def _register_index(
+    registry: kopf.OperatorRegistry,
+    resource: tuple[str, ...],
+    index_id: str,
+    entry: Callable[[Mapping[str, Any]], Any],
+) -> None:
+    @kopf.index(*resource, id=index_id, registry=registry)
+    async def index(body: Mapping[str, Any], **_: Any) -> Any:
+        return entry(body)

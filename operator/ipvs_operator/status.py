@@ -1,0 +1,201 @@
+"""A VirtualServer's ``status`` and the Events its changes deserve. Pure.
+
+Inputs are what the operator knows — the allocation, the real-server counts and the agents'
+IPVSNode reports — and the output is the whole status, so the status written is exactly what
+the unit tests see. Conditions go through :func:`ipvs_api.conditions.set_condition`, so
+``lastTransitionTime`` moves only when a condition's status does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ipvs_api import conditions
+from ipvs_api.types import IPAddress
+from ipvs_operator.backends import Counts
+
+NO_DIRECTORS: Final = "NoDirectors"
+PROGRAMMING_FAILED: Final = "ProgrammingFailed"
+SERVING: Final = "Serving"
+FIREWALL_MARK: Final = "FirewallMark"
+#: Nodes named in a condition message; the rest are counted.
+_NAMED_NODES: Final = 5
+
+
+@dataclass(frozen=True)
+class DirectorReport:
+    """One node's IPVSNode entry for a VirtualServer it directs."""
+
+    node: str
+    state: str
+    generation: int | None = None
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Address:
+    """The allocation as status sees it: an address, or why there is none."""
+
+    ok: bool
+    reason: str
+    message: str
+    address: IPAddress | None = None
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def _nodes(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_NAMED_NODES])
+    more = len(names) - _NAMED_NODES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def programmed(
+    generation: int, desired: Collection[str], reports: Mapping[str, DirectorReport]
+) -> tuple[bool, str, str, int]:
+    """(status, reason, message, programmed count) over the directors that should program it.
+
+    Programmed means every desired director reports *this* generation Programmed; a report for
+    an older generation is still pending, whatever its state.
+    """
+    if not desired:
+        return False, NO_DIRECTORS, "no node with an agent matches nodeSelector", 0
+    done: list[str] = []
+    failed: list[DirectorReport] = []
+    unsupported: list[DirectorReport] = []
+    pending: list[str] = []
+    for node in sorted(desired):
+        report = reports.get(node)
+        if report is None or report.generation != generation:
+            pending.append(node)
+        elif report.state == "Programmed":
+            done.append(node)
+        elif report.state == "Failed":
+            failed.append(report)
+        elif report.state == "Unsupported":
+            unsupported.append(report)
+        else:
+            pending.append(node)
+    count = len(done)
+    if failed:
+        first = failed[0]
+        message = f"failed on {_nodes([r.node for r in failed])}: {first.message or first.reason}"
+        return False, first.reason or PROGRAMMING_FAILED, message, count
+    if unsupported:
+        first = unsupported[0]
+        message = (
+            f"unsupported on {_nodes([r.node for r in unsupported])}: "
+            f"{first.message or first.reason}"
+        )
+        return False, conditions.UNSUPPORTED, message, count
+    if pending:
+        message = f"{count}/{len(desired)} directors programmed; waiting for {_nodes(pending)}"
+        return False, conditions.PENDING, message, count
+    return True, conditions.ALL_PROGRAMMED, f"programmed on {count} director(s)", count
+
+
+def compute(
+    *,
+    generation: int,
+    old: Mapping[str, Any],
+    address: Address,
+    counts: Counts,
+    desired: Collection[str],
+    reports: Mapping[str, DirectorReport],
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The whole VirtualServer ``status``."""
+    conds: list[dict[str, Any]] = list(old.get("conditions") or [])
+    conds = conditions.set_condition(
+        conds,
+        conditions.ADDRESS_ALLOCATED,
+        address.ok,
+        address.reason,
+        address.message,
+        generation,
+        at=now,
+    )
+    prog, prog_reason, prog_message, done = programmed(generation, desired, reports)
+    conds = conditions.set_condition(
+        conds, conditions.PROGRAMMED, prog, prog_reason, prog_message, generation, at=now
+    )
+    if not address.ok:
+        ready = (False, address.reason, address.message)
+    elif not prog:
+        ready = (False, prog_reason, prog_message)
+    elif counts.ready == 0:
+        ready = (False, conditions.NO_BACKENDS, f"no ready real server ({counts.summary})")
+    else:
+        where = f"on {address.address}" if address.address is not None else "by firewall mark"
+        ready = (True, SERVING, f"serving {where} to {counts.ready} real server(s)")
+    conds = conditions.set_condition(conds, conditions.READY, *ready, generation, at=now)
+    order = {conditions.ADDRESS_ALLOCATED: 0, conditions.PROGRAMMED: 1, conditions.READY: 2}
+    conds.sort(key=lambda c: order.get(str(c.get("type")), 3))
+    status: dict[str, Any] = {"observedGeneration": generation}
+    if address.address is not None:
+        status["address"] = str(address.address)
+    if address.pool is not None:
+        status["addressPool"] = address.pool
+    status["conditions"] = conds
+    wanted = len(desired)
+    status["nodes"] = {"desired": wanted, "programmed": done, "summary": f"{done}/{wanted}"}
+    status["realServers"] = {
+        "ready": counts.ready,
+        "total": counts.total,
+        "summary": counts.summary,
+    }
+    return status
+
+
+def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    return next((c for c in status.get("conditions") or () if c.get("type") == type_), {})
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return old.get("status") != new.get("status") or old.get("reason") != new.get("reason")
+
+
+def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """Events for the transitions a user cares about between two statuses."""
+    out: list[Event] = []
+    old_addr = condition(old, conditions.ADDRESS_ALLOCATED)
+    new_addr = condition(new, conditions.ADDRESS_ALLOCATED)
+    if new_addr.get("status") == "True":
+        if old.get("address") and new.get("address") and old["address"] != new["address"]:
+            out.append(
+                Event(
+                    "Warning",
+                    "AddressChanged",
+                    f"address changed from {old['address']} to {new_addr.get('message')}",
+                )
+            )
+        elif old_addr.get("status") != "True" and new_addr.get("reason") == conditions.ALLOCATED:
+            out.append(Event("Normal", "AddressAllocated", str(new_addr.get("message"))))
+    elif new_addr and _changed(old_addr, new_addr):
+        out.append(Event("Warning", str(new_addr.get("reason")), str(new_addr.get("message"))))
+    old_prog = condition(old, conditions.PROGRAMMED)
+    new_prog = condition(new, conditions.PROGRAMMED)
+    quiet = (conditions.PENDING, NO_DIRECTORS)  # normal while agents catch up
+    if (
+        new_prog.get("status") == "False"
+        and new_prog.get("reason") not in quiet
+        and _changed(old_prog, new_prog)
+    ):
+        out.append(Event("Warning", str(new_prog.get("reason")), str(new_prog.get("message"))))
+    old_ready, new_ready = condition(old, conditions.READY), condition(new, conditions.READY)
+    if new_ready.get("status") == "True" and old_ready.get("status") != "True":
+        out.append(Event("Normal", "Ready", str(new_ready.get("message"))))
+    elif new_ready.get("status") == "False" and old_ready.get("status") == "True":
+        out.append(
+            Event("Warning", "NotReady", f"{new_ready.get('reason')}: {new_ready.get('message')}")
+        )
+    return out

@@ -1,0 +1,243 @@
+"""The operator's view of the cluster: what kopf indexes keep of each object, and lookups.
+
+kopf keeps every watched object in in-memory indexes and calls no other handler before all of
+them are filled from the initial listings. The entry functions below decide what is kept — a
+trimmed copy, never managedFields or last-applied annotations — so memory stays proportional to
+what the reconcilers read. They are pure; :class:`IndexViews` reads kopf's indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol
+
+from ipvs_api import constants
+from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
+from ipvs_operator import annotations as ann
+from ipvs_operator.status import DirectorReport
+
+NamespacedKey = tuple[str, str]
+ALL_AGENTS: Final = "*"
+
+#: Index ids (also the names kopf passes them under to startup handlers).
+VIRTUAL_SERVERS: Final = "vs_index"
+VS_BY_SERVICE: Final = "vs_by_service_index"
+VS_BY_BACKEND: Final = "vs_by_backend_index"
+SERVICES: Final = "service_index"
+POOLS: Final = "pool_index"
+NAMESPACES: Final = "namespace_index"
+SLICES: Final = "slice_index"
+REPORTS: Final = "report_index"
+AGENTS: Final = "agent_index"
+NODES: Final = "node_index"
+ALL: Final = (
+    VIRTUAL_SERVERS,
+    VS_BY_SERVICE,
+    VS_BY_BACKEND,
+    SERVICES,
+    POOLS,
+    NAMESPACES,
+    SLICES,
+    REPORTS,
+    AGENTS,
+    NODES,
+)
+
+_META_KEYS = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "creationTimestamp",
+    "resourceVersion",
+    "labels",
+    "ownerReferences",
+)
+
+
+def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return body.get("metadata") or {}
+
+
+def _key(body: Mapping[str, Any]) -> NamespacedKey:
+    meta = _meta(body)
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def trim(body: Mapping[str, Any], *, annotation_prefix: str | None = None) -> dict[str, Any]:
+    """A plain copy of what reconcilers read: identity, labels, owners, spec and status."""
+    meta = _meta(body)
+    out_meta = {k: _plain(meta[k]) for k in _META_KEYS if k in meta}
+    if annotation_prefix is not None:
+        kept = {
+            k: str(v)
+            for k, v in (meta.get("annotations") or {}).items()
+            if k.startswith(annotation_prefix)
+        }
+        if kept:
+            out_meta["annotations"] = kept
+    out: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": out_meta,
+    }
+    for part in ("spec", "status"):
+        if body.get(part) is not None:
+            out[part] = _plain(body[part])
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy into plain dicts and lists (kopf hands out read-only mapping views)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- index entries (object -> {key: value}) --------------------------------------------------
+
+
+def virtual_server_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, dict[str, Any]]:
+    return {_key(body): trim(body)}
+
+
+def vs_by_service_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, str]:
+    service = (_meta(body).get("labels") or {}).get(constants.LABEL_SERVICE_NAME)
+    namespace, name = _key(body)
+    return {(namespace, str(service)): name} if service else {}
+
+
+def vs_by_backend_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, str]:
+    backend = (((body.get("spec") or {}).get("backends") or {}).get("service") or {}).get("name")
+    namespace, name = _key(body)
+    return {(namespace, str(backend)): name} if backend else {}
+
+
+def service_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, dict[str, Any]]:
+    out = trim(body, annotation_prefix=ann.PREFIX)
+    spec = out.get("spec") or {}
+    if spec.get("type") != "LoadBalancer":
+        # Kept small: only what is needed to notice the type changed away and clean up.
+        out["spec"] = {"type": spec.get("type")}
+    return {_key(body): out}
+
+
+def pool_entry(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {str(_meta(body).get("name")): trim(body)}
+
+
+def namespace_entry(body: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    labels = {str(k): str(v) for k, v in (_meta(body).get("labels") or {}).items()}
+    return {str(_meta(body).get("name")): labels}
+
+
+def slice_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, tuple[Endpoint, ...]]:
+    service = (_meta(body).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not service:
+        return {}
+    return {(_key(body)[0], str(service)): endpoints_from_slices([_plain(body)])}
+
+
+def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
+    """The VirtualServers this node directs, from its IPVSNode status."""
+    node = str(_meta(body).get("name"))
+    out: dict[NamespacedKey, DirectorReport] = {}
+    for entry in (body.get("status") or {}).get("virtualServers") or ():
+        if "Director" not in (entry.get("roles") or ()):
+            continue
+        generation = entry.get("observedGeneration")
+        out[(str(entry.get("namespace")), str(entry.get("name")))] = DirectorReport(
+            node=node,
+            state=str(entry.get("state") or ""),
+            generation=int(generation) if generation is not None else None,
+            reason=str(entry.get("reason") or ""),
+            message=str(entry.get("message") or ""),
+        )
+    return out
+
+
+def agent_entry(body: Mapping[str, Any]) -> dict[str, str]:
+    return {ALL_AGENTS: str(_meta(body).get("name"))}
+
+
+def node_entry(body: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    return namespace_entry(body)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class Views(Protocol):
+    """What the reconcilers read; :class:`IndexViews` implements it over kopf's indexes."""
+
+    def virtual_server(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def virtual_servers(self) -> list[dict[str, Any]]: ...
+    def virtual_server_keys(self) -> list[NamespacedKey]: ...
+    def owned_by_service(self, namespace: str, service: str) -> list[str]: ...
+    def using_service(self, namespace: str, service: str) -> list[str]: ...
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def pools(self) -> list[dict[str, Any]]: ...
+    def pool(self, name: str) -> dict[str, Any] | None: ...
+    def namespace_labels(self, name: str) -> dict[str, str]: ...
+    def endpoints(self, namespace: str, service: str) -> list[Endpoint]: ...
+    def reports(self, namespace: str, name: str) -> dict[str, DirectorReport]: ...
+    def agents(self) -> list[str]: ...
+    def node_labels(self, name: str) -> dict[str, str] | None: ...
+
+
+def _one(index: Mapping[Any, Iterable[Any]], key: Any) -> Any:
+    store = index.get(key)
+    return next(iter(store), None) if store is not None else None
+
+
+class IndexViews:
+    """Lookups over kopf's indexes (``Mapping[key, Store]``, a Store iterating its values)."""
+
+    def __init__(self, indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> None:
+        self._i = indices
+
+    def virtual_server(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _one(self._i[VIRTUAL_SERVERS], (namespace, name))
+        return found
+
+    def virtual_servers(self) -> list[dict[str, Any]]:
+        return [v for store in self._i[VIRTUAL_SERVERS].values() for v in store]
+
+    def virtual_server_keys(self) -> list[NamespacedKey]:
+        return list(self._i[VIRTUAL_SERVERS].keys())
+
+    def owned_by_service(self, namespace: str, service: str) -> list[str]:
+        return sorted(self._i[VS_BY_SERVICE].get((namespace, service)) or ())
+
+    def using_service(self, namespace: str, service: str) -> list[str]:
+        return sorted(self._i[VS_BY_BACKEND].get((namespace, service)) or ())
+
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _one(self._i[SERVICES], (namespace, name))
+        return found
+
+    def pools(self) -> list[dict[str, Any]]:
+        return [v for store in self._i[POOLS].values() for v in store]
+
+    def pool(self, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _one(self._i[POOLS], name)
+        return found
+
+    def namespace_labels(self, name: str) -> dict[str, str]:
+        found: dict[str, str] | None = _one(self._i[NAMESPACES], name)
+        return found or {}
+
+    def endpoints(self, namespace: str, service: str) -> list[Endpoint]:
+        return [e for s in self._i[SLICES].get((namespace, service)) or () for e in s]
+
+    def reports(self, namespace: str, name: str) -> dict[str, DirectorReport]:
+        return {r.node: r for r in self._i[REPORTS].get((namespace, name)) or ()}
+
+    def agents(self) -> list[str]:
+        return sorted(self._i[AGENTS].get(ALL_AGENTS) or ())
+
+    def node_labels(self, name: str) -> dict[str, str] | None:
+        found: dict[str, str] | None = _one(self._i[NODES], name)
+        return found

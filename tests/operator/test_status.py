@@ -1,0 +1,185 @@
+"""VirtualServer status from EndpointSlices and the agents' IPVSNode reports (issue point 3).
+
+No agent runs here: the test writes IPVSNode objects (and Nodes) the way agents and kubelets
+would, and EndpointSlices the way the EndpointSlice controller would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from tests.operator import harness
+from tests.operator.conftest import PoolFactory
+from tests.operator.harness import condition, get_vs, wait_for
+
+
+def endpoint_slice(service: str, ready: list[str], terminating: list[str]) -> dict[str, Any]:
+    endpoints = [{"addresses": [a], "conditions": {"ready": True}} for a in ready] + [
+        {"addresses": [a], "conditions": {"ready": False, "serving": True, "terminating": True}}
+        for a in terminating
+    ]
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": f"{service}-abc", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+class Nodes:
+    """Nodes and their agents' IPVSNode reports, removed after the test."""
+
+    def __init__(self, api: Any, prefix: str) -> None:
+        self.api = api
+        self.prefix = prefix
+        self.names: list[str] = []
+
+    def add(self, suffix: str, labels: dict[str, str]) -> str:
+        name = f"{self.prefix}-{suffix}"
+        harness.core(self.api).create_node({"metadata": {"name": name, "labels": labels}})
+        harness.custom(self.api).create_cluster_custom_object(
+            harness.GROUP,
+            harness.VERSION,
+            "ipvsnodes",
+            {"apiVersion": "ipvs.io/v1alpha1", "kind": "IPVSNode", "metadata": {"name": name}},
+        )
+        self.names.append(name)
+        self.report(name, [])
+        return name
+
+    def report(self, node: str, entries: list[dict[str, Any]]) -> None:
+        harness.custom(self.api).patch_cluster_custom_object_status(
+            harness.GROUP,
+            harness.VERSION,
+            "ipvsnodes",
+            node,
+            {"status": {"virtualServers": entries}},
+        )
+
+    def remove(self) -> None:
+        for name in self.names:
+            for delete in (
+                lambda n=name: harness.custom(self.api).delete_cluster_custom_object(
+                    harness.GROUP, harness.VERSION, "ipvsnodes", n
+                ),
+                lambda n=name: harness.core(self.api).delete_node(n),
+            ):
+                try:
+                    delete()
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+
+
+@pytest.fixture
+def nodes(admin: Any, ns: str) -> Iterator[Nodes]:
+    made = Nodes(admin, ns[-20:].strip("-"))
+    yield made
+    made.remove()
+
+
+def entry(ns: str, generation: int, state: str = "Programmed", **extra: Any) -> dict[str, Any]:
+    return {
+        "namespace": ns,
+        "name": "web",
+        "observedGeneration": generation,
+        "roles": ["Director"],
+        "state": state,
+        **extra,
+    }
+
+
+def status_of(api: Any, ns: str) -> dict[str, Any]:
+    found: dict[str, Any] = (get_vs(api, ns, "web") or {}).get("status") or {}
+    return found
+
+
+def reason(api: Any, ns: str, type_: str) -> tuple[str, str]:
+    cond = condition({"status": status_of(api, ns)}, type_)
+    return str(cond.get("status")), str(cond.get("reason"))
+
+
+def test_status_aggregates_slices_and_agent_reports(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    pool(4)
+    core = harness.core(admin)
+    core.create_namespaced_service(ns, harness.service("web"))
+    discovery = harness.discovery(admin)
+    discovery.create_namespaced_endpoint_slice(
+        ns, endpoint_slice("web", ["10.1.0.1", "10.1.0.2"], ["10.1.0.3"])
+    )
+    wait_for(
+        "real servers 2/3",
+        lambda: (
+            status_of(admin, ns).get("realServers") == {"ready": 2, "total": 3, "summary": "2/3"}
+        ),
+    )
+    assert reason(admin, ns, "Programmed") == ("False", "NoDirectors")
+    assert reason(admin, ns, "Ready") == ("False", "NoDirectors")
+    allocated_at = condition({"status": status_of(admin, ns)}, "AddressAllocated")[
+        "lastTransitionTime"
+    ]
+
+    # Two agents; one reports this generation programmed, the other has not reported yet.
+    edge = nodes.add("edge", {"edge": "true"})
+    core_node = nodes.add("core", {"edge": "false"})
+    nodes.report(edge, [entry(ns, 1, realServers=2)])
+    wait_for(
+        "1/2 directors",
+        lambda: (
+            status_of(admin, ns).get("nodes") == {"desired": 2, "programmed": 1, "summary": "1/2"}
+        ),
+    )
+    assert reason(admin, ns, "Programmed") == ("False", "Pending")
+    assert core_node in condition({"status": status_of(admin, ns)}, "Programmed")["message"]
+
+    # A director that fails says why, and that is worth an Event.
+    nodes.report(core_node, [entry(ns, 1, "Failed", reason="KernelError", message="EINVAL")])
+    wait_for("KernelError", lambda: reason(admin, ns, "Programmed") == ("False", "KernelError"))
+    wait_for(
+        "a KernelError Event",
+        lambda: (
+            ("Warning", "KernelError") in [e[:2] for e in harness.events(admin, ns, name="web")]
+        ),
+    )
+
+    # Only edge nodes direct it now: a new generation, which the edge agent then programs.
+    core.patch_namespaced_service(
+        "web", ns, {"metadata": {"annotations": {"ipvs.io/node-selector": "edge=true"}}}
+    )
+    wait_for(
+        "generation 2", lambda: (get_vs(admin, ns, "web") or {})["metadata"]["generation"] == 2
+    )
+    nodes.report(core_node, [])  # its agent drops what its node no longer directs
+    wait_for("Pending again", lambda: reason(admin, ns, "Programmed") == ("False", "Pending"))
+    nodes.report(edge, [entry(ns, 2, realServers=2)])
+    wait_for("Ready", lambda: reason(admin, ns, "Ready") == ("True", "Serving"))
+    st = status_of(admin, ns)
+    assert st["observedGeneration"] == 2
+    assert st["nodes"] == {"desired": 1, "programmed": 1, "summary": "1/1"}
+    assert reason(admin, ns, "Programmed") == ("True", "AllProgrammed")
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["AddressAllocated"]["lastTransitionTime"] == allocated_at
+    assert all(c["observedGeneration"] == 2 for c in conds.values())
+    wait_for(
+        "a Ready Event",
+        lambda: ("Normal", "Ready") in [e[:2] for e in harness.events(admin, ns, name="web")],
+    )
+
+    # Every endpoint goes away: not ready, with a reason and an Event.
+    discovery.replace_namespaced_endpoint_slice(
+        "web-abc", ns, endpoint_slice("web", [], ["10.1.0.1"])
+    )
+    wait_for("NoBackends", lambda: reason(admin, ns, "Ready") == ("False", "NoBackends"))
+    assert status_of(admin, ns)["realServers"] == {"ready": 0, "total": 1, "summary": "0/1"}
+    wait_for(
+        "a NotReady Event",
+        lambda: ("Warning", "NotReady") in [e[:2] for e in harness.events(admin, ns, name="web")],
+    )

@@ -1,0 +1,195 @@
+"""VirtualServer status: real-server counts, director aggregation, conditions and Events."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ipvs_api import conditions, load
+from ipvs_api.endpoints import endpoints_from_slices
+from ipvs_operator import backends, status, views
+from ipvs_operator.status import Address, DirectorReport
+
+GOT = Address(
+    True,
+    conditions.ALLOCATED,
+    "192.0.2.1 from AddressPool p",
+    ipaddress.ip_address("192.0.2.1"),
+    "p",
+)
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def vs(**spec: Any) -> Any:
+    body = {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {"name": "web", "namespace": "shop", "generation": 2},
+        "spec": {
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+            "backends": {"service": {"name": "web"}},
+            **spec,
+        },
+    }
+    return load.virtual_server(body)
+
+
+def endpoint_slice(family: str, *endpoints: tuple[str, bool, bool], port: str = "http") -> Any:
+    return {
+        "addressType": family,
+        "ports": [{"name": port, "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": r, "serving": r or t, "terminating": t}}
+            for a, r, t in endpoints
+        ],
+    }
+
+
+def test_counts_ready_and_draining_of_the_right_family_and_port() -> None:
+    eps = endpoints_from_slices(
+        [
+            endpoint_slice(
+                "IPv4",
+                ("10.0.0.1", True, False),
+                ("10.0.0.2", False, True),
+                ("10.0.0.3", False, False),
+            ),
+            endpoint_slice("IPv6", ("fd00::1", True, False)),
+            endpoint_slice("IPv4", ("10.0.0.9", True, False), port="metrics"),
+        ]
+    )
+    counts = backends.count(vs(), eps)
+    assert (counts.ready, counts.total, counts.summary) == (1, 2, "1/2")
+    tun = vs(forwarding={"method": "TUN"}, ports=[{"port": 80}])
+    assert backends.count(tun, eps).total == 4  # TUN crosses families; port 80 needs no name
+
+
+def test_counts_static_real_servers_by_weight() -> None:
+    static = vs(
+        ports=[{"port": 80}],
+        backends={
+            "static": [{"address": "198.51.100.1"}, {"address": "198.51.100.2", "weight": 0}]
+        },
+    )
+    assert backends.count(static, []) == backends.Counts(1, 2)
+
+
+def test_programmed_needs_every_director_at_this_generation() -> None:
+    done = DirectorReport("a", "Programmed", 2)
+    stale = DirectorReport("b", "Programmed", 1)
+    assert status.programmed(2, set(), {})[:2] == (False, status.NO_DIRECTORS)
+    assert status.programmed(2, {"a"}, {"a": done})[:2] == (True, conditions.ALL_PROGRAMMED)
+    pending = status.programmed(2, {"a", "b"}, {"a": done, "b": stale})
+    assert pending[:2] == (False, conditions.PENDING) and pending[3] == 1
+    assert "waiting for b" in pending[2]
+    failed = DirectorReport("b", "Failed", 2, "AddressConflict", "taken by shop/old")
+    result = status.programmed(2, {"a", "b"}, {"a": done, "b": failed})
+    assert result[:2] == (False, "AddressConflict") and "taken by shop/old" in result[2]
+    unsupported = DirectorReport("b", "Unsupported", 2, "Unsupported", "no twos")
+    assert status.programmed(2, {"a", "b"}, {"b": unsupported})[1] == conditions.UNSUPPORTED
+
+
+def compute(
+    old: dict[str, Any],
+    *,
+    ready: int = 1,
+    desired: set[str] | None = None,
+    address: Address = GOT,
+    at: str = T0,
+) -> dict[str, Any]:
+    nodes = {"a"} if desired is None else desired
+    return status.compute(
+        generation=2,
+        old=old,
+        address=address,
+        counts=backends.Counts(ready, 2),
+        desired=nodes,
+        reports={n: DirectorReport(n, "Programmed", 2) for n in nodes},
+        now=at,
+    )
+
+
+def test_ready_status_and_summaries() -> None:
+    st = compute({})
+    assert st["address"] == "192.0.2.1" and st["addressPool"] == "p"
+    assert st["observedGeneration"] == 2
+    assert st["nodes"] == {"desired": 1, "programmed": 1, "summary": "1/1"}
+    assert st["realServers"] == {"ready": 1, "total": 2, "summary": "1/2"}
+    assert [(c["type"], c["status"]) for c in st["conditions"]] == [
+        ("AddressAllocated", "True"),
+        ("Programmed", "True"),
+        ("Ready", "True"),
+    ]
+    assert all(c["observedGeneration"] == 2 for c in st["conditions"])
+
+
+def test_not_ready_says_why_and_transition_times_are_stable() -> None:
+    first = compute({}, ready=0, at=T0)
+    ready = status.condition(first, conditions.READY)
+    assert (ready["status"], ready["reason"]) == ("False", conditions.NO_BACKENDS)
+    again = compute(first, ready=0, at=T1)
+    assert again == first  # nothing changed: nothing to write
+    up = compute(first, ready=1, at=T1)
+    assert status.condition(up, conditions.READY)["lastTransitionTime"] == T1
+    assert status.condition(up, conditions.ADDRESS_ALLOCATED)["lastTransitionTime"] == T0
+    exhausted = Address(False, conditions.POOL_EXHAUSTED, "no free IPv4 address left")
+    none = compute({}, address=exhausted)
+    assert "address" not in none
+    assert status.condition(none, conditions.READY)["reason"] == conditions.POOL_EXHAUSTED
+
+
+def test_events_on_transitions_only() -> None:
+    first = compute({}, ready=0)
+    assert [(e.type, e.reason) for e in status.events({}, first)] == [
+        ("Normal", "AddressAllocated")
+    ]
+    up = compute(first, at=T1)
+    assert [(e.type, e.reason) for e in status.events(first, up)] == [("Normal", "Ready")]
+    assert status.events(up, compute(up, at=T1)) == []
+    down = compute(up, ready=0, at=T1)
+    assert [(e.type, e.reason) for e in status.events(up, down)] == [("Warning", "NotReady")]
+    conflict = compute({}, address=Address(False, conditions.ADDRESS_CONFLICT, "taken"))
+    assert [(e.type, e.reason) for e in status.events({}, conflict)] == [
+        ("Warning", conditions.ADDRESS_CONFLICT)
+    ]
+    assert status.events(conflict, compute(conflict, address=conflict_address())) == []
+
+
+def conflict_address() -> Address:
+    return Address(False, conditions.ADDRESS_CONFLICT, "taken")
+
+
+def test_index_entries_keep_only_what_is_read() -> None:
+    node = {
+        "metadata": {"name": "node-a", "managedFields": [{"big": True}]},
+        "status": {
+            "virtualServers": [
+                {
+                    "namespace": "shop",
+                    "name": "web",
+                    "state": "Programmed",
+                    "observedGeneration": 2,
+                    "roles": ["Director"],
+                },
+                {"namespace": "shop", "name": "dr", "state": "Programmed", "roles": ["RealServer"]},
+            ]
+        },
+    }
+    assert views.report_entries(node) == {
+        ("shop", "web"): DirectorReport("node-a", "Programmed", 2)
+    }
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "web",
+            "namespace": "shop",
+            "managedFields": [{}],
+            "annotations": {"ipvs.io/scheduler": "rr", "kubectl.kubernetes.io/x": "y"},
+        },
+        "spec": {"type": "ClusterIP", "ports": [{"port": 80}]},
+    }
+    (kept,) = views.service_entry(svc).values()
+    assert "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["annotations"] == {"ipvs.io/scheduler": "rr"}
+    assert kept["spec"] == {"type": "ClusterIP"}
