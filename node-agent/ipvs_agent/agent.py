@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ipvs_agent import __version__
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
-from ipvs_agent.model import KernelInfo
+from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
+from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
 from ipvs_agent.snapshot import node_from, take
 from ipvs_agent.status import node_status
@@ -44,6 +45,9 @@ class Settings:
     resync_seconds: float = 30.0
     #: Quiet time after a change before reconciling, so a burst of events is one pass.
     settle_seconds: float = 0.1
+    #: While real servers drain, how often to look whether their connections ended, so a
+    #: drained real server leaves soon after its last connection and not at the next resync.
+    drain_check_seconds: float = 2.0
 
 
 class Agent:
@@ -90,10 +94,11 @@ class Agent:
         node_obj = nodes[0] if nodes else None
         node = node_from(node_obj, self.settings.node_name, self.kernel_info)
         snap = take(self._objects("virtualservers"), self._objects("endpointslices"), node)
+        draining = set(self.memory.draining)
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-        self._account(result, cause)
+        self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
         if self.report is not None:
             status = node_status(
@@ -107,14 +112,18 @@ class Agent:
                 log.warning("could not report IPVSNode status: %s", e)
         return result
 
-    def _account(self, result: PassResult, cause: str) -> None:
+    def _account(
+        self, result: PassResult, cause: str, draining: set[tuple[ServiceKey, DestKey]]
+    ) -> None:
         m = self.metrics
         for r in result.results:
             m.operations.labels(kind=str(r.op.kind)).inc()
         m.netlink_errors.inc(len(result.failures))
-        if cause == "resync" and result.ops:
-            m.drift_repairs.inc(len(result.ops))
-            log.info("resync repaired %d drifted entries", len(result.ops))
+        # A resync that finds work repaired drift, except for the steps of drains in progress.
+        drift = [op for op in result.ops if not _drain_step(op, draining)]
+        if cause == "resync" and drift:
+            m.drift_repairs.inc(len(drift))
+            log.info("resync repaired %d drifted entries", len(drift))
         tally = Tally(str(o.state) for o in result.outcomes.values())
         for state in ("Programmed", "Pending", "Failed", "Unsupported"):
             m.programmed.labels(state=state).set(tally.get(state, 0))
@@ -134,8 +143,13 @@ class Agent:
             self.changed.wait(1.0)
         next_resync = self.clock() + self.settings.resync_seconds
         while not stop.is_set():
-            timeout = max(0.0, next_resync - self.clock())
-            cause = "change" if self.changed.wait(timeout) else "resync"
+            wake = next_resync
+            if self.memory.draining:
+                wake = min(wake, self.clock() + self.settings.drain_check_seconds)
+            if self.changed.wait(max(0.0, wake - self.clock())):
+                cause = "change"
+            else:
+                cause = "resync" if self.clock() >= next_resync else "drain"
             if stop.is_set():
                 break
             if cause == "change":
@@ -145,9 +159,15 @@ class Agent:
                 self.run_once(cause)
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next change or resync")
-            next_resync = self.clock() + self.settings.resync_seconds
+            if cause != "drain":
+                next_resync = self.clock() + self.settings.resync_seconds
         for m in self.mirrors:
             m.stop()
+
+
+def _drain_step(op: Op, draining: set[tuple[ServiceKey, DestKey]]) -> bool:
+    """Whether ``op`` advances the drain of a real server that was already draining."""
+    return op.dest is not None and (op.service.key, op.dest.key) in draining
 
 
 def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

@@ -19,7 +19,7 @@ import pytest
 
 from ipvs_agent.desired import Node, State
 from ipvs_agent.kernel.ipvs import IPVSKernel
-from ipvs_agent.ops import OpKind
+from ipvs_agent.ops import Op, OpKind
 from ipvs_agent.reconciler import Memory, PassResult, reconcile
 from ipvs_agent.snapshot import take
 from tests.kernel.ipvsctl import ipvsadm, ipvsadm_list
@@ -126,8 +126,14 @@ def test_a_scheduler_change_keeps_the_service_and_its_counters(
     topology.client.tcp_identities(topology.vip, topology.port, 6)
     result = agent.reconcile(manifest(topology, scheduler="rr"))
     assert [op.kind for op in result.ops] == [OpKind.EDIT_SERVICE]
-    with agent.kernel() as kernel:
-        (observed,) = kernel.dump().values()
+    # The kernel folds its counters into the dumped stats on a 2 s timer: poll for them.
+    deadline = time.monotonic() + 30
+    while True:
+        with agent.kernel() as kernel:
+            (observed,) = kernel.dump().values()
+        if observed.stats.connections == 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert observed.service.scheduler == "rr"
     assert observed.stats.connections == 6, "edited in place, not deleted and re-added"
 
@@ -165,9 +171,14 @@ def test_a_removed_real_server_drains_without_reset_then_goes(
         assert all(_alive(s) for s in held.sockets), "no held connection was reset"
         assert agent.reconcile(manifest(topology, scheduler="rr", servers=[0])).ops == []
     # Closed connections linger in the kernel as TIME_WAIT entries for two minutes, so a
-    # drain ends at its timeout here: shorten it, and the next pass deletes the real server.
-    gone = agent.reconcile(manifest(topology, scheduler="rr", servers=[0], drain=1))
-    assert [op.kind for op in gone.ops] == [OpKind.DEL_DEST]
+    # drain ends at its timeout here: shorten it to 1 s, and a pass after that deletes the real
+    # server (the agent's drain check runs passes every couple of seconds while one drains).
+    steps: list[Op] = []
+    deadline = time.monotonic() + 30
+    while not steps and time.monotonic() < deadline:
+        steps = agent.reconcile(manifest(topology, scheduler="rr", servers=[0], drain=1)).ops
+        time.sleep(0.2)  # poll interval of the loop, not synchronisation
+    assert [op.kind for op in steps] == [OpKind.DEL_DEST]
     assert topology.real_servers[1].rip not in ipvsadm_list(topology.director)
 
 

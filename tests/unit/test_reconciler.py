@@ -8,10 +8,12 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from ipvs_agent.agent import Agent, Settings
 from ipvs_agent.desired import Node, State, plan
 from ipvs_agent.kernel.fake import FakeKernel
+from ipvs_agent.model import DestStats
 from ipvs_agent.ops import OpKind
 from ipvs_agent.reconciler import Memory, reconcile
 from ipvs_agent.snapshot import take
@@ -295,7 +297,38 @@ def test_a_resync_repairs_drift_and_counts_it() -> None:
     kernel.apply([Op(OpKind.DEL_SERVICE, kernel.dump()[key].service)])  # someone deletes it
     result = agent.run_once("resync")
     assert [op.kind for op in result.ops] == [OpKind.ADD_SERVICE, OpKind.ADD_DEST, OpKind.ADD_DEST]
-    from prometheus_client import generate_latest
 
     text = generate_latest(agent.metrics.registry).decode()
     assert "ipvs_agent_drift_repairs_total 3.0" in text
+
+
+def test_a_draining_real_server_leaves_soon_after_its_last_connection_not_at_resync() -> None:
+    kernel, reports = FakeKernel(), []  # type: ignore[var-annotated]
+    vs_mirror = StubMirror("virtualservers", [vs_obj("a", "192.0.2.1")])
+    agent = _agent(vs_mirror, kernel, reports)
+    agent.settings = Settings("n1", resync_seconds=3600, settle_seconds=0, drain_check_seconds=0.05)
+    agent.run_once("change")
+    (key,) = kernel.dump()
+    gone = next(d for d in kernel.dump()[key].dests if str(d.address) == "198.51.100.12")
+    kernel.set_dest_stats(key, gone, DestStats(active_connections=1))
+    one = vs_obj("a", "192.0.2.1", backends={"static": [{"address": "198.51.100.11"}]})
+    vs_mirror._items = [one]
+    agent.run_once("change")
+    assert kernel.dump()[key].dests[gone].dest.weight == 0, "quiesced while a connection is open"
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread.start()
+    try:
+        kernel.set_dest_stats(key, gone, DestStats())  # the last connection ends
+        for _ in range(100):  # no change event and no resync within the hour: the drain check
+            if gone not in kernel.dump()[key].dests:
+                break
+            stop.wait(0.05)
+        assert gone not in kernel.dump()[key].dests
+        assert agent.memory.draining == {}
+    finally:
+        stop.set()
+        agent.changed.set()
+        thread.join(5)
+    text = generate_latest(agent.metrics.registry).decode()
+    assert "ipvs_agent_drift_repairs_total 0.0" in text, "a drain step is not drift"
