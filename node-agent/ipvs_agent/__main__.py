@@ -58,12 +58,14 @@ def validate_files(paths: Sequence[Path]) -> int:
 def _offline_pass(args: argparse.Namespace, dry_run: bool) -> tuple[PassResult, int]:
     from ipvs_agent import snapshot
     from ipvs_agent.kernel.ipvs import IPVSKernel
-    from ipvs_agent.system import LinuxHost
+    from ipvs_agent.system import LinuxHost, prepare_node
 
     objects = list(load.read_manifests(args.filename or []))
     vss, slices, node_obj = snapshot.split_manifests(objects, args.namespace)
     with IPVSKernel() as kernel:
         info = kernel.info()
+        if not dry_run:
+            prepare_node(info.release)  # the same director sysctls as the in-cluster agent
         node = snapshot.node_from(node_obj, args.node_name, info)
         snap = snapshot.take(vss, slices, node)
         host = LinuxHost(args.interface, read_only=dry_run)

@@ -31,9 +31,11 @@ class Mirror:
         list_fn: ListFn,
         api: client.ApiClient,
         changed: threading.Event,
+        retry_seconds: float = 2.0,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        self.retry_seconds = retry_seconds
         self._list_fn = list_fn
         self._api = api
         self._changed = changed
@@ -68,7 +70,7 @@ class Mirror:
         self._changed.set()
         return str((resp.get("metadata") or {}).get("resourceVersion") or "")
 
-    def run(self, stop: threading.Event, retry_seconds: float = 2.0) -> None:
+    def run(self, stop: threading.Event) -> None:
         """Thread body: list, watch from that version, and relist when the watch expires."""
         version = ""
         while not stop.is_set():
@@ -110,14 +112,16 @@ class Mirror:
                     e,
                     len(self._items),
                 )
-                stop.wait(retry_seconds)
+                stop.wait(self.retry_seconds)
 
     def stop(self) -> None:
         if self._watch is not None:
             self._watch.stop()
 
 
-def mirrors(api: client.ApiClient, node_name: str, changed: threading.Event) -> list[Mirror]:
+def mirrors(
+    api: client.ApiClient, node_name: str, changed: threading.Event, retry_seconds: float = 2.0
+) -> list[Mirror]:
     """The agent's three mirrors: VirtualServers, EndpointSlices and its own Node."""
     custom = client.CustomObjectsApi(api)
     discovery = client.DiscoveryV1Api(api)
@@ -129,7 +133,20 @@ def mirrors(api: client.ApiClient, node_name: str, changed: threading.Event) -> 
         )
 
     return [
-        Mirror("virtualservers", list_virtual_servers, api, changed),
-        Mirror("endpointslices", discovery.list_endpoint_slice_for_all_namespaces, api, changed),
-        Mirror("node", core.list_node, api, changed, field_selector=f"metadata.name={node_name}"),
+        Mirror("virtualservers", list_virtual_servers, api, changed, retry_seconds),
+        Mirror(
+            "endpointslices",
+            discovery.list_endpoint_slice_for_all_namespaces,
+            api,
+            changed,
+            retry_seconds,
+        ),
+        Mirror(
+            "node",
+            core.list_node,
+            api,
+            changed,
+            retry_seconds,
+            field_selector=f"metadata.name={node_name}",
+        ),
     ]

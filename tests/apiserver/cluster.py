@@ -471,6 +471,26 @@ class LocalApiServer:
                 shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
+    def stop_apiserver(self) -> None:
+        """Stop only kube-apiserver (an API outage); etcd and the PKI stay for a restart."""
+        proc = self._apiserver
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._apiserver = None
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again on the same port, etcd and certificates; wait for ready."""
+        self._require_started()
+        if self._apiserver is not None and self._apiserver.poll() is None:
+            raise TestBedError("kube-apiserver is already running")
+        self._start_apiserver()
+        self._wait_ready()
+
     # -- clients -------------------------------------------------------------------------
 
     def api_client(self) -> Any:
