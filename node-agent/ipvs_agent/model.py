@@ -72,7 +72,7 @@ MANAGED_FLAGS = (
 )
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ServiceKey:
     """What identifies a virtual service in the kernel: (af, protocol, address, port) or fwmark.
 
@@ -103,7 +103,7 @@ class ServiceKey:
         return f"{proto} {host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     """The settable attributes of one virtual service."""
 
@@ -116,7 +116,7 @@ class Service:
     pe_name: str = ""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class DestKey:
     """A real server within a service: address and port (0 = the packet's port)."""
 
@@ -128,7 +128,7 @@ class DestKey:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Dest:
     """The settable attributes of one real server (destination)."""
 
@@ -144,7 +144,7 @@ class Dest:
     af: AddressFamily | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DestStats:
     """Read-only counters the kernel reports with each destination."""
 
@@ -158,7 +158,7 @@ class DestStats:
     bytes_out: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceStats:
     connections: int = 0
     packets_in: int = 0
@@ -167,20 +167,20 @@ class ServiceStats:
     bytes_out: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObservedDest:
     dest: Dest
     stats: DestStats = field(default_factory=DestStats)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObservedService:
     service: Service
     dests: Mapping[DestKey, ObservedDest]
     stats: ServiceStats = field(default_factory=ServiceStats)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredService:
     service: Service
     dests: Mapping[DestKey, Dest]
@@ -191,7 +191,7 @@ DesiredTable = Mapping[ServiceKey, DesiredService]
 ObservedTable = Mapping[ServiceKey, ObservedService]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelInfo:
     """What GET_INFO and module probing say about this kernel."""
 
@@ -202,7 +202,7 @@ class KernelInfo:
     tunnel_types: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Timeouts:
     """IPVS connection timeouts in seconds (IPVS_CMD_SET_CONFIG); 0 leaves one unchanged."""
 

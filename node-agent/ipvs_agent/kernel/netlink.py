@@ -657,13 +657,17 @@ def service_from(
             else ("::" if family is AddressFamily.INET6 else "0.0.0.0")
         )
         key = ServiceKey(family, protocol, address, _ntohs(port))
+    optional: dict[str, Any] = {}  # absent attributes keep the model's defaults
+    if scheduler is not None:
+        optional["scheduler"] = _text(scheduler)
+    if raw_netmask is not None:
+        optional["netmask"] = decode_netmask(af, raw_netmask)
     service = Service(
         key,
-        scheduler=Service.scheduler if scheduler is None else _text(scheduler),
         flags=flags & mask & ~_HASHED,
         timeout=timeout,
-        netmask=Service.netmask if raw_netmask is None else decode_netmask(af, raw_netmask),
         pe_name="" if pe_name is None else _text(pe_name),
+        **optional,
     )
     return service, (ServiceStats(*stats) if any(stats) else ZERO_SERVICE_STATS)
 
