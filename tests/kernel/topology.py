@@ -703,8 +703,14 @@ def _hide_vip(ns: Netns) -> None:
         ns.sysctl(f"net.ipv4.conf.{scope}.arp_announce", 2)
 
 
-def build_dr(lab: Lab, family: int = 4, real_servers: int = 2, clients: int = 1) -> Topology:
-    """DR: one LAN; each real server has the VIP on lo and answers clients directly."""
+def build_dr(
+    lab: Lab, family: int = 4, real_servers: int = 2, clients: int = 1, prepare: bool = True
+) -> Topology:
+    """DR: one LAN; each real server has the VIP on lo and answers clients directly.
+
+    ``prepare=False`` leaves the real servers bare (no VIP, ARP as the kernel defaults), for
+    tests where the agent must prepare them.
+    """
     plan = _check_family(family)
     switch, director, director_addr, made_clients = _one_lan(lab, plan, clients)
     servers = []
@@ -712,9 +718,10 @@ def build_dr(lab: Lab, family: int = 4, real_servers: int = 2, clients: int = 1)
         name = f"rs{index + 1}"
         rip = plan.server_lan(11 + index)
         _attach(lab, switch, "br0", ns, "eth0")
-        _hide_vip(ns)
         ns.add_address("eth0", rip, plan.plen)
-        ns.add_address("lo", plan.vip, plan.host_plen)
+        if prepare:
+            _hide_vip(ns)
+            ns.add_address("lo", plan.vip, plan.host_plen)
         servers.append(RealServer(name, ns, rip, lab.start_server(ns, name)))
     return Topology(
         "dr", family, None, plan.vip, SERVICE_PORT, director, director_addr,
@@ -747,6 +754,7 @@ def build_tun(
     tun_type: TunType = "ipip",
     real_servers: int = 2,
     clients: int = 1,
+    prepare: bool = True,
 ) -> Topology:
     """TUN: the director encapsulates (ipip / gue / gre) to each real server's address.
 
@@ -754,6 +762,7 @@ def build_tun(
     off, VIP ARP suppressed, and answers clients directly. For gue it also listens
     for GUE on GUE_PORT (``ip fou``); fou has no module alias for autoload in this
     kernel, so it is loaded explicitly, as an administrator would on a real node.
+    ``prepare=False`` leaves the real servers bare: no decapsulation, no VIP.
     """
     plan = _check_family(family)
     if tun_type not in ("ipip", "gue", "gre"):
@@ -764,16 +773,17 @@ def build_tun(
         name = f"rs{index + 1}"
         rip = plan.server_lan(11 + index)
         _attach(lab, switch, "br0", ns, "eth0")
-        _hide_vip(ns)
         ns.add_address("eth0", rip, plan.plen)
-        _add_decap_device(ns, plan, tun_type, rip)
-        ns.add_address("tun0", plan.vip, plan.host_plen)
-        ns.link_up("tun0")
-        for scope in ("all", "default", "tun0"):
-            ns.sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
-        if tun_type == "gue":
-            ns.run("modprobe", "fou")
-            ns.ip(f"fou add port {GUE_PORT} gue" + (" -6" if family == 6 else ""))
+        if prepare:
+            _hide_vip(ns)
+            _add_decap_device(ns, plan, tun_type, rip)
+            ns.add_address("tun0", plan.vip, plan.host_plen)
+            ns.link_up("tun0")
+            for scope in ("all", "default", "tun0"):
+                ns.sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
+            if tun_type == "gue":
+                ns.run("modprobe", "fou")
+                ns.ip(f"fou add port {GUE_PORT} gue" + (" -6" if family == 6 else ""))
         servers.append(RealServer(name, ns, rip, lab.start_server(ns, name)))
     return Topology(
         "tun", family, tun_type, plan.vip, SERVICE_PORT, director, director_addr, made_clients,
