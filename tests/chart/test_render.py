@@ -1,0 +1,409 @@
+"""``helm lint``, ``helm template`` and values.schema.json, judged by a real kube-apiserver.
+
+Every rendered object (CRDs included) goes to the API server as a server-side apply with
+``dryRun=All`` and ``fieldValidation=Strict``: schema, defaulting, admission and unknown fields
+are the server's verdict, not a linter's. Pods never run here (no kubelet), so the pod
+templates are also judged as Pods by Pod Security admission at the level each needs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from ipvs_agent.host import sysctl
+from tests.apiserver.cluster import LocalApiServer
+from tests.chart.helm import (
+    CHART,
+    RELEASE,
+    Helm,
+    HelmError,
+    Manifest,
+    container,
+    find,
+    kinds,
+    value_args,
+)
+
+HERE = Path(__file__).resolve().parent
+VALUE_SETS = {
+    "defaults": (),
+    "full": ("full.yaml",),
+    "privileged": ("privileged.yaml",),
+    "minimal-privileges": ("minimal-privileges.yaml",),
+}
+
+
+@pytest.fixture(scope="module")
+def admin(apiserver: LocalApiServer) -> Iterator[Any]:
+    with apiserver.api_client() as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def servicemonitor_crd(apiserver: LocalApiServer) -> None:
+    apiserver.install_crds([HERE / "servicemonitor-crd.yaml"])
+
+
+def dry_run_apply(api: Any, obj: Manifest, namespace: str) -> Manifest:
+    """Server-side apply with dryRun=All and fieldValidation=Strict; the server's result."""
+    resource = dynamic.DynamicClient(api).resources.get(
+        api_version=obj["apiVersion"], kind=obj["kind"]
+    )
+    result = resource.server_side_apply(
+        body=obj,
+        namespace=namespace if resource.namespaced else None,
+        field_manager="chart-test",
+        dry_run="All",
+        force_conflicts=True,
+        query_params=[("fieldValidation", "Strict")],
+    )
+    out: Manifest = result.to_dict()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# helm lint and the schema
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_lint_strict(helm: Helm, values: tuple[str, ...]) -> None:
+    proc = helm.run("lint", "--strict", CHART, *value_args(values))
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+BAD_VALUES = {
+    "replicas-not-a-number": ["operator.replicas=two"],
+    "negative-replicas": ["operator.replicas=-1"],
+    "two-replicas-without-leader-election": ["operator.leaderElection.enabled=false"],
+    "metrics-port-out-of-range": ["agent.metricsPort=70000"],
+    "unknown-key": ["agent.hostPID=true"],
+    "unknown-top-level-key": ["rbac.create=false"],
+    "pull-policy": ["image.pullPolicy=Sometimes"],
+    "digest": ["image.digest=latest"],
+    "interface-too-long": ["agent.interface=ipvs-interface-0"],
+    "module-name": ["agent.modules={ip_vs;rm -rf}"],
+    "privileged-not-bool": ["agent.privileged=yes please"],
+    "scrape-interval": ["metrics.serviceMonitor.interval=often"],
+    "update-strategy": ["agent.updateStrategy.type=Recreate"],
+}
+
+
+@pytest.mark.parametrize("sets", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_schema_rejects_bad_values(helm: Helm, sets: list[str]) -> None:
+    args = ["template", RELEASE, CHART, *value_args((), sets)]
+    proc = helm.run(*args, check=False)
+    assert proc.returncode != 0, f"helm accepted {sets}"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    lint = helm.run("lint", "--strict", CHART, *value_args((), sets), check=False)
+    assert lint.returncode != 0
+
+
+# --------------------------------------------------------------------------------------------
+# Rendered objects on the API server
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_rendered_objects_pass_strict_server_side_validation(
+    helm: Helm,
+    admin: Any,
+    k8s_namespace: str,
+    servicemonitor_crd: None,
+    values: tuple[str, ...],
+) -> None:
+    docs = helm.template(*values, namespace=k8s_namespace, include_crds=True)
+    assert {"CustomResourceDefinition", "Deployment", "DaemonSet", "ClusterRole"} <= {
+        d["kind"] for d in docs
+    }
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            applied = dry_run_apply(admin, doc, k8s_namespace)
+        except ApiException as exc:
+            pytest.fail(f"the API server refused {where} ({values}):\n{exc.body}")
+        assert applied["metadata"]["name"] == doc["metadata"]["name"], where
+
+
+def test_defaults_render_the_expected_objects(helm: Helm) -> None:
+    docs = helm.template()
+    assert kinds(docs) == [
+        ("ClusterRole", "ipvs-agent"),
+        ("ClusterRole", "ipvs-operator"),
+        ("ClusterRoleBinding", "ipvs-agent"),
+        ("ClusterRoleBinding", "ipvs-operator"),
+        ("DaemonSet", "ipvs-agent"),
+        ("Deployment", "ipvs-operator"),
+        ("PodDisruptionBudget", "ipvs-operator"),
+        ("Role", "ipvs-operator-leader-election"),
+        ("RoleBinding", "ipvs-operator-leader-election"),
+        ("ServiceAccount", "ipvs-agent"),
+        ("ServiceAccount", "ipvs-operator"),
+    ]
+    full = helm.template("full.yaml")
+    assert {("ConfigMap", "ipvs-agent-dashboard"), ("Service", "ipvs-agent-metrics")} <= set(
+        kinds(full)
+    )
+    assert ("ServiceMonitor", "ipvs-agent") in kinds(full)
+
+
+def test_rbac_is_the_repository_rbac_moved_to_the_release_namespace(helm: Helm) -> None:
+    rendered = helm.template(namespace="lb")
+    source = [
+        d
+        for name in ("operator.yaml", "agent.yaml")
+        for d in yaml.safe_load_all((CHART.parents[1] / "rbac" / name).read_text())
+        if d
+    ]
+    for want in source:
+        have = find(rendered, want["kind"], want["metadata"]["name"])
+        for key in ("rules", "roleRef"):
+            assert have.get(key) == want.get(key), f"{want['kind']} {key}"
+        if "namespace" in want["metadata"]:
+            assert have["metadata"]["namespace"] == "lb"
+        for subject in have.get("subjects", []):
+            assert subject["namespace"] == "lb"
+        assert want["metadata"]["labels"].items() <= have["metadata"]["labels"].items()
+
+
+def test_operator_deployment(helm: Helm) -> None:
+    deployment = find(helm.template(), "Deployment", "ipvs-operator")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    op = container(pod, "operator")
+    assert spec["replicas"] == 2
+    assert "--leader-election" in op["args"]
+    assert "--lease-name=ipvs-operator" in op["args"]  # the one Lease rbac/ lets it renew
+    assert pod["serviceAccountName"] == "ipvs-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert op["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert {e["name"] for e in op["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
+    health = {p["name"]: p["containerPort"] for p in op["ports"]}["health"]
+    assert f"--health-port={health}" in op["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert op[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    assert op["resources"]["requests"] and op["resources"]["limits"]["memory"]
+    pdb = find(helm.template(), "PodDisruptionBudget", "ipvs-operator")
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    single = helm.template("privileged.yaml")
+    assert "PodDisruptionBudget" not in {d["kind"] for d in single}
+    assert (
+        "--no-leader-election"
+        in container(find(single, "Deployment")["spec"]["template"]["spec"], "operator")["args"]
+    )
+
+
+def agent_pod(helm: Helm, *values: str) -> dict[str, Any]:
+    spec: dict[str, Any] = find(helm.template(*values), "DaemonSet", "ipvs-agent")["spec"]
+    return spec["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -> None:
+    pod = agent_pod(helm)
+    agent = container(pod, "agent")
+    prepare = container(pod, "prepare-node", init=True)
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["serviceAccountName"] == "ipvs-agent"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in (
+        agent["env"]
+    )
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert prepare["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "SYS_MODULE"],
+    }
+    for c in (agent, prepare):
+        assert "privileged" not in c["securityContext"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["lib-modules"]["hostPath"]["path"] == "/lib/modules"
+    assert volumes["proc-sys-net"]["hostPath"]["path"] == "/proc/sys/net"
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert mounts["lib-modules"].get("readOnly") is True
+    assert "proc-sys-net" not in mounts  # only the init container writes sysctls
+    init_mounts = {m["name"]: m for m in prepare["volumeMounts"]}
+    assert init_mounts["lib-modules"].get("readOnly") is True
+    assert init_mounts["proc-sys-net"]["mountPath"] == "/host/proc/sys/net"
+    port = {p["name"]: p["containerPort"] for p in agent["ports"]}["metrics"]
+    assert f"--metrics-port={port}" in agent["args"]
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert agent["resources"]["requests"] and agent["resources"]["limits"]["memory"]
+
+
+def test_agent_without_modules_has_no_sys_module(helm: Helm) -> None:
+    pod = agent_pod(helm, "minimal-privileges.yaml")
+    for c in (container(pod, "agent"), container(pod, "prepare-node", init=True)):
+        assert c["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"], c["name"]
+
+
+def test_agent_privileged_is_an_option(helm: Helm) -> None:
+    pod = agent_pod(helm, "privileged.yaml")
+    agent = container(pod, "agent")
+    assert agent["securityContext"]["privileged"] is True
+    assert "proc-sys-net" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_agent_args_follow_values(helm: Helm) -> None:
+    agent = container(agent_pod(helm, "full.yaml"), "agent")
+    assert agent["args"] == [
+        "run",
+        "--interface=lvs0",
+        "--resync-seconds=10",
+        "--metrics-port=9900",
+        "--metrics-address=::",
+        "--timeouts=1000000,120,300",
+    ]
+    from ipvs_agent.__main__ import main
+
+    with pytest.raises(SystemExit) as parsed:  # the agent's own parser accepts them
+        main([*agent["args"][:1], "--help"])
+    assert parsed.value.code == 0
+
+
+def run_prepare_script(
+    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch, release: str
+) -> tuple[list[list[str]], list[tuple[list[sysctl.Sysctl], str]]]:
+    """Run the init container's Python with the kernel, modprobe and /proc faked."""
+    prepare = container(pod, "prepare-node", init=True)
+    assert prepare["command"][:2] == ["python", "-c"]
+    for var in prepare["env"]:
+        monkeypatch.setenv(var["name"], var["value"])
+    commands: list[list[str]] = []
+    applied: list[tuple[list[sysctl.Sysctl], str]] = []
+
+    def fake_run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+
+    def fake_apply(items: Any, *, netns: str | None = None, root: str = "") -> Any:
+        applied.append((list(items), root))
+        return sysctl.ApplyResult()
+
+    class FakeKernel:
+        def __enter__(self) -> Any:
+            return types.SimpleNamespace(info=lambda: types.SimpleNamespace(release=release))
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+    fake_ipvs = types.ModuleType("ipvs_agent.kernel.ipvs")
+    fake_ipvs.IPVSKernel = FakeKernel  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ipvs_agent.kernel.ipvs", fake_ipvs)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(sysctl, "apply", fake_apply)
+    code = compile(prepare["command"][2], "prepare-node", "exec")
+    exec(code, {"__builtins__": builtins, "__name__": "__main__"})
+    return commands, applied
+
+
+def test_prepare_node_loads_modules_and_writes_the_agents_sysctls_through_the_mount(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod = agent_pod(helm, "full.yaml")
+    commands, applied = run_prepare_script(pod, monkeypatch, "5.4.0-1-amd64")
+    assert commands == [["modprobe", m] for m in ("ip_vs", "ip_vs_wrr", "ip_vs_mh")]
+    assert len(applied) == 1
+    items, root = applied[0]
+    assert items == sysctl.required("5.4.0-1-amd64")  # the agent's own list, for this kernel
+    mount = {
+        m["name"]: m["mountPath"] for m in container(pod, "prepare-node", init=True)["volumeMounts"]
+    }["proc-sys-net"]
+    assert {i.path.split("/")[0] for i in items} == {"net"}
+    assert mount == f"{root}/net"
+
+
+def test_prepare_node_without_sysctls_only_checks_ipvs(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod = agent_pod(helm, "privileged.yaml")
+    commands, applied = run_prepare_script(pod, monkeypatch, "6.1.0")
+    assert commands == [] and applied == []
+
+
+# --------------------------------------------------------------------------------------------
+# Pod Security admission: what the pods would face in a namespace with an enforced level
+
+
+def pod_from(workload: Manifest, namespace: str) -> Manifest:
+    template = workload["spec"]["template"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"psa-{workload['metadata']['name']}",
+            "namespace": namespace,
+            "labels": template["metadata"]["labels"],
+        },
+        "spec": template["spec"],
+    }
+
+
+@pytest.fixture
+def psa_namespace(admin: Any) -> Iterator[Any]:
+    """Make namespaces that enforce a Pod Security level, with the chart's ServiceAccounts."""
+    core: Any = client.CoreV1Api(admin)  # plain dicts as bodies
+    made: list[str] = []
+
+    def make(level: str) -> str:
+        name = f"psa-{level}-{len(made)}-{id(made) % 10000}"
+        labels = {"pod-security.kubernetes.io/enforce": level}
+        core.create_namespace({"metadata": {"name": name, "labels": labels}})
+        for account in ("ipvs-operator", "ipvs-agent"):
+            core.create_namespaced_service_account(name, {"metadata": {"name": account}})
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        core.delete_namespace(name)
+
+
+def create_pod_dry_run(admin: Any, pod: Manifest) -> None:
+    core: Any = client.CoreV1Api(admin)
+    core.create_namespaced_pod(
+        pod["metadata"]["namespace"], pod, dry_run="All", field_validation="Strict"
+    )
+
+
+def test_operator_pod_meets_the_restricted_pod_security_level(
+    helm: Helm, admin: Any, psa_namespace: Any
+) -> None:
+    namespace = psa_namespace("restricted")
+    for values in (("defaults",), ("full.yaml",)):
+        docs = helm.template(*(v for v in values if v != "defaults"), namespace=namespace)
+        create_pod_dry_run(admin, pod_from(find(docs, "Deployment", "ipvs-operator"), namespace))
+
+
+def test_agent_pod_needs_the_privileged_level(helm: Helm, admin: Any, psa_namespace: Any) -> None:
+    baseline = psa_namespace("baseline")
+    docs = helm.template(namespace=baseline)
+    with pytest.raises(ApiException) as refused:
+        create_pod_dry_run(admin, pod_from(find(docs, "DaemonSet", "ipvs-agent"), baseline))
+    assert refused.value.status == 403
+    for reason in ("host namespaces", "hostPath volumes", "NET_ADMIN"):
+        assert reason in str(refused.value.body), reason
+    privileged = psa_namespace("privileged")
+    docs = helm.template(namespace=privileged)
+    create_pod_dry_run(admin, pod_from(find(docs, "DaemonSet", "ipvs-agent"), privileged))
+
+
+def test_helm_errors_carry_helm_output(helm: Helm) -> None:
+    with pytest.raises(HelmError, match="Error"):
+        helm.run("template", RELEASE, CHART / "no-such-dir")
