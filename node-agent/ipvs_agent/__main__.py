@@ -19,12 +19,16 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ipvs_agent import __version__
 from ipvs_agent.desired import State
 from ipvs_agent.model import Timeouts
 from ipvs_agent.reconciler import Memory, PassResult, reconcile
 from ipvs_api import InvalidObject, constants, load
+
+if TYPE_CHECKING:
+    from ipvs_agent.host.podnetns import PodNamespaces
 
 log = logging.getLogger("ipvs_agent")
 
@@ -66,19 +70,39 @@ def _offline_pass(args: argparse.Namespace, dry_run: bool) -> tuple[PassResult, 
         info = kernel.info()
         if not dry_run:
             prepare_node(info.release)  # the same director sysctls as the in-cluster agent
+        host = LinuxHost(args.interface, read_only=dry_run, pods=_pod_namespaces(args))
         node = snapshot.node_from(node_obj, args.node_name, info)
+        if not node.addresses:  # no Node manifest with addresses: this host's own
+            node = snapshot.node_from(node_obj, args.node_name, info, host.local_addresses())
         snap = snapshot.take(vss, slices, node)
-        host = LinuxHost(args.interface, read_only=dry_run)
         result = reconcile(snap, kernel, host, Memory(), time.monotonic(), dry_run=dry_run)
     failed = [k for k, o in result.outcomes.items() if o.state is State.FAILED]
     return result, 1 if failed or result.failures else 0
+
+
+def _pod_namespaces(args: argparse.Namespace) -> PodNamespaces:
+    from ipvs_agent.host._netns import NETNS_RUN_DIR
+    from ipvs_agent.host.podnetns import PodNamespaces
+
+    return PodNamespaces(args.netns_dir or (NETNS_RUN_DIR,), args.proc or None)
 
 
 def _print_outcomes(result: PassResult) -> None:
     for key in sorted(result.outcomes):
         o = result.outcomes[key]
         detail = f" {o.reason}: {o.message}" if o.reason else ""
-        print(f"# VirtualServer {key}: {o.state}{detail}")
+        roles = ",".join(sorted(str(r) for r in o.roles))
+        print(f"# VirtualServer {key}: {o.state}{detail}" + (f" [{roles}]" if roles else ""))
+    for target in result.plan.real_server_targets():
+        spec = result.plan.real_servers[target]
+        vips = " ".join(sorted(str(v) for v in spec.vips)) or "-"
+        decap = " ".join(
+            sorted(
+                f"{d.type.name.lower()}{f':{d.port}' if d.port else ''}@{d.local}"
+                for d in spec.decap
+            )
+        )
+        print(f"# real server in {target}: VIPs {vips}" + (f"; decap {decap}" if decap else ""))
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -143,7 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
         agent = Agent(
             Settings(args.node_name, resync_seconds=args.resync_seconds),
             kernel,
-            LinuxHost(args.interface),
+            LinuxHost(args.interface, pods=_pod_namespaces(args)),
             mirrors(api, args.node_name, changed),
             changed,
             report=NodeReporter(api, args.node_name).report,
@@ -189,6 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
         p.add_argument(
             "--interface", default="ipvs0", help="dummy interface holding the virtual addresses"
+        )
+        p.add_argument(
+            "--netns-dir",
+            action="append",
+            help="where pods' named network namespaces are (repeatable; default /run/netns)",
+        )
+        p.add_argument(
+            "--proc",
+            default="/proc",
+            help="the host's /proc, to find pods' namespaces as /proc/PID/ns/net ('' = don't)",
         )
 
     val = sub.add_parser("validate", help="validate VirtualServer and AddressPool manifests")

@@ -3,15 +3,23 @@
 Pure functions only. A VirtualServer that cannot be programmed on this node becomes an
 :class:`Outcome` that says why, and never disturbs the others: each object is translated on
 its own, and even an unexpected exception is caught per object.
+
+Besides the director's table, the plan holds the node's part as a real server of DR and TUN
+services (:attr:`Plan.real_servers`): which network namespaces on this node — the node's own,
+or a pod's — must hold which VIPs and decapsulate which tunnels. Facts only the kernel knows
+(whether a DR real server is on the director's L2 segment) come in as :class:`Route` values
+that the shell looked up.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ipvs_agent import model
+from ipvs_agent.host.realserver import Decap, RealServerSpec
 from ipvs_agent.model import (
     AddressFamily,
     DesiredService,
@@ -62,6 +70,41 @@ class Node:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     kernel: KernelInfo | None = None
+    #: The node's own addresses (the Node's ``status.addresses``): a static real server or an
+    #: endpoint at one of them is served by the node's own network namespace (host network).
+    addresses: frozenset[IPAddress] = frozenset()
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the director reaches one real server, from the kernel's route lookup.
+
+    ``on_link``: the address is on a directly connected segment (no gateway) or local, so a
+    DR packet (only the MAC address rewritten) can reach it. ``detail`` says what the lookup
+    found, for the condition message ("via 192.0.2.254 dev eth0", "no route: ...").
+    """
+
+    on_link: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RealServerNetns:
+    """Where a real server of this node lives: the node's own netns, or the pod with this IP."""
+
+    pod_ip: IPAddress | None = None
+
+    def __str__(self) -> str:
+        return "node" if self.pod_ip is None else f"pod {self.pod_ip}"
+
+
+#: The node's own network namespace (host-network endpoints, static real servers).
+NODE_NETNS = RealServerNetns()
+
+
+def _netns_order(target: RealServerNetns) -> tuple[int, int, int]:
+    ip = target.pod_ip
+    return (0, 0, 0) if ip is None else (1, ip.version, int(ip))
 
 
 @dataclass(frozen=True)
@@ -91,6 +134,19 @@ class Plan:
     addresses: frozenset[IPAddress]
     #: Services whose traffic to real servers is masqueraded (NAT with traffic policy Cluster).
     masquerade: frozenset[ServiceKey] = frozenset()
+    #: This node as a real server of DR and TUN services: the setup of each network namespace
+    #: (the node's own, or a pod's) that holds one of their real servers.
+    real_servers: Mapping[RealServerNetns, RealServerSpec] = field(default_factory=dict)
+    #: The VirtualServers (keys) each of those namespaces serves, to attribute a failure.
+    real_server_owners: Mapping[RealServerNetns, frozenset[str]] = field(default_factory=dict)
+
+    def real_server_targets(self) -> list[RealServerNetns]:
+        """The namespaces of :attr:`real_servers`, the node's own first, then pods by IP."""
+        return sorted(self.real_servers, key=_netns_order)
+
+
+#: Outcome reason of a VirtualServer whose DR real servers (some or all) are off-link.
+NOT_ON_LINK = "RealServerNotOnLink"
 
 
 class Unprogrammable(Exception):
@@ -269,13 +325,13 @@ def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
         )
 
 
-def virtual_services(
-    vs: VirtualServer, endpoints: EndpointIndex, node: Node
-) -> list[DesiredService]:
-    """The kernel services (one per port, or one firewall-mark service) of one VirtualServer.
-
-    Raises :class:`Unprogrammable` when this node cannot or need not program it yet.
-    """
+def _services(
+    vs: VirtualServer,
+    endpoints: EndpointIndex,
+    node: Node,
+    routes: Mapping[IPAddress, Route],
+) -> tuple[list[DesiredService], dict[IPAddress, Route]]:
+    """The kernel services of one VirtualServer, and the DR real servers left out as off-link."""
     spec = vs.spec
     _check_kernel(vs, node.kernel)
     ports: list[tuple[ServiceKey, ServicePort | None]]
@@ -292,40 +348,173 @@ def virtual_services(
             (ServiceKey.for_address(address, _PROTOCOL[p.protocol], p.port), p) for p in spec.ports
         ]
     backends = endpoints.get((vs.namespace, spec.backends.service or ""), ())
+    dr = spec.forwarding.method is ForwardingMethod.DR
     out: list[DesiredService] = []
+    off_link: dict[IPAddress, Route] = {}
     for key, port in ports:
         if spec.backends.service is not None:
             dests = _service_dests(vs, key, port, backends, node)
         else:
             dests = _static_dests(vs, key, port)
+        if dr and routes:
+            for dkey in list(dests):
+                address = _ip(dkey.address)
+                route = routes.get(address)
+                if route is not None and not route.on_link:
+                    off_link[address] = route
+                    del dests[dkey]
         out.append(DesiredService(service_template(vs, key), dests))
-    return out
+    return out, off_link
+
+
+def _ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
+def virtual_services(
+    vs: VirtualServer,
+    endpoints: EndpointIndex,
+    node: Node,
+    routes: Mapping[IPAddress, Route] | None = None,
+) -> list[DesiredService]:
+    """The kernel services (one per port, or one firewall-mark service) of one VirtualServer.
+
+    Raises :class:`Unprogrammable` when this node cannot or need not program it yet.
+    """
+    return _services(vs, endpoints, node, routes or {})[0]
+
+
+def _off_link_message(off_link: Mapping[IPAddress, Route], remaining: int) -> str:
+    shown = ", ".join(
+        f"{address} ({off_link[address].detail or 'behind a gateway'})"
+        for address in sorted(off_link, key=lambda a: (a.version, int(a)))
+    )
+    left = "left out" if remaining else "no real server remains"
+    return (
+        f"DR reaches only real servers on the director's own L2 segment; not on-link from this "
+        f"director: {shown}; {left} (use TUN or NAT for real servers behind a router, such as "
+        "pods on other nodes)"
+    )
+
+
+def dr_destinations(p: Plan) -> frozenset[IPAddress]:
+    """The real servers the plan sends DR traffic to: the addresses whose route to look up."""
+    return frozenset(
+        _ip(d.key.address)
+        for s in p.table.values()
+        for d in s.dests.values()
+        if d.forwarding is model.ForwardingMethod.ROUTE
+    )
+
+
+def real_server_part(
+    vs: VirtualServer, endpoints: EndpointIndex, node: Node
+) -> dict[RealServerNetns, RealServerSpec]:
+    """What this node must set up to be a real server of ``vs``, per network namespace.
+
+    DR and TUN real servers here are the static real servers at one of the node's addresses and
+    the endpoints on this node (``nodeName``): host network when the endpoint's address is the
+    node's, else a pod, found later by its IP. Each gets the VIP, and with TUN a decapsulation
+    device bound to the address the director tunnels to. A firewall-mark service has no VIP to
+    give: with TUN its real servers still decapsulate. NAT real servers need nothing.
+    """
+    spec = vs.spec
+    method = spec.forwarding.method
+    if method is ForwardingMethod.NAT:
+        return {}
+    vip = vs.address if spec.fwmark is None else None
+    if spec.fwmark is None and vip is None:
+        return {}  # no address yet: nothing to hold
+    vip_family = vip.version if vip is not None else (6 if spec.family is IPFamily.IPV6 else 4)
+    mine: set[tuple[RealServerNetns, IPAddress]] = set()
+    if spec.backends.service is not None:
+        for ep in endpoints.get((vs.namespace, spec.backends.service), ()):
+            if ep.node_name != node.name or (ep.terminating and not ep.serving):
+                continue  # another node's, or a pod on its way out that serves nothing
+            target = NODE_NETNS if ep.address in node.addresses else RealServerNetns(ep.address)
+            mine.add((target, ep.address))
+    else:
+        for rs in spec.backends.static:
+            if rs.address in node.addresses:
+                mine.add((NODE_NETNS, rs.address))
+    tunnel = spec.forwarding.tunnel
+    parts: dict[RealServerNetns, RealServerSpec] = {}
+    for target, address in mine:
+        if method is ForwardingMethod.DR and address.version != vip_family:
+            continue  # the director never sends DR across families
+        decap: frozenset[Decap] = frozenset()
+        if method is ForwardingMethod.TUN:
+            port = (tunnel.port or 0) if tunnel.type is TunnelType.GUE else 0
+            decap = frozenset({Decap(_TUNNEL[tunnel.type], address, port)})
+        vips = frozenset({vip}) if vip is not None else frozenset()
+        parts[target] = merge_specs(parts.get(target), RealServerSpec(vips, decap))
+    return parts
+
+
+def merge_specs(a: RealServerSpec | None, b: RealServerSpec) -> RealServerSpec:
+    if a is None:
+        return b
+    return RealServerSpec(a.vips | b.vips, a.decap | b.decap)
 
 
 def _sort_key(vs: VirtualServer) -> tuple[str, str, str]:
     return (vs.created or "~", vs.namespace, vs.name)
 
 
-def plan(virtual_servers: Iterable[VirtualServer], endpoints: EndpointIndex, node: Node) -> Plan:
-    """The whole desired table of ``node``; the earliest VirtualServer wins a conflict."""
+def plan(
+    virtual_servers: Iterable[VirtualServer],
+    endpoints: EndpointIndex,
+    node: Node,
+    routes: Mapping[IPAddress, Route] | None = None,
+) -> Plan:
+    """The whole desired table of ``node``; the earliest VirtualServer wins a conflict.
+
+    ``routes``: the director's route to DR real servers (see :func:`dr_destinations`); a DR
+    real server known not to be on-link is left out with the reason ``RealServerNotOnLink``,
+    and a VirtualServer left with none fails. Addresses without an entry are assumed on-link.
+    """
     table: dict[ServiceKey, DesiredService] = {}
     owners: dict[ServiceKey, str] = {}
     drain: dict[ServiceKey, int] = {}
     outcomes: dict[str, Outcome] = {}
     addresses: set[IPAddress] = set()
     masquerade: set[ServiceKey] = set()
+    real_servers: dict[RealServerNetns, RealServerSpec] = {}
+    rs_owners: dict[RealServerNetns, set[str]] = {}
     for vs in sorted(virtual_servers, key=_sort_key):
-        if not vs.spec.node_selector.matches(node.labels):
-            continue
-        roles = frozenset({Role.DIRECTOR})
         try:
-            services = virtual_services(vs, endpoints, node)
+            part = real_server_part(vs, endpoints, node)
+        except Exception:  # a planner bug must not cost the node; the director side reports
+            part = {}
+        for target, rs_spec in part.items():
+            real_servers[target] = merge_specs(real_servers.get(target), rs_spec)
+            rs_owners.setdefault(target, set()).add(vs.key)
+        rs_role = frozenset({Role.REAL_SERVER}) if part else frozenset()
+        if not vs.spec.node_selector.matches(node.labels):
+            if part:
+                outcomes[vs.key] = Outcome(
+                    State.PROGRAMMED, roles=rs_role, generation=vs.generation
+                )
+            continue
+        roles = frozenset({Role.DIRECTOR}) | rs_role
+        try:
+            services, off_link = _services(vs, endpoints, node, routes or {})
         except Unprogrammable as e:
             outcomes[vs.key] = Outcome(e.state, e.reason, e.message, roles, vs.generation)
             continue
         except Exception as e:  # a planner bug must cost one object, not the node
             outcomes[vs.key] = Outcome(
                 State.FAILED, "InternalError", f"{type(e).__name__}: {e}", roles, vs.generation
+            )
+            continue
+        weights = [d.weight for s in services for d in s.dests.values()]
+        if off_link and not weights:
+            outcomes[vs.key] = Outcome(
+                State.FAILED,
+                NOT_ON_LINK,
+                _off_link_message(off_link, 0),
+                roles,
+                vs.generation,
             )
             continue
         taken = [s.service.key for s in services if s.service.key in owners]
@@ -351,14 +540,22 @@ def plan(virtual_servers: Iterable[VirtualServer], endpoints: EndpointIndex, nod
                 masquerade.add(key)
         if vs.address is not None and vs.spec.fwmark is None:
             addresses.add(vs.address)
-        weights = [d.weight for s in services for d in s.dests.values()]
         outcomes[vs.key] = Outcome(
             State.PROGRAMMED,
-            "",
-            "",
+            NOT_ON_LINK if off_link else "",
+            _off_link_message(off_link, len(weights)) if off_link else "",
             roles,
             vs.generation,
             real_servers=sum(1 for w in weights if w > 0),
             draining_real_servers=sum(1 for w in weights if w == 0),
         )
-    return Plan(table, owners, drain, outcomes, frozenset(addresses), frozenset(masquerade))
+    return Plan(
+        table,
+        owners,
+        drain,
+        outcomes,
+        frozenset(addresses),
+        frozenset(masquerade),
+        real_servers,
+        {target: frozenset(keys) for target, keys in rs_owners.items()},
+    )

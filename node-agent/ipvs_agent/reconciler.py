@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from ipvs_agent.desired import Outcome, Plan, State, plan
+from ipvs_agent.desired import (
+    Outcome,
+    Plan,
+    RealServerNetns,
+    Route,
+    State,
+    dr_destinations,
+    plan,
+)
 from ipvs_agent.diff import diff
+from ipvs_agent.host.realserver import RealServerSpec
 from ipvs_agent.kernel import Kernel, OpResult
 from ipvs_agent.model import DestKey, IPAddress, ObservedTable, ServiceKey
 from ipvs_agent.ops import Op, OpKind
@@ -31,6 +40,26 @@ class Host(Protocol):
 
     def sync_addresses(self, wanted: set[IPAddress]) -> None:
         """Hold exactly these virtual addresses on the agent's interface."""
+
+
+@runtime_checkable
+class RealServerSide(Protocol):
+    """What a host offers beyond :class:`Host` for DR and TUN real servers (``LinuxHost``).
+
+    A host without it (a test double of the director side) skips both steps: no route facts
+    (every DR real server is taken as on-link) and no real-server setup.
+    """
+
+    def routes(self, addresses: set[IPAddress]) -> Mapping[IPAddress, Route]:
+        """The director's route to each address (the kernel's FIB lookup); unknown ones left out."""
+
+    def sync_real_servers(
+        self, wanted: Mapping[RealServerNetns, RealServerSpec]
+    ) -> Mapping[RealServerNetns, str]:
+        """Set up exactly these namespaces, undo the rest; the error of each that failed."""
+
+
+REAL_SERVER_SETUP_FAILED = "RealServerSetupFailed"
 
 
 @dataclass
@@ -80,6 +109,26 @@ def _with_failures(
     return outcomes
 
 
+def _with_real_server_failures(
+    outcomes: dict[str, Outcome], p: Plan, errors: Mapping[RealServerNetns, str]
+) -> dict[str, Outcome]:
+    """A namespace that could not be set up fails every VirtualServer it serves here."""
+    for target in sorted(errors, key=str):
+        problem = f"{target}: {errors[target]}"
+        for key in sorted(p.real_server_owners.get(target, ())):
+            was = outcomes.get(key)
+            if was is None:
+                continue
+            if was.state is State.FAILED and was.reason:
+                message = f"{was.message}; {problem}" if was.message else problem
+                outcomes[key] = replace(was, message=message)
+            else:
+                outcomes[key] = replace(
+                    was, state=State.FAILED, reason=REAL_SERVER_SETUP_FAILED, message=problem
+                )
+    return outcomes
+
+
 def reconcile(
     snapshot: Snapshot,
     kernel: Kernel,
@@ -90,6 +139,14 @@ def reconcile(
 ) -> PassResult:
     """Bring the kernel to the snapshot's desired table; touch only what the agent owns."""
     p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node)
+    side = host if isinstance(host, RealServerSide) else None
+    if side is not None:
+        # DR reaches only real servers on the director's segment: ask the kernel's FIB, and plan
+        # again without the off-link ones (rare, so the common pass plans once).
+        dr = dr_destinations(p)
+        routes = side.routes(set(dr)) if dr else {}
+        if any(not route.on_link for route in routes.values()):
+            p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, routes)
     owned_before = host.owned()
     observed = kernel.dump()
     d = diff(p.table, observed, owned_before.__contains__, p.drain_seconds, memory.draining, now)
@@ -109,6 +166,8 @@ def reconcile(
     }
     host.record(ours | still_there, set(p.masquerade) - d.conflicts)
     host.sync_addresses(set(p.addresses))
-    return PassResult(
-        p, observed, d.ops, results, _with_failures(outcomes, p, d.conflicts, results)
-    )
+    outcomes = _with_failures(outcomes, p, d.conflicts, results)
+    if side is not None:
+        errors = side.sync_real_servers(p.real_servers)
+        outcomes = _with_real_server_failures(outcomes, p, errors)
+    return PassResult(p, observed, d.ops, results, outcomes)

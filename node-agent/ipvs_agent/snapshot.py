@@ -16,7 +16,8 @@ from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
 from ipvs_agent.model import KernelInfo
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
-from ipvs_api.types import VirtualServer
+from ipvs_api.rules import parse_ip
+from ipvs_api.types import IPAddress, VirtualServer
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,32 @@ def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str]
     return {k: list(endpoints_from_slices(v)) for k, v in grouped.items()}
 
 
-def node_from(obj: Mapping[str, Any] | None, name: str, kernel: KernelInfo | None) -> Node:
+def node_addresses(obj: Mapping[str, Any] | None) -> frozenset[IPAddress]:
+    """The IP addresses in a Node's ``status.addresses`` (InternalIP, ExternalIP; not names)."""
+    found: set[IPAddress] = set()
+    for entry in ((obj or {}).get("status") or {}).get("addresses") or ():
+        if not isinstance(entry, Mapping):
+            continue
+        addr = parse_ip(str(entry.get("address", "")))
+        if addr is not None:
+            found.add(addr)
+    return frozenset(found)
+
+
+def node_from(
+    obj: Mapping[str, Any] | None,
+    name: str,
+    kernel: KernelInfo | None,
+    addresses: Iterable[IPAddress] = (),
+) -> Node:
+    """The planner's Node: labels and addresses from the Node object, plus ``addresses``."""
     labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-    return Node(name=name, labels=dict(labels), kernel=kernel)
+    return Node(
+        name=name,
+        labels=dict(labels),
+        kernel=kernel,
+        addresses=node_addresses(obj) | frozenset(addresses),
+    )
 
 
 def take(
