@@ -30,9 +30,12 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def apiserver() -> Iterator[LocalApiServer]:
-    """A kube-apiserver of this package's own, without the CRDs (helm installs them)."""
+    """A kube-apiserver of this package's own, without the CRDs (helm installs them).
+
+    Package-scoped: it stops when tests/chart is done, not at the end of the whole session.
+    """
     server: LocalApiServer | None = None
     failure = ""
     try:
@@ -54,6 +57,6 @@ def apiserver() -> Iterator[LocalApiServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kubeconfig(apiserver: LocalApiServer) -> Path:
     return apiserver.kubeconfig
