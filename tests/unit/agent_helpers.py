@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -116,3 +117,23 @@ class FakeHost:
 
     def sync_addresses(self, wanted: set[Any]) -> None:
         self.addresses = set(wanted)
+
+
+class StubMirror:
+    """A mirror whose contents the test sets; ``run`` does nothing."""
+
+    def __init__(self, name: str, items: list[dict[str, Any]], synced: bool = True) -> None:
+        self.name = name
+        self._items = items
+        self.synced = threading.Event()
+        if synced:
+            self.synced.set()
+
+    def items(self) -> list[dict[str, Any]]:
+        return list(self._items)
+
+    def run(self, stop: threading.Event) -> None:
+        stop.wait()
+
+    def stop(self) -> None:
+        pass

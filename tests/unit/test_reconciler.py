@@ -17,7 +17,7 @@ from ipvs_agent.model import DestStats
 from ipvs_agent.ops import OpKind
 from ipvs_agent.reconciler import Memory, reconcile
 from ipvs_agent.snapshot import take
-from tests.unit.agent_helpers import FakeHost
+from tests.unit.agent_helpers import FakeHost, StubMirror
 
 NODE = Node("n1", {})
 
@@ -222,26 +222,6 @@ def test_random_objects_give_outcomes_never_exceptions(specs: list[Any], slices:
     result = reconcile(snap, kernel, host, Memory(), 0)
     assert all(o.state in State for o in result.outcomes.values())
     assert reconcile(snap, kernel, host, Memory(), 1).ops == [], "one pass converges"
-
-
-class StubMirror:
-    """A mirror whose contents the test sets; ``run`` does nothing."""
-
-    def __init__(self, name: str, items: list[dict[str, Any]], synced: bool = True) -> None:
-        self.name = name
-        self._items = items
-        self.synced = threading.Event()
-        if synced:
-            self.synced.set()
-
-    def items(self) -> list[dict[str, Any]]:
-        return list(self._items)
-
-    def run(self, stop: threading.Event) -> None:
-        stop.wait()
-
-    def stop(self) -> None:
-        pass
 
 
 def _agent(vs_mirror: StubMirror, kernel: FakeKernel, reports: list[dict[str, Any]]) -> Agent:
