@@ -48,6 +48,8 @@ class Settings:
     #: While real servers drain, how often to look whether their connections ended, so a
     #: drained real server leaves soon after its last connection and not at the next resync.
     drain_check_seconds: float = 2.0
+    #: Program a requested address only once the operator confirmed it (snapshot.take).
+    admitted_only: bool = True
 
 
 class Agent:
@@ -93,7 +95,12 @@ class Agent:
         nodes = self._objects("node")
         node_obj = nodes[0] if nodes else None
         node = node_from(node_obj, self.settings.node_name, self.kernel_info)
-        snap = take(self._objects("virtualservers"), self._objects("endpointslices"), node)
+        snap = take(
+            self._objects("virtualservers"),
+            self._objects("endpointslices"),
+            node,
+            admitted_only=self.settings.admitted_only,
+        )
         draining = set(self.memory.draining)
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())

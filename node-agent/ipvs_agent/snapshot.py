@@ -95,12 +95,40 @@ def node_from(
     )
 
 
+def unadmitted(vs: VirtualServer) -> bool:
+    """A requested address the operator has not (or not yet) confirmed in ``status.address``."""
+    return vs.spec.address is not None and vs.status_address != vs.spec.address
+
+
 def take(
     virtual_servers: Iterable[Mapping[str, Any]],
     endpoint_slices: Iterable[Mapping[str, Any]],
     node: Node,
+    *,
+    admitted_only: bool = False,
 ) -> Snapshot:
+    """The planner's inputs; ``admitted_only`` for the in-cluster agent (see below).
+
+    In a cluster the operator decides who may use an address (pools that admit the namespace,
+    conflicts between objects) and confirms a requested ``spec.address`` by copying it to
+    ``status.address``. The in-cluster agent programs only confirmed addresses, so a pool's
+    namespace rule cannot be bypassed by writing the address into the spec. Without a cluster
+    (``ipvs-agent plan/apply -f``) there is no operator and the spec is taken as it is.
+    """
     good, bad = read_virtual_servers(virtual_servers)
+    if admitted_only:
+        waiting = [vs for vs in good if unadmitted(vs)]
+        for vs in waiting:
+            if vs.spec.node_selector.matches(node.labels):
+                bad[vs.key] = Outcome(
+                    State.PENDING,
+                    "AddressNotAdmitted",
+                    f"waiting for the operator to confirm address {vs.spec.address} "
+                    "(see the VirtualServer's conditions)",
+                    frozenset({Role.DIRECTOR}),
+                    vs.generation,
+                )
+        good = tuple(vs for vs in good if not unadmitted(vs))
     return Snapshot(good, index_endpoints(endpoint_slices), node, bad)
 
 

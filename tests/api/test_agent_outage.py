@@ -103,6 +103,10 @@ def test_the_kernel_table_stays_through_an_outage_and_converges_after(
             constants.GROUP, constants.VERSION, "default", constants.VIRTUAL_SERVERS,
             virtual_server(weight=1),
         )  # fmt: skip
+        objects.patch_namespaced_custom_object_status(  # what the operator does
+            constants.GROUP, constants.VERSION, "default", constants.VIRTUAL_SERVERS, "web",
+            {"status": {"address": "203.0.113.10"}},
+        )  # fmt: skip
     kernel = FakeKernel()
     running = RunningAgent(server, kernel)
     restarted: RunningAgent | None = None

@@ -49,6 +49,7 @@ def virtual_server(topology: Topology, weights: list[int]) -> dict[str, Any]:
                 ]
             },
         },
+        "status": {"address": topology.vip},  # confirmed by the operator
     }
 
 

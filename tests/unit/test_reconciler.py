@@ -33,6 +33,7 @@ def vs_obj(name: str, address: str, port: int = 80, **spec: Any) -> dict[str, An
             "backends": {"static": [{"address": "198.51.100.11"}, {"address": "198.51.100.12"}]},
             **spec,
         },
+        "status": {"address": address},  # confirmed by the operator
     }
 
 
@@ -312,3 +313,22 @@ def test_a_draining_real_server_leaves_soon_after_its_last_connection_not_at_res
         thread.join(5)
     text = generate_latest(agent.metrics.registry).decode()
     assert "ipvs_agent_drift_repairs_total 0.0" in text, "a drain step is not drift"
+
+
+def test_the_agent_programs_a_requested_address_only_once_the_operator_confirmed_it() -> None:
+    unconfirmed = vs_obj("a", "192.0.2.1")
+    del unconfirmed["status"]
+    other = vs_obj("b", "192.0.2.2")
+    other["status"] = {"address": "192.0.2.9"}  # the operator did not confirm 192.0.2.2
+    snap = take([unconfirmed, other], [], NODE, admitted_only=True)
+    result = reconcile(snap, FakeKernel(), FakeHost(), Memory(), 0)
+    assert result.ops == []
+    for key in ("ns/a", "ns/b"):
+        assert result.outcomes[key].state is State.PENDING
+        assert result.outcomes[key].reason == "AddressNotAdmitted"
+    offline = take([unconfirmed], [], NODE)  # ipvs-agent apply -f: no operator to ask
+    assert [op.kind for op in reconcile(offline, FakeKernel(), FakeHost(), Memory(), 0).ops] == [
+        OpKind.ADD_SERVICE,
+        OpKind.ADD_DEST,
+        OpKind.ADD_DEST,
+    ]
