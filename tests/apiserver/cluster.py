@@ -191,6 +191,7 @@ def _make_leaf(
     *,
     organizations: Sequence[str] = (),
     server: bool = False,
+    extra_sans: Sequence[str] = (),
 ) -> _KeyPair:
     key = _new_key()
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -225,6 +226,7 @@ def _make_leaf(
         sans: list[x509.GeneralName] = [
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(address)) for address in extra_sans),
         ]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return _KeyPair(key, _validity(builder).sign(ca.key, hashes.SHA256()))
@@ -368,7 +370,11 @@ class LocalApiServer:
         startup_timeout: float = 90.0,
         keep_dir: bool | None = None,
         extra_apiserver_args: Sequence[str] = (),
+        extra_sans: Sequence[str] = (),
     ) -> None:
+        """``extra_sans``: more IP addresses for the serving certificate, for clients that
+        reach the loopback server through a forward (the lab's VM: tests/e2e/bed.py)."""
+        self.extra_sans = list(extra_sans)
         self._apiserver_binary = apiserver_binary
         self._etcd_binary = etcd_binary
         self.startup_timeout = startup_timeout
@@ -634,7 +640,7 @@ class LocalApiServer:
         pki.mkdir()
         ca = _make_ca("ipvs-testbed-ca")
         client_ca = _make_ca("ipvs-testbed-client-ca")
-        serving = _make_leaf(ca, "kube-apiserver", server=True)
+        serving = _make_leaf(ca, "kube-apiserver", server=True, extra_sans=self.extra_sans)
         admin = _make_leaf(client_ca, "admin", organizations=["system:masters"])
         sa_key = _new_key()
         _write(pki / "ca.crt", _cert_pem(ca.cert))

@@ -99,8 +99,13 @@ def apply_manifests(api: Any, path: Path) -> None:
                 replace(meta["name"], doc)
 
 
-def service_account_kubeconfig(bed: LocalApiServer, namespace: str, name: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as a ServiceAccount (a TokenRequest token)."""
+def service_account_kubeconfig(
+    bed: LocalApiServer, namespace: str, name: str, path: Path, server: str | None = None
+) -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (a TokenRequest token).
+
+    ``server`` replaces the bed's own URL (a client that reaches it through a forward).
+    """
     with bed.api_client() as api:
         request = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3 * 3600)
@@ -114,7 +119,10 @@ def service_account_kubeconfig(bed: LocalApiServer, namespace: str, name: str, p
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
-            {"name": "bed", "cluster": {"server": bed.url, "certificate-authority-data": ca}}
+            {
+                "name": "bed",
+                "cluster": {"server": server or bed.url, "certificate-authority-data": ca},
+            }
         ],
         "users": [{"name": name, "user": {"token": token}}],
         "contexts": [

@@ -3,8 +3,10 @@
 The VM (see image.py) sees the host's root read-only over 9p with a tmpfs overlay,
 so the checkout, its venv and the host's tools are all there under the same paths
 without copying anything. A second, writable 9p share (``share_dir`` on the host,
-``/run/ipvs-vm`` inside) carries the command script in and the results out. The VM
-has no network interface (``-nic none``): tests build their own namespaces.
+``/run/ipvs-vm`` inside) carries the command script in and the results out. By default the
+VM has no network interface (``-nic none``): tests build their own namespaces. With a
+``UserNetwork`` it gets one restricted qemu user-mode NIC (``eth0``) that reaches nothing
+but the host loopback ports it forwards (``guestfwd``) — the lab's way to the API server.
 
 Command line use (console streamed to stderr)::
 
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,6 +45,55 @@ OVERMOUNTED = ("/tmp/", "/run/", "/dev/")
 
 class VMBootError(RuntimeError):
     """qemu could not be started at all."""
+
+
+@dataclass(frozen=True)
+class GuestForward:
+    """Guest connections to ``UserNetwork.forward_address:guest_port`` reach 127.0.0.1:host_port.
+
+    Each connection gets its own forwarder process (``guestfwd=...-cmd:``, see
+    tests/vm/forward.py): a ``guestfwd`` to a ``tcp:`` chardev is one host connection for
+    the VM's whole life, which every guest connection would share.
+    """
+
+    guest_port: int
+    host_port: int
+
+
+@dataclass(frozen=True)
+class UserNetwork:
+    """One qemu user-mode NIC with ``restrict=on``: no route out, only the given forwards.
+
+    The guest's ``eth0`` gets ``guest_address`` (static; slirp's DHCP is not needed) in
+    ``net``, a documentation range; there is no default route, so nothing but the forwards
+    answers.
+    """
+
+    forwards: tuple[GuestForward, ...]
+    net: str = "198.18.0.0/24"
+    guest_address: str = "198.18.0.15"
+    forward_address: str = "198.18.0.10"
+
+    def qemu_args(self) -> list[str]:
+        """``-netdev``/``-device`` arguments for this network."""
+        forwarder = f"{sys.executable} {Path(__file__).with_name('forward.py')}"
+        if any(ch.isspace() or ch == "," for ch in str(Path(__file__).parent)):
+            raise VMBootError(f"path unfit for a qemu option: {Path(__file__).parent}")
+        netdev = [f"user,id=n0,restrict=on,net={self.net}"]
+        netdev += [
+            f"guestfwd=tcp:{self.forward_address}:{f.guest_port}-cmd:{forwarder} {f.host_port}"
+            for f in self.forwards
+        ]
+        return ["-netdev", ",".join(netdev), "-device", "virtio-net-pci,netdev=n0,romfile="]
+
+    def guest_setup(self) -> list[str]:
+        """Shell lines for the run script: driver, address, link up (no udev in the VM)."""
+        prefix = self.net.rsplit("/", 1)[1]
+        return [
+            "modprobe virtio_net || exit 125",
+            f"ip addr add {self.guest_address}/{prefix} dev eth0 || exit 125",
+            "ip link set eth0 up || exit 125",
+        ]
 
 
 @dataclass
@@ -91,7 +142,13 @@ def _venv_bin() -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _write_script(share_dir: Path, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+def _write_script(
+    share_dir: Path,
+    argv: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    network: UserNetwork | None = None,
+) -> str:
     """Write the shell script the VM's init runs inside the chroot; return its name."""
     path_entries = [
         *_venv_bin(),
@@ -115,6 +172,7 @@ def _write_script(share_dir: Path, argv: Sequence[str], cwd: Path, env: Mapping[
     lines += [f"export {key}={shlex.quote(value)}" for key, value in variables.items()]
     lines += [
         "ip link set lo up 2>/dev/null",
+        *(network.guest_setup() if network else []),
         f"cd {shlex.quote(str(cwd))} || exit 125",
         shlex.join(argv),
     ]
@@ -148,9 +206,13 @@ def paths_to_keep(paths: Sequence[Path]) -> list[str]:
 
 
 def qemu_command(
-    image: VMImage, share_dir: Path, script: str, keep: Sequence[str] = ()
+    image: VMImage,
+    share_dir: Path,
+    script: str,
+    keep: Sequence[str] = (),
+    network: UserNetwork | None = None,
 ) -> list[str]:
-    """The qemu argv: TCG (KVM hangs here), no NIC, host root ro + results share rw."""
+    """The qemu argv: TCG (KVM hangs here), no NIC (or ``network``), host root ro + share rw."""
     for path in (str(image.modules), str(share_dir), *keep):
         if any(ch.isspace() or ch == "," for ch in path):
             raise VMBootError(f"path unfit for the kernel command line (space or comma): {path}")
@@ -173,7 +235,7 @@ def qemu_command(
         "-smp", "2",
         "-m", "2048",
         "-nographic",
-        "-nic", "none",
+        *(network.qemu_args() if network else ["-nic", "none"]),
         "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),
@@ -204,9 +266,13 @@ def run_in_vm(
     timeout: float | None = None,
     echo: bool = False,
     log: Log = stderr_log,
+    network: UserNetwork | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> VMRun:
     """Boot the VM, run ``argv`` in ``cwd`` inside it, and wait for power-off.
 
+    ``network`` gives the VM a restricted NIC (see UserNetwork); ``on_start`` receives the
+    qemu process once it runs, so a caller running this in a thread can kill it.
     Raises VMBuildError / VMBootError when the VM cannot be prepared or started;
     everything that goes wrong after boot is in the returned VMRun instead.
     """
@@ -214,9 +280,9 @@ def run_in_vm(
         raise VMBootError(f"{QEMU} not found on the host (apt-get install qemu-system-x86)")
     image = ensure_image(log)
     share_dir = share_dir.resolve()
-    script = _write_script(share_dir, argv, cwd.resolve(), env or {})
+    script = _write_script(share_dir, argv, cwd.resolve(), env or {}, network)
     keep = paths_to_keep([CHECKOUT, cwd, Path(sys.prefix), Path(sys.base_prefix)])
-    command = qemu_command(image, share_dir, script, keep)
+    command = qemu_command(image, share_dir, script, keep, network)
     limit = vm_timeout() if timeout is None else timeout
     console_log = _new_console_log()
     log(f"booting {image.kernel_version} under qemu (TCG; timeout {limit:.0f}s)")
@@ -232,6 +298,8 @@ def run_in_vm(
         except OSError as error:
             raise VMBootError(f"cannot start {QEMU}: {error}") from error
         assert proc.stdout is not None
+        if on_start is not None:
+            on_start(proc)
         pump = threading.Thread(target=_pump, args=(proc.stdout, sink, echo), daemon=True)
         pump.start()
         timed_out = False
