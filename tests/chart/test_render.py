@@ -9,6 +9,7 @@ templates are also judged as Pods by Pod Security admission at the level each ne
 from __future__ import annotations
 
 import builtins
+import os
 import subprocess
 import sys
 import types
@@ -214,7 +215,7 @@ def agent_pod(helm: Helm, *values: str) -> dict[str, Any]:
 def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -> None:
     pod = agent_pod(helm)
     agent = container(pod, "agent")
-    prepare = container(pod, "prepare-node", init=True)
+    modules = container(pod, "load-modules", init=True)
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["serviceAccountName"] == "ipvs-agent"
@@ -223,11 +224,8 @@ def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -
         agent["env"]
     )
     assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
-    assert prepare["securityContext"]["capabilities"] == {
-        "drop": ["ALL"],
-        "add": ["NET_ADMIN", "SYS_MODULE"],
-    }
-    for c in (agent, prepare):
+    assert modules["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_MODULE"]}
+    for c in (agent, modules):
         assert "privileged" not in c["securityContext"]
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -236,10 +234,8 @@ def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -
     assert volumes["proc-sys-net"]["hostPath"]["path"] == "/proc/sys/net"
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
     assert mounts["lib-modules"].get("readOnly") is True
-    assert "proc-sys-net" not in mounts  # only the init container writes sysctls
-    init_mounts = {m["name"]: m for m in prepare["volumeMounts"]}
-    assert init_mounts["lib-modules"].get("readOnly") is True
-    assert init_mounts["proc-sys-net"]["mountPath"] == "/host/proc/sys/net"
+    assert mounts["proc-sys-net"]["mountPath"] == "/host/proc/sys/net"
+    assert {m["name"]: m.get("readOnly") for m in modules["volumeMounts"]} == {"lib-modules": True}
     port = {p["name"]: p["containerPort"] for p in agent["ports"]}["metrics"]
     assert f"--metrics-port={port}" in agent["args"]
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -249,8 +245,8 @@ def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -
 
 def test_agent_without_modules_has_no_sys_module(helm: Helm) -> None:
     pod = agent_pod(helm, "minimal-privileges.yaml")
-    for c in (container(pod, "agent"), container(pod, "prepare-node", init=True)):
-        assert c["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"], c["name"]
+    assert "initContainers" not in pod
+    assert container(pod, "agent")["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
 
 
 def test_agent_privileged_is_an_option(helm: Helm) -> None:
@@ -263,6 +259,7 @@ def test_agent_privileged_is_an_option(helm: Helm) -> None:
 def test_agent_args_follow_values(helm: Helm) -> None:
     agent = container(agent_pod(helm, "full.yaml"), "agent")
     assert agent["args"] == [
+        "ipvs-agent",
         "run",
         "--interface=lvs0",
         "--resync-seconds=10",
@@ -270,27 +267,54 @@ def test_agent_args_follow_values(helm: Helm) -> None:
         "--metrics-address=::",
         "--timeouts=1000000,120,300",
     ]
-    from ipvs_agent.__main__ import main
-
-    with pytest.raises(SystemExit) as parsed:  # the agent's own parser accepts them
-        main([*agent["args"][:1], "--help"])
-    assert parsed.value.code == 0
 
 
-def run_prepare_script(
+def test_agent_args_parse_with_the_agents_own_parser(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ipvs_agent.__main__ as cli
+
+    parsed: list[Any] = []
+
+    def run_command(args: Any) -> int:
+        parsed.append(args)
+        return 0
+
+    monkeypatch.setattr(cli, "run_command", run_command)
+    agent = container(agent_pod(helm, "full.yaml"), "agent")
+    assert cli.main(agent["args"][1:]) == 0
+    (args,) = parsed
+    assert (args.interface, args.resync_seconds, args.metrics_port) == ("lvs0", 10.0, 9900)
+    assert (args.metrics_address, args.timeouts) == ("::", (1000000, 120, 300))
+
+
+def test_load_modules_script(helm: Helm, tmp_path: Path) -> None:
+    """The init container's shell loop, run with a modprobe that fails for one module."""
+    init = container(agent_pod(helm, "full.yaml"), "load-modules", init=True)
+    assert init["args"] == ["ip_vs", "ip_vs_wrr", "ip_vs_mh"]
+    fake = tmp_path / "modprobe"
+    fake.write_text('#!/bin/sh\necho "$1" >> "$LOG"\n[ "$1" != ip_vs_nope ]\n')
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LOG": str(log)}
+    ok = subprocess.run([*init["command"], *init["args"]], env=env, check=False)
+    assert ok.returncode == 0
+    assert log.read_text().split() == init["args"]
+    bad = subprocess.run([*init["command"], "ip_vs", "ip_vs_nope"], env=env, check=False)
+    assert bad.returncode == 1  # not loadable and not in /sys/module: the pod does not start
+
+
+def run_agent_wrapper(
     pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch, release: str
-) -> tuple[list[list[str]], list[tuple[list[sysctl.Sysctl], str]]]:
-    """Run the init container's Python with the kernel, modprobe and /proc faked."""
-    prepare = container(pod, "prepare-node", init=True)
-    assert prepare["command"][:2] == ["python", "-c"]
-    for var in prepare["env"]:
-        monkeypatch.setenv(var["name"], var["value"])
-    commands: list[list[str]] = []
+) -> tuple[list[tuple[list[sysctl.Sysctl], str]], list[str]]:
+    """Run the agent container's Python start-up with the kernel, /proc and exec faked."""
+    agent = container(pod, "agent")
+    assert agent["command"][:2] == ["python", "-c"]
+    for var in agent["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
     applied: list[tuple[list[sysctl.Sysctl], str]] = []
-
-    def fake_run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
-        commands.append(argv)
-        return subprocess.CompletedProcess(argv, 0)
+    executed: list[str] = []
 
     def fake_apply(items: Any, *, netns: str | None = None, root: str = "") -> Any:
         applied.append((list(items), root))
@@ -303,38 +327,42 @@ def run_prepare_script(
         def __exit__(self, *_: object) -> None:
             pass
 
+    def fake_execvp(file: str, argv: list[str]) -> None:
+        assert file == argv[0]
+        executed.extend(argv)
+
     fake_ipvs = types.ModuleType("ipvs_agent.kernel.ipvs")
     fake_ipvs.IPVSKernel = FakeKernel  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ipvs_agent.kernel.ipvs", fake_ipvs)
-    monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(sysctl, "apply", fake_apply)
-    code = compile(prepare["command"][2], "prepare-node", "exec")
+    monkeypatch.setattr(os, "execvp", fake_execvp)
+    monkeypatch.setattr(sys, "argv", ["-c", *agent["args"]])
+    code = compile(agent["command"][2], "agent-start", "exec")
     exec(code, {"__builtins__": builtins, "__name__": "__main__"})
-    return commands, applied
+    return applied, executed
 
 
-def test_prepare_node_loads_modules_and_writes_the_agents_sysctls_through_the_mount(
+def test_agent_start_writes_the_agents_own_sysctls_through_the_mount_then_execs_it(
     helm: Helm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pod = agent_pod(helm, "full.yaml")
-    commands, applied = run_prepare_script(pod, monkeypatch, "5.4.0-1-amd64")
-    assert commands == [["modprobe", m] for m in ("ip_vs", "ip_vs_wrr", "ip_vs_mh")]
+    applied, executed = run_agent_wrapper(pod, monkeypatch, "5.4.0-1-amd64")
+    assert executed == container(pod, "agent")["args"]
     assert len(applied) == 1
     items, root = applied[0]
     assert items == sysctl.required("5.4.0-1-amd64")  # the agent's own list, for this kernel
-    mount = {
-        m["name"]: m["mountPath"] for m in container(pod, "prepare-node", init=True)["volumeMounts"]
-    }["proc-sys-net"]
+    mounts = {m["name"]: m["mountPath"] for m in container(pod, "agent")["volumeMounts"]}
     assert {i.path.split("/")[0] for i in items} == {"net"}
-    assert mount == f"{root}/net"
+    assert mounts["proc-sys-net"] == f"{root}/net"
 
 
-def test_prepare_node_without_sysctls_only_checks_ipvs(
+def test_agent_start_without_sysctls_only_execs(
     helm: Helm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pod = agent_pod(helm, "privileged.yaml")
-    commands, applied = run_prepare_script(pod, monkeypatch, "6.1.0")
-    assert commands == [] and applied == []
+    applied, executed = run_agent_wrapper(pod, monkeypatch, "6.1.0")
+    assert applied == []
+    assert executed[:2] == ["ipvs-agent", "run"]
 
 
 # --------------------------------------------------------------------------------------------
