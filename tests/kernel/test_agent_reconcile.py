@@ -13,68 +13,15 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from ipvs_agent.desired import Node, State
-from ipvs_agent.kernel.ipvs import IPVSKernel
+from ipvs_agent.desired import State
 from ipvs_agent.ops import Op, OpKind
-from ipvs_agent.reconciler import Memory, PassResult, reconcile
-from ipvs_agent.snapshot import take
+from ipvs_agent.reconciler import Memory
+from tests.kernel.agent_harness import Agent, manifest
 from tests.kernel.ipvsctl import ipvsadm, ipvsadm_list
 from tests.kernel.topology import Lab, Topology, build_nat
-from tests.unit.agent_helpers import FakeHost
-
-
-def manifest(
-    topology: Topology,
-    name: str = "web",
-    scheduler: str = "wrr",
-    weights: list[int] | None = None,
-    drain: int = 300,
-    servers: list[int] | None = None,
-) -> dict[str, Any]:
-    """A VirtualServer for the topology's VIP with static real servers (by index)."""
-    picked = range(len(topology.real_servers)) if servers is None else servers
-    static = [
-        {"address": topology.real_servers[i].rip, "weight": (weights[i] if weights else 1)}
-        for i in picked
-    ]
-    return {
-        "apiVersion": "ipvs.io/v1alpha1",
-        "kind": "VirtualServer",
-        "metadata": {
-            "name": name,
-            "namespace": "lab",
-            "generation": 1,
-            "creationTimestamp": "2026-11-26T00:00:00Z",
-        },
-        "spec": {
-            "address": topology.vip,
-            "ports": [{"port": topology.port, "protocol": "TCP"}],
-            "scheduler": {"name": scheduler},
-            "drainTimeoutSeconds": drain,
-            "backends": {"static": static},
-        },
-    }
-
-
-class Agent:
-    """The pass as the agent runs it: the same host record and memory between passes."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-        self.host = FakeHost()
-        self.memory = Memory()
-
-    def kernel(self) -> IPVSKernel:
-        return IPVSKernel(netns=self.topology.director.name)
-
-    def reconcile(self, *objects: dict[str, Any]) -> PassResult:
-        with self.kernel() as kernel:
-            snap = take(objects, [], Node("director", {}, kernel.info()))
-            return reconcile(snap, kernel, self.host, self.memory, time.monotonic())
 
 
 @pytest.fixture
