@@ -97,3 +97,31 @@ def container(pod_spec: Mapping[str, Any], name: str, *, init: bool = False) -> 
     assert len(matches) == 1, f"{key}: no single {name}"
     result: dict[str, Any] = matches[0]
     return result
+
+
+def template_script(container_name: str, *, template: str = "agent-daemonset.yaml") -> list[str]:
+    """The ``command`` of a container in a template, read without helm (for tests in the VM).
+
+    Only for commands written literally (``- interpreter``, ``- flag``, ``- |`` script): no
+    template directive may appear in them, which this checks.
+    """
+    lines = (CHART / "templates" / template).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"- name: {container_name}")
+    at = next(i for i in range(start, len(lines)) if lines[i].strip() == "command:")
+    command: list[str] = []
+    i = at + 1
+    while i < len(lines) and lines[i].lstrip().startswith("- "):
+        item = lines[i].strip()[2:]
+        if item != "|":
+            command.append(item)
+            i += 1
+            continue
+        indent = len(lines[i + 1]) - len(lines[i + 1].lstrip())
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or lines[i].startswith(" " * indent)):
+            body.append(lines[i][indent:])
+            i += 1
+        command.append("\n".join(body).rstrip("\n") + "\n")
+    assert command and not any("{{" in part for part in command), command
+    return command

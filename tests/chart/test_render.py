@@ -33,6 +33,7 @@ from tests.chart.helm import (
     container,
     find,
     kinds,
+    template_script,
     value_args,
 )
 
@@ -435,3 +436,10 @@ def test_agent_pod_needs_the_privileged_level(helm: Helm, admin: Any, psa_namesp
 def test_helm_errors_carry_helm_output(helm: Helm) -> None:
     with pytest.raises(HelmError, match="Error"):
         helm.run("template", RELEASE, CHART / "no-such-dir")
+
+
+@pytest.mark.parametrize("name", ["agent", "load-modules"])
+def test_commands_read_without_helm_are_the_rendered_ones(helm: Helm, name: str) -> None:
+    """tests/kernel/test_chart_privileges.py runs these in the VM, where helm is not built."""
+    pod = agent_pod(helm)
+    assert template_script(name) == container(pod, name, init=name != "agent")["command"]
