@@ -12,6 +12,7 @@ import builtins
 import os
 import subprocess
 import sys
+import tarfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,3 +444,17 @@ def test_commands_read_without_helm_are_the_rendered_ones(helm: Helm, name: str)
     """tests/kernel/test_chart_privileges.py runs these in the VM, where helm is not built."""
     pod = agent_pod(helm)
     assert template_script(name) == container(pod, name, init=name != "agent")["command"]
+
+
+def test_packaged_chart_renders_like_the_directory(helm: Helm, tmp_path: Path) -> None:
+    """``helm package`` carries the copies (crds/, files/) that a symlink would have lost."""
+    helm.run("package", CHART, "--destination", tmp_path)
+    (archive,) = tmp_path.glob("ipvs-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for path in [*CHART.glob("crds/*.yaml"), *CHART.glob("files/*/*")]:
+        assert f"ipvs-operator/{path.relative_to(CHART)}" in names, path
+    args = ["--include-crds", "--namespace", "ipvs-system", *value_args(("full.yaml",))]
+    from_archive = helm.run("template", RELEASE, archive, *args).stdout
+    from_directory = helm.run("template", RELEASE, CHART, *args).stdout
+    assert from_archive == from_directory
