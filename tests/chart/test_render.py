@@ -268,6 +268,8 @@ def test_agent_args_follow_values(helm: Helm) -> None:
         "--metrics-port=9900",
         "--metrics-address=::",
         "--timeouts=1000000,120,300",
+        "--netns-dir=/var/run/netns",
+        "--proc=",
     ]
 
 
@@ -288,6 +290,25 @@ def test_agent_args_parse_with_the_agents_own_parser(
     (args,) = parsed
     assert (args.interface, args.resync_seconds, args.metrics_port) == ("lvs0", 10.0, 9900)
     assert (args.metrics_address, args.timeouts) == ("::", (1000000, 120, 300))
+    assert (args.netns_dir, args.proc) == (["/var/run/netns"], "")
+
+
+def test_pod_real_servers_add_sys_admin_and_the_nodes_namespaces(helm: Helm) -> None:
+    default = container(agent_pod(helm), "agent")
+    assert "--netns-dir" not in " ".join(default["args"])
+    assert "netns" not in {m["name"] for m in default["volumeMounts"]}
+    pod = agent_pod(helm, "full.yaml")
+    agent = container(pod, "agent")
+    assert agent["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "SYS_ADMIN"]
+    mount = {m["name"]: m for m in agent["volumeMounts"]}["netns"]
+    assert mount == {
+        "name": "netns",
+        "mountPath": "/var/run/netns",
+        "readOnly": True,
+        "mountPropagation": "HostToContainer",
+    }
+    volume = {v["name"]: v for v in pod["volumes"]}["netns"]
+    assert volume["hostPath"]["path"] == "/var/run/netns"
 
 
 def test_load_modules_script(helm: Helm, tmp_path: Path) -> None:
