@@ -70,7 +70,12 @@ def _offline_pass(args: argparse.Namespace, dry_run: bool) -> tuple[PassResult, 
         info = kernel.info()
         if not dry_run:
             prepare_node(info.release)  # the same director sysctls as the in-cluster agent
-        host = LinuxHost(args.interface, read_only=dry_run, pods=_pod_namespaces(args))
+        host = LinuxHost(
+            args.interface,
+            read_only=dry_run,
+            pods=_pod_namespaces(args),
+            sysctl_root=args.sysctl_root,
+        )
         node = snapshot.node_from(node_obj, args.node_name, info)
         if not node.addresses:  # no Node manifest with addresses: this host's own
             node = snapshot.node_from(node_obj, args.node_name, info, host.local_addresses())
@@ -160,14 +165,14 @@ def run_command(args: argparse.Namespace) -> int:
     changed = threading.Event()
     with IPVSKernel() as kernel:
         info = kernel.info()
-        prepare_node(info.release)
+        prepare_node(info.release, root=args.sysctl_root)
         timeouts = Timeouts(*args.timeouts)
         if timeouts != Timeouts():
             kernel.set_timeouts(timeouts)
         agent = Agent(
             Settings(args.node_name, resync_seconds=args.resync_seconds),
             kernel,
-            LinuxHost(args.interface, pods=_pod_namespaces(args)),
+            LinuxHost(args.interface, pods=_pod_namespaces(args), sysctl_root=args.sysctl_root),
             mirrors(api, args.node_name, changed),
             changed,
             report=NodeReporter(api, args.node_name).report,
@@ -223,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--proc",
             default="/proc",
             help="the host's /proc, to find pods' namespaces as /proc/PID/ns/net ('' = don't)",
+        )
+        p.add_argument(
+            "--sysctl-root",
+            default="/proc/sys",
+            help="a writable /proc/sys (its net/ is enough) for the real-server sysctls; "
+            "in a container, a mount of the node's, e.g. /host/proc/sys",
         )
 
     val = sub.add_parser("validate", help="validate VirtualServer and AddressPool manifests")

@@ -38,7 +38,8 @@ class LinuxHost:
 
     ``read_only`` (for ``ipvs-agent plan``) reads the ownership record and routes but changes
     nothing. ``pods`` says where pods' namespaces are found (default: ``/run/netns`` and
-    ``/proc/*/ns/net``).
+    ``/proc/*/ns/net``); ``sysctl_root`` where the real-server sysctls are written (see
+    ``RealServerHost``).
     """
 
     def __init__(
@@ -49,12 +50,14 @@ class LinuxHost:
         mark: int = DEFAULT_MARK,
         read_only: bool = False,
         pods: PodNamespaces | None = None,
+        sysctl_root: str = sysctl.PROC_SYS,
     ) -> None:
         self.read_only = read_only
         self.netns = netns
+        self.sysctl_root = sysctl_root
         self.vips = VipInterface(interface, netns=netns)
         self.nft = NftTable(mark=mark, netns=netns)
-        self.node_rs = RealServerHost(netns=netns)
+        self.node_rs = RealServerHost(netns=netns, sysctl_root=sysctl_root)
         self.pods = pods or PodNamespaces(
             own=netns_path(netns) if netns is not None else "/proc/self/ns/net"
         )
@@ -148,7 +151,7 @@ class LinuxHost:
         for ident, (spec, targets) in setups.items():
             path = self.pods.live[ident]
             try:
-                with RealServerHost(netns=path) as host:
+                with RealServerHost(netns=path, sysctl_root=self.sysctl_root) as host:
                     self.pods.mark(ident, True)  # marked first: a failure half-way is undone too
                     _log_changes(", ".join(map(str, targets)), host.sync(spec))
             except _HOST_ERRORS as error:
@@ -157,7 +160,7 @@ class LinuxHost:
         for ident in sorted(self.pods.prepared() - set(setups)):
             path = self.pods.live[ident]
             try:
-                with RealServerHost(netns=path) as host:
+                with RealServerHost(netns=path, sysctl_root=self.sysctl_root) as host:
                     _log_changes(path, host.clear())
                 self.pods.mark(ident, False)
             except _HOST_ERRORS as error:  # retried next pass; a vanished pod needs nothing
@@ -172,9 +175,11 @@ def _log_changes(where: str, changes: RealServerChanges) -> None:
         log.warning("sysctl %s does not exist in %s", item.name, where)
 
 
-def prepare_node(kernel_release: str, netns: str | None = None) -> sysctl.ApplyResult:
+def prepare_node(
+    kernel_release: str, netns: str | None = None, root: str = sysctl.PROC_SYS
+) -> sysctl.ApplyResult:
     """Set the sysctls a director relies on (docs/operations.md lists them with reasons)."""
-    result = sysctl.apply(sysctl.required(kernel_release), netns=netns)
+    result = sysctl.apply(sysctl.required(kernel_release), netns=netns, root=root)
     for change in result.changed:
         log.info("sysctl %s", change)
     for item in result.missing:

@@ -100,7 +100,13 @@ def programmed(
     if pending:
         message = f"{count}/{len(desired)} directors programmed; waiting for {_nodes(pending)}"
         return False, conditions.PENDING, message, count
-    return True, conditions.ALL_PROGRAMMED, f"programmed on {count} director(s)", count
+    message = f"programmed on {count} director(s)"
+    # Programmed with a reason: a director left something out (DR real servers off its segment).
+    notes = [r for r in (reports[n] for n in done) if r.reason]
+    if notes:
+        first = notes[0]
+        message += f"; on {_nodes([r.node for r in notes])}: {first.reason}: {first.message}"
+    return True, conditions.ALL_PROGRAMMED, message, count
 
 
 def compute(

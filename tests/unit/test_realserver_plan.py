@@ -543,9 +543,12 @@ class FakeRealServerHost:
     calls: list[tuple[str | None, str, RealServerSpec | None]] = []
     fail: set[str] = set()
 
-    def __init__(self, *, netns: str | None = None, **_: Any) -> None:
+    roots: set[str] = set()
+
+    def __init__(self, *, netns: str | None = None, sysctl_root: str = "", **_: Any) -> None:
         self.netns = netns
         self.interface = "ipvs-rs0"
+        self.roots.add(sysctl_root)
 
     def __enter__(self) -> FakeRealServerHost:
         return self
@@ -572,8 +575,9 @@ def linux_host(monkeypatch: pytest.MonkeyPatch) -> tuple[system.LinuxHost, FakeN
     monkeypatch.setattr(system, "RealServerHost", FakeRealServerHost)
     FakeRealServerHost.calls = []
     FakeRealServerHost.fail = set()
+    FakeRealServerHost.roots = set()
     fake = FakeNamespaces()
-    return system.LinuxHost(pods=index(fake)), fake
+    return system.LinuxHost(pods=index(fake), sysctl_root="/host/proc/sys"), fake
 
 
 def spec_of(vip: str) -> RealServerSpec:
@@ -620,6 +624,7 @@ def test_linux_host_sets_up_pods_by_address_and_undoes_the_rest(
     FakeRealServerHost.calls = []
     assert host.sync_real_servers({}) == {}
     assert FakeRealServerHost.calls == [(None, "sync", RealServerSpec())], "nothing left, no scan"
+    assert FakeRealServerHost.roots == {"/host/proc/sys"}, "sysctls go through the mount"
 
 
 def test_linux_host_reports_a_pod_it_could_not_set_up_and_skips_vanished_ones(
@@ -663,3 +668,18 @@ def test_namespaces_the_agent_may_not_enter_are_named_in_the_error(
     assert "1 namespace(s) could not be entered" in errors[target]
     assert "/proc/77/ns/net: Operation not permitted" in errors[target]
     assert "CAP_SYS_ADMIN" in errors[target]
+
+
+def test_the_operator_carries_a_directors_off_link_note_into_the_programmed_condition() -> None:
+    from ipvs_operator.status import DirectorReport, programmed
+
+    note = "DR reaches only real servers on the director's own L2 segment; ..."
+    reports = {
+        "a": DirectorReport("a", "Programmed", 3),
+        "b": DirectorReport("b", "Programmed", 3, NOT_ON_LINK, note),
+    }
+    ok, reason, message, count = programmed(3, {"a", "b"}, reports)
+    assert (ok, reason, count) == (True, "AllProgrammed", 2)
+    assert message == f"programmed on 2 director(s); on b: {NOT_ON_LINK}: {note}"
+    failed = {"a": DirectorReport("a", "Failed", 3, NOT_ON_LINK, "no real server remains")}
+    assert programmed(3, {"a"}, failed)[:2] == (False, NOT_ON_LINK)

@@ -42,7 +42,7 @@ from ipvs_agent.host.addresses import (
     VipInterface,
     sync_host_addresses,
 )
-from ipvs_agent.host.sysctl import Change, Sysctl, apply, interface_sysctl
+from ipvs_agent.host.sysctl import PROC_SYS, Change, Sysctl, apply, interface_sysctl
 from ipvs_agent.model import IPAddress, TunnelType
 
 RS_INTERFACE = "ipvs-rs0"
@@ -263,15 +263,24 @@ class RealServerHost:
     """Applies a :class:`RealServerSpec` to one network namespace, idempotently.
 
     ``netns``: a name under ``/run/netns`` or a path such as ``/proc/PID/ns/net``; None is the
-    agent's own namespace. ``ip`` is the iproute2 binary, used for fou only.
+    agent's own namespace. ``ip`` is the iproute2 binary, used for fou only. ``sysctl_root`` is
+    where ``/proc/sys`` is writable: a container's own is read-only, so the agent writes through
+    a mount of the node's (``/host/proc/sys``); ``net.*`` files there resolve in the namespace of
+    the writing thread, so one mount serves the node and every pod.
     """
 
     def __init__(
-        self, *, netns: str | None = None, interface: str = RS_INTERFACE, ip: str = "ip"
+        self,
+        *,
+        netns: str | None = None,
+        interface: str = RS_INTERFACE,
+        ip: str = "ip",
+        sysctl_root: str = PROC_SYS,
     ) -> None:
         self.netns = netns
         self.interface = interface
         self.ip = ip
+        self.sysctl_root = sysctl_root
         self._vips = VipInterface(interface, netns=netns)
 
     def __enter__(self) -> RealServerHost:
@@ -317,7 +326,7 @@ class RealServerHost:
         addresses = self._vips.sync(setup.vips)
         added, removed = self._sync_tunnels(setup.tunnels)
         fou_added, fou_removed = self._sync_fou(setup.fou)
-        result = apply(setup.sysctls, netns=self.netns)
+        result = apply(setup.sysctls, netns=self.netns, root=self.sysctl_root)
         return RealServerChanges(
             addresses=addresses,
             tunnels_added=added,
