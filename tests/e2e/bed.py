@@ -1,0 +1,388 @@
+"""The lab: a real control plane on the host and a real IPVS node in the VM, driven from here.
+
+One ``LabBed`` is what both the demo (``tests/lab``, tests/e2e/lab.py) and the end-to-end
+tests (tests/e2e/test_e2e.py) run:
+
+* host: ``LocalApiServer`` (kube-apiserver + etcd on 127.0.0.1, the CRDs, ``rbac/``, a Node
+  object for the VM) and the operator (``ipvs-operator run`` as a subprocess, as its
+  ServiceAccount; tests/operator/harness.py);
+* VM (tests/vm/qemu.py with a ``UserNetwork``): the node agent in the VM's root netns and
+  the demo network around it (tests/e2e/guest.py). The VM reaches the host only through
+  two ``guestfwd`` forwards on a NIC with ``restrict=on``: 198.18.0.10:6443 to the API
+  server (whose serving certificate names 198.18.0.10) and 198.18.0.10:7000 to this
+  module's control listener, over which the guest takes requests (traffic, ipvsadm) as
+  JSON lines.
+
+Every wait is a poll with a deadline; a bed that cannot come up raises ``LabError`` with
+the reason and the logs' tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, TestBedError, build_binaries
+from tests.apiserver.fixtures import repo_crd_files
+from tests.operator import harness
+from tests.vm.image import VMBuildError, ensure_image
+from tests.vm.plugin import _precompile
+from tests.vm.qemu import CHECKOUT, SHARE_IN_VM, GuestForward, UserNetwork, VMRun, run_in_vm
+
+T = TypeVar("T")
+
+NODE_NAME = "lab-node"
+GUEST_API_PORT = 6443
+GUEST_CONTROL_PORT = 7000
+#: ClusterIPs come from a documentation range too (nothing routes them here).
+SERVICE_RANGE = "--service-cluster-ip-range=198.19.0.0/24"
+BOOT_TIMEOUT = 240.0
+REQUEST_TIMEOUT = 180.0
+
+Log = Callable[[str], None]
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up or lost a piece; the message says which and why."""
+
+
+def stderr_progress(message: str) -> None:
+    print(f"lab: {message}", file=sys.stderr, flush=True)
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T:
+    """Poll ``probe`` until it returns something truthy; AssertionError with the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = probe()
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+            last = f"HTTP {exc.status}"
+        if last:
+            found: T = last
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(interval)
+
+
+class Guest:
+    """The request channel to tests/e2e/guest.py (one JSON line each way per request)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.reader = conn.makefile("r", encoding="utf-8")
+        self.writer = conn.makefile("w", encoding="utf-8")
+        self.lock = threading.Lock()
+        line = self._read_line(REQUEST_TIMEOUT)
+        self.hello: dict[str, Any] = json.loads(line)["hello"]
+
+    def _read_line(self, timeout: float) -> str:
+        self.conn.settimeout(timeout)
+        try:
+            line = self.reader.readline()
+        except TimeoutError as error:
+            raise LabError(f"the VM did not answer within {timeout:.0f}s") from error
+        if not line:
+            raise LabError("the VM closed the control connection")
+        return line
+
+    def call(self, op: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> Any:
+        """Run ``op`` in the guest; its result, or LabError with the guest's traceback."""
+        with self.lock:
+            self.writer.write(json.dumps({"op": op, **args}) + "\n")
+            self.writer.flush()
+            reply = json.loads(self._read_line(timeout))
+        if not reply["ok"]:
+            raise LabError(f"{op} failed in the VM: {reply['error']}\n{reply['traceback']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, LabError):
+            self.call("shutdown", timeout=60)
+        self.conn.close()
+
+
+class LabBed:
+    """API server + operator on the host, agent + demo network in the VM (see module doc)."""
+
+    def __init__(
+        self,
+        log: Log = stderr_progress,
+        *,
+        resync_seconds: float = 30.0,
+        vm_timeout: float | None = None,
+    ) -> None:
+        """``vm_timeout``: the VM's whole life (default IPVS_VM_TIMEOUT, 1800 s)."""
+        self.log = log
+        self.vm_timeout = vm_timeout
+        self.resync_seconds = resync_seconds
+        self.dir = Path(tempfile.mkdtemp(prefix="ipvs-lab-"))
+        self.share = self.dir / "vm"
+        self.share.mkdir()
+        self.network: UserNetwork | None = None
+        self.api: LocalApiServer | None = None
+        self.admin: Any = None
+        self.operator: harness.Operator | None = None
+        self.guest: Guest | None = None
+        self.vm_run: VMRun | None = None
+        self.vm_error: BaseException | None = None
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._vm_thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None
+        self.timings: dict[str, float] = {}
+        self.keep = os.environ.get("IPVS_TEST_KEEP") == "1"
+
+    # -- bring-up ---------------------------------------------------------------------
+
+    def _step(self, name: str, began: float) -> None:
+        self.timings[name] = time.monotonic() - began
+        self.log(f"{name} ({self.timings[name]:.1f}s)")
+
+    def __enter__(self) -> LabBed:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        began = time.monotonic()
+        self.log("building or finding kube-apiserver (cached; a cold build takes ~5 min)")
+        t = time.monotonic()
+        try:
+            binaries = build_binaries("apiserver")
+        except TestBedError as error:
+            raise LabError(str(error)) from error
+        self._step("kube-apiserver ready to run", t)
+        t = time.monotonic()
+        self.log("fetching Debian's kernel and building the VM's initramfs (cached)")
+        try:
+            ensure_image(self.log)
+        except VMBuildError as error:
+            raise LabError(f"cannot build the IPVS VM: {error}") from error
+        _precompile(self.log)
+        self._step("VM image ready", t)
+        self._start_control_plane(binaries)
+        self._boot_vm()
+        t = time.monotonic()
+        self.log("waiting for the agent to report its IPVSNode (it imports slowly under TCG)")
+        wait_for("the agent's first IPVSNode report", self._agent_reported, 300, 1.0)
+        self._step("agent running and reporting", t)
+        self.timings["total"] = time.monotonic() - began
+        self.log(f"lab up in {self.timings['total']:.0f}s")
+
+    def _start_control_plane(self, binaries: dict[str, Path]) -> None:
+        t = time.monotonic()
+        self.log("starting etcd and kube-apiserver on 127.0.0.1")
+        forward = UserNetwork(forwards=())
+        try:
+            self.api = LocalApiServer(
+                apiserver_binary=binaries["kube-apiserver"],
+                etcd_binary=binaries["etcd"],
+                extra_apiserver_args=[SERVICE_RANGE],
+                extra_sans=[forward.forward_address],
+                keep_dir=self.keep,
+            )
+            self.api.start()
+            self.api.install_crds(repo_crd_files())
+        except (TestBedError, KeyError) as error:
+            raise LabError(f"API server: {error}") from error
+        self.admin = self.api.api_client()
+        harness.core(self.admin).create_namespace(
+            {"metadata": {"name": harness.OPERATOR_NAMESPACE}}
+        )
+        for name in ("operator.yaml", "agent.yaml"):
+            harness.apply_manifests(self.admin, REPO_ROOT / "rbac" / name)
+        # No kubelet registers the VM: the lab does, so nodeSelector and IPVSNode owners work.
+        harness.core(self.admin).create_node(
+            {"metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}}}
+        )
+        self._step(f"kube-apiserver up at {self.api.url}", t)
+        t = time.monotonic()
+        kubeconfig = harness.service_account_kubeconfig(
+            self.api,
+            harness.OPERATOR_NAMESPACE,
+            harness.OPERATOR_SA,
+            self.dir / "operator.kubeconfig",
+        )
+        self.operator = harness.Operator(kubeconfig, self.dir / "operator.log", "lab-operator")
+        self.operator.start()
+        wait_for(
+            "the operator to hold its Lease",
+            lambda: (
+                harness.lease_holder(self.admin) == "lab-operator" or not self._operator_alive()
+            ),
+            60,
+        )
+        if not self._operator_alive():
+            raise LabError(f"the operator exited:\n{self.operator.tail()}")
+        self._step("operator leading", t)
+
+    def _operator_alive(self) -> bool:
+        return self.operator is not None and self.operator.alive()
+
+    def _boot_vm(self) -> None:
+        t = time.monotonic()
+        assert self.api is not None
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self._listener = listener
+        self.network = UserNetwork(
+            forwards=(
+                GuestForward(GUEST_API_PORT, self.api.port),
+                GuestForward(GUEST_CONTROL_PORT, listener.getsockname()[1]),
+            )
+        )
+        address = self.network.forward_address
+        harness.service_account_kubeconfig(
+            self.api,
+            harness.OPERATOR_NAMESPACE,
+            harness.AGENT_SA,
+            self.share / "agent.kubeconfig",
+            server=f"https://{address}:{GUEST_API_PORT}",
+        )
+        argv = [
+            sys.executable, "-m", "tests.e2e.guest",
+            "--control", f"{address}:{GUEST_CONTROL_PORT}",
+            "--kubeconfig", f"{SHARE_IN_VM}/agent.kubeconfig",
+            "--node-name", NODE_NAME,
+            "--resync-seconds", str(self.resync_seconds),
+        ]  # fmt: skip
+        env = {"PYTHONPATH": str(CHECKOUT)}
+
+        def boot() -> None:
+            try:
+                self.vm_run = run_in_vm(
+                    argv, self.share, env=env, log=self.log, network=self.network,
+                    on_start=self._remember_qemu, timeout=self.vm_timeout,
+                )  # fmt: skip
+            except BaseException as error:  # reported by _accept
+                self.vm_error = error
+
+        self.log(
+            "booting the VM (qemu TCG, restricted user network); in it the agent starts and "
+            "the demo network is built (3 real servers, 2 clients)"
+        )
+        self._vm_thread = threading.Thread(target=boot, name="lab-vm", daemon=True)
+        self._vm_thread.start()
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        listener.settimeout(1.0)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except TimeoutError:
+                pass
+            if not self._vm_thread.is_alive():
+                raise LabError(f"the VM ended before it called home: {self._vm_ended()}")
+            if time.monotonic() > deadline:
+                raise LabError(f"the VM did not call home within {BOOT_TIMEOUT:.0f}s")
+        conn.settimeout(None)
+        self.guest = Guest(conn)
+        hello = self.guest.hello
+        self._step(
+            f"VM up (kernel {hello['kernel']}; network built in {hello['build_seconds']}s)", t
+        )
+
+    def _remember_qemu(self, proc: subprocess.Popen[bytes]) -> None:
+        self._qemu = proc
+
+    def _vm_ended(self) -> str:
+        if self.vm_error is not None:
+            return repr(self.vm_error)
+        if self.vm_run is not None:
+            return f"{self.vm_run.describe()}\n{self.vm_run.console_tail(40)}"
+        return "no outcome"
+
+    def _agent_reported(self) -> bool:
+        if self.guest is not None and not self.guest.call("agent_alive"):
+            raise LabError(f"the agent exited:\n{self.agent_log_tail()}")
+        try:
+            node = harness.custom(self.admin).get_cluster_custom_object(
+                harness.GROUP, harness.VERSION, "ipvsnodes", NODE_NAME
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool(node.get("status"))
+
+    # -- use --------------------------------------------------------------------------
+
+    def call(self, op: str, **args: Any) -> Any:
+        if self.guest is None:
+            raise LabError("the VM is not connected")
+        return self.guest.call(op, **args)
+
+    def ipvsadm(self) -> list[str]:
+        """The kernel's table as ``ipvsadm -Sn`` lines (the agent's view is not trusted)."""
+        out = self.call("run", argv=["ipvsadm", "-S", "-n"])
+        if out["code"] != 0:
+            raise LabError(f"ipvsadm failed: {out['stderr']}")
+        return [line for line in out["stdout"].splitlines() if line.strip()]
+
+    def agent_log_tail(self, lines: int = 60) -> str:
+        path = self.share / "agent.log"
+        if not path.exists():
+            return "(no agent log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def diagnostics(self) -> str:
+        """Logs' tails for a failure report."""
+        parts = [f"--- agent log ({self.share / 'agent.log'}) ---\n{self.agent_log_tail()}"]
+        if self.operator is not None:
+            parts.append(f"--- operator log ({self.operator.log}) ---\n{self.operator.tail()}")
+        if self.guest is not None:
+            with contextlib.suppress(LabError, OSError):
+                parts.append("--- ipvsadm -Sn ---\n" + "\n".join(self.ipvsadm()))
+        return "\n".join(parts)
+
+    # -- teardown ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None
+        if self._vm_thread is not None:
+            self._vm_thread.join(timeout=60)
+            if self._vm_thread.is_alive() and self._qemu is not None:
+                self._qemu.kill()
+                self._vm_thread.join(timeout=10)
+        if self._listener is not None:
+            self._listener.close()
+        if self.operator is not None:
+            self.operator.stop()
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
+        if self.keep:
+            self.log(f"kept {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The lab bed (tests/e2e/bed.py) as a fixture: one VM boot and one control plane per session.
+
+These tests run on the host: the VM plugin (tests/vm/plugin.py) proxies only tests/kernel/.
+They carry the ``e2e`` marker, and ``kernel`` and ``apiserver`` too (they need both beds), so
+``-m "not kernel"`` still means "no VM". A lab that cannot come up FAILS every test here with
+the reason; nothing skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import scenario
+from tests.e2e.bed import LabBed, LabError
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: end to end on the lab (host control plane + agent in the IPVS VM)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.path)).is_relative_to(_HERE):
+            for name in ("e2e", "kernel", "apiserver"):
+                item.add_marker(name)
+
+
+@pytest.fixture(autouse=True)
+def _apiserver_for_marked_tests() -> None:
+    """Overrides the shared plugin's fixture: these tests bring their own bed (``lab``)."""
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
+    """The lab, up, with the demo namespace and AddressPools; torn down after the session."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def log(message: str) -> None:
+        if capture is None or reporter is None:
+            print(f"lab: {message}", flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"lab: {message}")
+
+    bed = LabBed(log, resync_seconds=10)
+    failure = ""
+    try:
+        bed.start()
+        scenario.prepare(bed)
+    except (LabError, AssertionError) as error:
+        failure = f"{error}\n{bed.diagnostics()}"
+    if failure:
+        bed.close()
+        pytest.fail(f"the lab did not come up (see docs/testing.md):\n{failure}", pytrace=False)
+    try:
+        yield bed
+    finally:
+        bed.close()
