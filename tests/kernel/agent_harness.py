@@ -121,11 +121,14 @@ class Agent:
             return reconcile(snap, kernel, self.host, self.memory, time.monotonic())
 
     def programmed(self, *objects: dict[str, Any]) -> PassResult:
-        """Reconcile and insist that every object was programmed without a kernel error."""
+        """Reconcile and insist that every object was programmed without a kernel error, and
+        that the kernel now reads back as desired: a second pass has nothing to do."""
         result = self.reconcile(*objects)
         assert result.failures == [], [f"{r.op}: {r.message}" for r in result.failures]
         states = {key: (str(o.state), o.reason, o.message) for key, o in result.outcomes.items()}
         assert all(s == "Programmed" for s, _, _ in states.values()), states
+        again = self.reconcile(*objects)
+        assert again.ops == [], f"not converged: {[str(op) for op in again.ops]}"
         return result
 
     def dump(self) -> ObservedTable:
