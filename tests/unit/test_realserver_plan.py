@@ -604,6 +604,7 @@ def test_linux_host_sets_up_pods_by_address_and_undoes_the_rest(
     )
     assert set(errors) == {missing, twice}
     assert "no network namespace on this node holds 10.1.0.7" in errors[missing]
+    assert "is the node's /run/netns mounted" not in errors[missing]
     assert "/run/netns/cni-x, /run/netns/cni-y" in errors[twice]
     assert FakeRealServerHost.calls == [
         (None, "sync", RealServerSpec()),  # the node's own namespace serves nothing
@@ -683,3 +684,15 @@ def test_the_operator_carries_a_directors_off_link_note_into_the_programmed_cond
     assert message == f"programmed on 2 director(s); on b: {NOT_ON_LINK}: {note}"
     failed = {"a": DirectorReport("a", "Failed", 3, NOT_ON_LINK, "no real server remains")}
     assert programmed(3, {"a"}, failed)[:2] == (False, NOT_ON_LINK)
+
+
+def test_no_visible_namespace_at_all_hints_at_the_missing_mount(
+    linux_host: tuple[system.LinuxHost, FakeNamespaces],
+) -> None:
+    host, _ = linux_host
+    target = RealServerNetns(ip("10.1.0.5"))
+    errors = host.sync_real_servers({target: spec_of("203.0.113.10")})
+    assert errors[target] == (
+        "no network namespace on this node holds 10.1.0.5 (looked in /run/netns; no network "
+        "namespace is visible there (is the node's /run/netns mounted?))"
+    )

@@ -124,6 +124,8 @@ class PodNamespaces:
         """Where namespaces were looked for, and how many could not be entered (and why)."""
         places = [*self.netns_dirs, *([f"{self.proc}/*/ns/net"] if self.proc else [])]
         text = ", ".join(places) or "nowhere"
+        if not self.live:
+            text += "; no network namespace is visible there (is the node's /run/netns mounted?)"
         if self.unreadable:
             first = next(iter(self.unreadable.values()))
             text += (
