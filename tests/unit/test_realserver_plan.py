@@ -696,3 +696,40 @@ def test_no_visible_namespace_at_all_hints_at_the_missing_mount(
         "no network namespace on this node holds 10.1.0.5 (looked in /run/netns; no network "
         "namespace is visible there (is the node's /run/netns mounted?))"
     )
+
+
+def test_the_in_cluster_agent_prepares_its_node_from_the_node_objects_addresses() -> None:
+    """``ipvs-agent run``: the Node mirror's status.addresses make the node a real server, and
+    its IPVSNode entry says so (with the director's own entry for a VirtualServer it directs)."""
+    import threading
+
+    from ipvs_agent.agent import Agent, Settings
+    from tests.unit.agent_helpers import StubMirror
+
+    host, reports = RealServerFakeHost(), []
+    node = {
+        "metadata": {"name": "node-a", "uid": "u1", "labels": {}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.11"}]},
+    }
+    directors = {"matchLabels": {"director": "true"}}
+    confirmed = {**vs_obj("DR", "192.0.2.11", selector=directors), "status": {"address": VIP}}
+    unconfirmed = vs_obj("DR", "192.0.2.11", selector=directors)
+    unconfirmed["metadata"] = {**unconfirmed["metadata"], "name": "other"}
+    unconfirmed["spec"] = {**unconfirmed["spec"], "address": "203.0.113.99"}
+    agent = Agent(
+        Settings("node-a"),
+        FakeKernel(),
+        host,
+        [
+            # An address the operator has not confirmed goes nowhere, not even onto real servers.
+            StubMirror("virtualservers", [confirmed, unconfirmed]),
+            StubMirror("endpointslices", []),
+            StubMirror("node", [node]),
+        ],
+        threading.Event(),
+        report=lambda status, uid: reports.append(status),
+    )
+    agent.run_once("change")
+    assert host.synced == [{NODE_NETNS: RealServerSpec(frozenset({ip(VIP)}))}]
+    (entry,) = reports[-1]["virtualServers"]
+    assert (entry["roles"], entry["state"]) == (["RealServer"], "Programmed")
