@@ -147,6 +147,8 @@ class Plan:
 
 #: Outcome reason of a VirtualServer whose DR real servers (some or all) are off-link.
 NOT_ON_LINK = "RealServerNotOnLink"
+#: Outcome reason of a DR/TUN VirtualServer whose endpoints listen on another port.
+PORT_REMAP = "PortRemapNotPossible"
 
 
 class Unprogrammable(Exception):
@@ -330,8 +332,11 @@ def _services(
     endpoints: EndpointIndex,
     node: Node,
     routes: Mapping[IPAddress, Route],
-) -> tuple[list[DesiredService], dict[IPAddress, Route]]:
-    """The kernel services of one VirtualServer, and the DR real servers left out as off-link."""
+) -> tuple[list[DesiredService], LeftOut]:
+    """The kernel services of one VirtualServer, and the real servers left out: DR ones
+    off-link, and DR/TUN endpoints that listen on another port than the service's (DR and TUN
+    cannot change the port; CEL refuses that in the spec, but a Service's targetPort is only
+    seen in its EndpointSlices)."""
     spec = vs.spec
     _check_kernel(vs, node.kernel)
     ports: list[tuple[ServiceKey, ServicePort | None]]
@@ -349,11 +354,21 @@ def _services(
         ]
     backends = endpoints.get((vs.namespace, spec.backends.service or ""), ())
     dr = spec.forwarding.method is ForwardingMethod.DR
+    same_port = spec.forwarding.method is not ForwardingMethod.NAT
     out: list[DesiredService] = []
     off_link: dict[IPAddress, Route] = {}
+    other_port: dict[IPAddress, tuple[str, tuple[int, ...]]] = {}
     for key, port in ports:
         if spec.backends.service is not None:
             dests = _service_dests(vs, key, port, backends, node)
+            if same_port and port is not None:
+                for ep in backends:
+                    proto = str(port.protocol)
+                    listening = tuple(sorted({p.port for p in ep.ports if p.protocol == proto}))
+                    dkey = DestKey(str(ep.address), port.port)
+                    if listening and port.port not in listening and dkey in dests:
+                        del dests[dkey]
+                        other_port[ep.address] = (f"{port.port}/{proto}", listening)
         else:
             dests = _static_dests(vs, key, port)
         if dr and routes:
@@ -364,7 +379,7 @@ def _services(
                     off_link[address] = route
                     del dests[dkey]
         out.append(DesiredService(service_template(vs, key), dests))
-    return out, off_link
+    return out, LeftOut(off_link, other_port)
 
 
 def _ip(text: str) -> IPAddress:
@@ -382,6 +397,50 @@ def virtual_services(
     Raises :class:`Unprogrammable` when this node cannot or need not program it yet.
     """
     return _services(vs, endpoints, node, routes or {})[0]
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Real servers a director leaves out of a VirtualServer, and why."""
+
+    #: DR real servers not on the director's segment, with the route found.
+    off_link: Mapping[IPAddress, Route] = field(default_factory=dict)
+    #: DR/TUN endpoints listening elsewhere: (service port/protocol, the endpoint's ports).
+    other_port: Mapping[IPAddress, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.off_link or self.other_port)
+
+    @property
+    def reason(self) -> str:
+        return NOT_ON_LINK if self.off_link else PORT_REMAP if self.other_port else ""
+
+    def message(self, remaining: int) -> str:
+        parts = []
+        if self.off_link:
+            parts.append(_off_link_message(self.off_link, remaining))
+        if self.other_port:
+            parts.append(_other_port_message(self.other_port, remaining))
+        return "; ".join(parts)
+
+
+def _by_address(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    return sorted(addresses, key=lambda a: (a.version, int(a)))
+
+
+def _other_port_message(
+    other_port: Mapping[IPAddress, tuple[str, tuple[int, ...]]], remaining: int
+) -> str:
+    shown = ", ".join(
+        f"{address} listens on {'/'.join(map(str, other_port[address][1]))} "
+        f"for {other_port[address][0]}"
+        for address in _by_address(other_port)
+    )
+    left = "left out" if remaining else "no real server remains"
+    return (
+        f"DR and TUN cannot change the port, and the Service's endpoints listen on another: "
+        f"{shown}; {left} (make the Service's targetPort equal the port, or use NAT)"
+    )
 
 
 def _off_link_message(off_link: Mapping[IPAddress, Route], remaining: int) -> str:
@@ -498,7 +557,7 @@ def plan(
             continue
         roles = frozenset({Role.DIRECTOR}) | rs_role
         try:
-            services, off_link = _services(vs, endpoints, node, routes or {})
+            services, left_out = _services(vs, endpoints, node, routes or {})
         except Unprogrammable as e:
             outcomes[vs.key] = Outcome(e.state, e.reason, e.message, roles, vs.generation)
             continue
@@ -508,11 +567,11 @@ def plan(
             )
             continue
         weights = [d.weight for s in services for d in s.dests.values()]
-        if off_link and not weights:
+        if left_out and not weights:
             outcomes[vs.key] = Outcome(
                 State.FAILED,
-                NOT_ON_LINK,
-                _off_link_message(off_link, 0),
+                left_out.reason,
+                left_out.message(0),
                 roles,
                 vs.generation,
             )
@@ -542,8 +601,8 @@ def plan(
             addresses.add(vs.address)
         outcomes[vs.key] = Outcome(
             State.PROGRAMMED,
-            NOT_ON_LINK if off_link else "",
-            _off_link_message(off_link, len(weights)) if off_link else "",
+            left_out.reason,
+            left_out.message(len(weights)),
             roles,
             vs.generation,
             real_servers=sum(1 for w in weights if w > 0),

@@ -733,3 +733,49 @@ def test_the_in_cluster_agent_prepares_its_node_from_the_node_objects_addresses(
     assert host.synced == [{NODE_NETNS: RealServerSpec(frozenset({ip(VIP)}))}]
     (entry,) = reports[-1]["virtualServers"]
     assert (entry["roles"], entry["state"]) == (["RealServer"], "Programmed")
+
+
+def test_dr_and_tun_endpoints_listening_on_another_port_are_refused_with_the_reason() -> None:
+    """A Service whose targetPort differs from the VirtualServer's port: DR and TUN would
+    deliver to a port nobody listens on. CEL cannot see it (it is in the EndpointSlices)."""
+    remapped = {
+        "metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": True}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }
+    right = eps(("10.1.0.6", "node-b"))  # listens on 80
+    for method in ("DR", "TUN"):
+        forwarding: dict[str, Any] = {"method": "DR"} if method == "DR" else tun("ipip")
+        v = vs(
+            address=VIP,
+            ports=[{"port": 80}],
+            forwarding=forwarding,
+            backends={"service": {"name": "web"}},
+        )
+        p = plan([v], index_endpoints([remapped, right]), NODE)
+        (service,) = p.table.values()
+        assert [d.key.address for d in service.dests.values()] == ["10.1.0.6"]
+        outcome = p.outcomes["ns/web"]
+        assert (outcome.state, outcome.reason, outcome.real_servers) == (
+            State.PROGRAMMED,
+            "PortRemapNotPossible",
+            1,
+        )
+        assert "10.1.0.5 listens on 8080 for 80/TCP" in outcome.message
+        only = plan([v], index_endpoints([remapped]), NODE).outcomes["ns/web"]
+        assert (only.state, only.reason) == (State.FAILED, "PortRemapNotPossible")
+        assert "no real server remains" in only.message
+    nat = vs(address=VIP, ports=[{"port": 80}], backends={"service": {"name": "web"}})
+    assert plan([nat], index_endpoints([remapped]), NODE).outcomes["ns/web"].reason == ""
+    # Both kinds at once: off-link named first, both explained.
+    dr = vs(
+        address=VIP,
+        ports=[{"port": 80}],
+        forwarding={"method": "DR"},
+        backends={"service": {"name": "web"}},
+    )
+    off = {ip("10.1.0.6"): Route(False, "via 192.0.2.254 dev eth0")}
+    both = plan([dr], index_endpoints([remapped, right]), NODE, off).outcomes["ns/web"]
+    assert (both.state, both.reason) == (State.FAILED, NOT_ON_LINK)
+    assert "not on-link" in both.message and "listens on 8080" in both.message
