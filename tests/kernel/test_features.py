@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from ipvs_agent.__main__ import _timeouts as parse_timeouts_option
+from ipvs_agent.desired import State
 from ipvs_agent.model import DestKey, ForwardingMethod, ServiceFlag, Timeouts, TunnelType
 from tests.kernel.agent_harness import Agent, manifest
 from tests.kernel.hashing import sh_pick, sh_table
@@ -25,6 +26,7 @@ from tests.kernel.traffic import (
     add_client_addresses,
     client_addresses,
     connection_entries,
+    datagram_replies,
     datagrams_from_one_socket,
     held_tcp,
     reset,
@@ -181,6 +183,29 @@ def test_one_packet_scheduling_spreads_the_datagrams_of_one_socket(lab: Lab) -> 
     assert agent.service(80, protocol=17).service.flags & ServiceFlag.ONEPACKET
     spread = datagrams_from_one_socket(client, vip, 80, 6)
     assert Counter(spread) == Counter(rs1=2, rs2=2, rs3=2), spread
+
+
+def test_one_packet_scheduling_with_nat_is_unsupported_as_replies_skip_translation(
+    lab: Lab,
+) -> None:
+    """The agent refuses NAT with onePacketScheduling; the same service made by hand shows why:
+    the kernel keeps no entry for one-packet datagrams, so replies leave with the real server's
+    address and a client (any connected socket, any DNS resolver) never accepts them."""
+    topology = build_nat(lab, family=4, real_servers=2)
+    agent = Agent(topology)
+    udp = [{"port": 80, "protocol": "UDP"}]
+    vs = manifest(topology, scheduler="rr", ports=udp, spec={"onePacketScheduling": True})
+    result = agent.reconcile(vs)
+    outcome = result.outcomes["lab/web"]
+    assert (outcome.state, outcome.reason) == (State.UNSUPPORTED, "Unsupported"), outcome
+    assert result.ops == [] and agent.dump() == {}
+
+    director, vip = topology.director, topology.vip
+    ipvsadm(director, "-A", "-u", f"{vip}:80", "-s", "rr", "-o")
+    for rs in topology.real_servers:
+        ipvsadm(director, "-a", "-u", f"{vip}:80", "-r", f"{rs.rip}:80", "-m")
+    replies = datagram_replies(topology.client, vip, 80, 2)
+    assert sorted(replies) == sorted((rs.name, rs.rip) for rs in topology.real_servers)
 
 
 # ---------------------------------------------------------------- firewall marks

@@ -168,6 +168,27 @@ def datagrams_from_one_socket(
     return seen
 
 
+def datagram_replies(
+    client: Client, vip: str, port: int, count: int, timeout: float = DEFAULT_TIMEOUT
+) -> list[tuple[str, str]]:
+    """``count`` datagrams from one *unconnected* socket: (identity, the reply's source
+    address) for each, so a reply from somewhere other than the VIP is seen, not dropped."""
+    deadline = time.monotonic() + timeout
+    with client.ns.entered():
+        sock = socket.socket(_family(vip), socket.SOCK_DGRAM)
+    seen: list[tuple[str, str]] = []
+    with sock:
+        for index in range(count):
+            sock.sendto(b"who\n", (vip, port))
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data, peer = sock.recvfrom(256)
+            except TimeoutError as error:
+                raise TimeoutError(f"datagram {index + 1}/{count}: no reply") from error
+            seen.append((data.decode().strip(), str(peer[0])))
+    return seen
+
+
 def udp_identity(client: Client, vip: str, port: int, source: str = "") -> str:
     """One datagram from a fresh socket (new source port): the identity that answered."""
     with client.ns.entered():
@@ -239,6 +260,7 @@ __all__ = [
     "add_client_addresses",
     "client_addresses",
     "connection_entries",
+    "datagram_replies",
     "datagrams_from_one_socket",
     "held_tcp",
     "open_tcp",

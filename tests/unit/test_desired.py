@@ -59,6 +59,7 @@ def test_scheduler_flags_persistence_and_one_packet_become_kernel_flags() -> Non
         scheduler={"name": "sh", "flags": ["sh-fallback", "sh-port"]},
         persistence={"timeoutSeconds": 60, "ipv4PrefixLength": 24},
         onePacketScheduling=True,
+        forwarding={"method": "DR"},
         backends=STATIC,
     )
     svc = plan([sh], {}, NODE).table[key("192.0.2.1", 53, Protocol.UDP)].service
@@ -259,6 +260,31 @@ def test_a_scheduler_the_kernel_lacks_is_unsupported_and_others_still_program() 
     assert "twos" in p.outcomes["ns/twos"].message
     assert p.outcomes["ns/gre"].state is State.UNSUPPORTED
     assert set(p.table) == {key("192.0.2.3", 80)}
+
+
+def test_one_packet_scheduling_with_nat_is_unsupported_and_with_dr_or_tun_programs() -> None:
+    """NAT would send one-packet replies from the real server's address (the kernel keeps no
+    entry to translate them back): reported Unsupported, never programmed half-working."""
+    nat, dr, tun = (
+        vs(
+            method.lower(),
+            address=f"192.0.2.{n}",
+            ports=[{"port": 53, "protocol": "UDP"}],
+            onePacketScheduling=True,
+            forwarding={"method": method},
+            backends=STATIC,
+        )
+        for n, method in enumerate(("NAT", "DR", "TUN"), start=1)
+    )
+    p = plan([nat, dr, tun], {}, NODE)
+    assert (p.outcomes["ns/nat"].state, p.outcomes["ns/nat"].reason) == (
+        State.UNSUPPORTED,
+        "Unsupported",
+    )
+    assert "DR or TUN" in p.outcomes["ns/nat"].message
+    assert set(p.table) == {key("192.0.2.2", 53, Protocol.UDP), key("192.0.2.3", 53, Protocol.UDP)}
+    assert all(s.service.flags & ServiceFlag.ONEPACKET for s in p.table.values())
+    assert ipaddress.ip_address("192.0.2.1") not in p.addresses
 
 
 def test_node_selector_chooses_the_directors() -> None:
