@@ -270,6 +270,7 @@ def test_agent_args_follow_values(helm: Helm) -> None:
         "--timeouts=1000000,120,300",
         "--netns-dir=/var/run/netns",
         "--proc=",
+        "--sysctl-root=/host/proc/sys",
     ]
 
 
@@ -291,6 +292,7 @@ def test_agent_args_parse_with_the_agents_own_parser(
     assert (args.interface, args.resync_seconds, args.metrics_port) == ("lvs0", 10.0, 9900)
     assert (args.metrics_address, args.timeouts) == ("::", (1000000, 120, 300))
     assert (args.netns_dir, args.proc) == (["/var/run/netns"], "")
+    assert args.sysctl_root == "/host/proc/sys", "real-server sysctls through the mount"
 
 
 def test_pod_real_servers_add_sys_admin_and_the_nodes_namespaces(helm: Helm) -> None:
@@ -386,6 +388,7 @@ def test_agent_start_without_sysctls_only_execs(
     applied, executed = run_agent_wrapper(pod, monkeypatch, "6.1.0")
     assert applied == []
     assert executed[:2] == ["ipvs-agent", "run"]
+    assert not any(a.startswith("--sysctl-root") for a in executed), "no mount to write through"
 
 
 # --------------------------------------------------------------------------------------------
