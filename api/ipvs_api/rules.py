@@ -243,6 +243,12 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
             "onePacketScheduling",
         ),
         Rule(
+            "onePacketScheduling needs DR or TUN: with NAT the kernel keeps no connection to "
+            "translate the replies back to the virtual address",
+            lambda s: not s["onePacketScheduling"] or s["forwarding"]["method"] != "NAT",
+            "onePacketScheduling",
+        ),
+        Rule(
             "persistence engine sip works on UDP only: every port must use protocol UDP",
             lambda s: "engine" not in s.get("persistence", {}) or _all_udp(s),
             "persistence.engine",

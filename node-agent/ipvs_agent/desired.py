@@ -327,24 +327,6 @@ def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
         )
 
 
-def _check_one_packet(vs: VirtualServer) -> None:
-    """One-packet scheduling only with DR or TUN: real servers answer clients directly.
-
-    The kernel keeps no connection entry for a one-packet datagram (ip_vs_conn_hash skips
-    IP_VS_CONN_F_ONE_PACKET), so with NAT the reply is never translated back: it leaves with
-    the real server's address, and clients (a connected socket, any DNS resolver) drop it.
-    """
-    spec = vs.spec
-    if spec.one_packet_scheduling and spec.forwarding.method is ForwardingMethod.NAT:
-        raise Unprogrammable(
-            State.UNSUPPORTED,
-            "Unsupported",
-            "onePacketScheduling needs forwarding DR or TUN: with NAT the kernel does not "
-            "translate replies to one-packet datagrams, which would reach clients from the "
-            "real server's address instead of the virtual address",
-        )
-
-
 def _services(
     vs: VirtualServer,
     endpoints: EndpointIndex,
@@ -357,7 +339,6 @@ def _services(
     seen in its EndpointSlices)."""
     spec = vs.spec
     _check_kernel(vs, node.kernel)
-    _check_one_packet(vs)
     ports: list[tuple[ServiceKey, ServicePort | None]]
     if spec.fwmark is not None:
         af = AddressFamily.INET6 if spec.family is IPFamily.IPV6 else AddressFamily.INET

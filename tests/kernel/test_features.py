@@ -185,19 +185,21 @@ def test_one_packet_scheduling_spreads_the_datagrams_of_one_socket(lab: Lab) -> 
     assert Counter(spread) == Counter(rs1=2, rs2=2, rs3=2), spread
 
 
-def test_one_packet_scheduling_with_nat_is_unsupported_as_replies_skip_translation(
+def test_one_packet_scheduling_with_nat_is_refused_as_replies_skip_translation(
     lab: Lab,
 ) -> None:
-    """The agent refuses NAT with onePacketScheduling; the same service made by hand shows why:
-    the kernel keeps no entry for one-packet datagrams, so replies leave with the real server's
-    address and a client (any connected socket, any DNS resolver) never accepts them."""
+    """NAT with onePacketScheduling is refused (CEL at apply; the agent's loader for objects
+    that never passed the API server); the same service made by hand shows why: the kernel
+    keeps no entry for one-packet datagrams, so replies leave with the real server's address
+    and a client (any connected socket, any DNS resolver) never accepts them."""
     topology = build_nat(lab, family=4, real_servers=2)
     agent = Agent(topology)
     udp = [{"port": 80, "protocol": "UDP"}]
     vs = manifest(topology, scheduler="rr", ports=udp, spec={"onePacketScheduling": True})
     result = agent.reconcile(vs)
     outcome = result.outcomes["lab/web"]
-    assert (outcome.state, outcome.reason) == (State.UNSUPPORTED, "Unsupported"), outcome
+    assert (outcome.state, outcome.reason) == (State.FAILED, "InvalidSpec"), outcome
+    assert "onePacketScheduling needs DR or TUN" in outcome.message
     assert result.ops == [] and agent.dump() == {}
 
     director, vip = topology.director, topology.vip

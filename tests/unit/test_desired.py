@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from ipvs_agent.desired import Node, Role, State, plan
 from ipvs_agent.model import (
     AddressFamily,
@@ -16,6 +18,7 @@ from ipvs_agent.model import (
     TunnelFlags,
     TunnelType,
 )
+from ipvs_api import InvalidObject
 from tests.unit.agent_helpers import endpoints, slice_, vs
 
 NODE = Node("node-a", {"edge": "true"})
@@ -262,10 +265,10 @@ def test_a_scheduler_the_kernel_lacks_is_unsupported_and_others_still_program() 
     assert set(p.table) == {key("192.0.2.3", 80)}
 
 
-def test_one_packet_scheduling_with_nat_is_unsupported_and_with_dr_or_tun_programs() -> None:
+def test_one_packet_scheduling_programs_with_dr_or_tun_and_nat_is_refused() -> None:
     """NAT would send one-packet replies from the real server's address (the kernel keeps no
-    entry to translate them back): reported Unsupported, never programmed half-working."""
-    nat, dr, tun = (
+    entry to translate them back): the API refuses it, and so does the agent's own loader."""
+    dr, tun = (
         vs(
             method.lower(),
             address=f"192.0.2.{n}",
@@ -274,17 +277,14 @@ def test_one_packet_scheduling_with_nat_is_unsupported_and_with_dr_or_tun_progra
             forwarding={"method": method},
             backends=STATIC,
         )
-        for n, method in enumerate(("NAT", "DR", "TUN"), start=1)
+        for n, method in enumerate(("DR", "TUN"), start=2)
     )
-    p = plan([nat, dr, tun], {}, NODE)
-    assert (p.outcomes["ns/nat"].state, p.outcomes["ns/nat"].reason) == (
-        State.UNSUPPORTED,
-        "Unsupported",
-    )
-    assert "DR or TUN" in p.outcomes["ns/nat"].message
+    p = plan([dr, tun], {}, NODE)
     assert set(p.table) == {key("192.0.2.2", 53, Protocol.UDP), key("192.0.2.3", 53, Protocol.UDP)}
     assert all(s.service.flags & ServiceFlag.ONEPACKET for s in p.table.values())
-    assert ipaddress.ip_address("192.0.2.1") not in p.addresses
+    with pytest.raises(InvalidObject, match="onePacketScheduling needs DR or TUN"):
+        vs("nat", address="192.0.2.1", ports=[{"port": 53, "protocol": "UDP"}],
+           onePacketScheduling=True, backends=STATIC)  # fmt: skip
 
 
 def test_node_selector_chooses_the_directors() -> None:
