@@ -9,7 +9,12 @@ Measures, in a private network namespace:
 (a) cold programming of S services x D real servers: IPVSKernel.apply() vs ``ipvsadm -R``
     reading an equivalent restore file (best of --rounds; the table is flushed in between);
 (b) a full read of that table: IPVSKernel.dump() vs ``ipvsadm -Ln`` and ``-Ln --stats``;
-(c) resident memory of a fresh process holding a dump of M services x D real servers.
+(c) resident memory of a fresh process holding a dump of M services x D real servers, and of
+    one that runs the agent's whole reconcile pass over M VirtualServers (mirror-shaped dicts,
+    plan, dump, diff) as the in-cluster agent holds them;
+(d) the agent's reconcile pass over the S x D table: with nothing changed (a resync: full read
+    and diff, against ``ipvsadm -Ln``), and with one real server of one service replaced (the
+    netlink operations it sends, and its time).
 
 Ratios are ours / ipvsadm's: below 1.0 we are faster. Every step is bounded in time.
 """
@@ -26,13 +31,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ipvs_agent.model import IPAddress, ServiceKey
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 NETNS = "ipvs-bench"
-LAN = "172.16.255.254/12"  # real servers live in 172.16.0.0/12, routed via a dummy link
+LAN = "198.19.255.254/16"  # real servers live in 198.19.0.0/16, routed via a dummy link
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -94,11 +103,52 @@ def machine() -> dict[str, str]:
 
 
 def vip(i: int) -> str:
-    return str(ipaddress.IPv4Address("10.0.0.1") + i * 256)
+    return str(ipaddress.IPv4Address("198.18.0.1") + i)
 
 
 def rip(i: int, j: int, dests: int) -> str:
-    return str(ipaddress.IPv4Address("172.16.0.1") + i * dests + j)
+    # 198.19.0.0/16 holds 65 534 hosts; beyond that services share real-server addresses,
+    # which the kernel allows (a destination is unique only within its service).
+    return str(ipaddress.IPv4Address("198.19.0.1") + (i * dests + j) % 65_000)
+
+
+def virtual_server(i: int, dests: int, replaced: int | None = None) -> dict[str, object]:
+    """The VirtualServer whose kernel table is service ``i`` of :func:`build`."""
+    reals = [rip(i, j, dests) for j in range(dests)]
+    if replaced is not None:
+        reals[replaced] = "198.19.255.1"  # one endpoint replaced by another
+    return {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {
+            "name": f"vs{i}",
+            "namespace": "bench",
+            "generation": 1,
+            "resourceVersion": str(i + 1 if replaced is None else 10**6 + i),
+        },
+        "spec": {
+            "address": vip(i),
+            "ports": [{"port": 80, "targetPort": 8080}],
+            "scheduler": {"name": "wlc"},
+            "backends": {"static": [{"address": a} for a in reals]},
+        },
+    }
+
+
+class OwnsAll:
+    """The reconciler's host for a table this benchmark made: every service is ours."""
+
+    def __init__(self, keys: Iterable[ServiceKey]) -> None:
+        self.keys = set(keys)
+
+    def owned(self) -> set[ServiceKey]:
+        return self.keys
+
+    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
+        self.keys = set(owned)
+
+    def sync_addresses(self, wanted: set[IPAddress]) -> None:
+        pass
 
 
 def build(services: int, dests: int) -> tuple[list[object], str]:
@@ -191,8 +241,9 @@ def bench_program_and_read(args: argparse.Namespace) -> dict[str, object]:
         read["dump warm"].append(timed(kernel.dump))
     fast = kernel.decoder.dests.hits  # how many dests took the fast path
     kernel.close()
-    flush()
     best = {name: min(times) for name, times in read.items()}
+    results["pass"] = bench_pass(args, best["ipvsadm -Ln"])
+    flush()
     results |= {
         "program": {
             "ipvsadm -R": min(program_ipvsadm),
@@ -209,6 +260,47 @@ def bench_program_and_read(args: argparse.Namespace) -> dict[str, object]:
         },
     }
     return results
+
+
+def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]:
+    """(d) the agent's own pass over the programmed table: a resync, then one endpoint change."""
+    from ipvs_agent.desired import Node
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.reconciler import Memory, reconcile
+    from ipvs_agent.snapshot import ReadCache, take
+
+    objects = [virtual_server(i, args.dests) for i in range(args.services)]
+    with IPVSKernel(netns=NETNS) as kernel:
+        node = Node("bench", {}, kernel.info())
+        host = OwnsAll(set(kernel.dump()))
+        memory, cache = Memory(), ReadCache()  # what the agent keeps between passes
+
+        def one_pass() -> tuple[float, list[str]]:
+            began = time.perf_counter()
+            snap = take(objects, [], node, cache=cache)
+            result = reconcile(snap, kernel, host, memory, time.monotonic())
+            took = time.perf_counter() - began
+            if result.failures:
+                raise BenchError(f"pass failed: {result.failures[0]}")
+            return took, [str(op) for op in result.ops]
+
+        first, first_ops = one_pass()  # a restarted agent: new socket, nothing in memory
+        resync = []
+        for _ in range(args.rounds):
+            took, ops = one_pass()
+            if ops:
+                raise BenchError(f"a resync of an unchanged table sent {ops[:3]}")
+            resync.append(took)
+        objects[args.services // 2] = virtual_server(args.services // 2, args.dests, replaced=3)
+        change, change_ops = one_pass()
+    return {
+        "first pass (restart)": first,
+        "first pass ops": len(first_ops),
+        "resync pass": min(resync),
+        "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
+        "one endpoint change": change,
+        "one endpoint change ops": change_ops,
+    }
 
 
 MEMORY_CHILD = r"""
@@ -234,9 +326,30 @@ try:
     agent = rss()
 except Exception as error:  # report, do not fail the memory figure
     agent = repr(error)
+del table
+gc.collect()
+# The in-cluster agent's steady state: the mirror's VirtualServer dicts, and one whole
+# reconcile pass (snapshot, plan, dump, diff) with its plan and observed table kept, as
+# Agent.last keeps them between passes.
+import time
+sys.path.insert(0, sys.argv[2])
+import bench_kernel
+from ipvs_agent.desired import Node
+from ipvs_agent.reconciler import Memory, reconcile
+from ipvs_agent.snapshot import take
+mirror = [bench_kernel.virtual_server(i, int(sys.argv[4])) for i in range(int(sys.argv[3]))]
+gc.collect()
+with_mirror = rss()
+host = bench_kernel.OwnsAll(set(kernel.dump()))
+last = reconcile(take(mirror, [], Node("bench", {}, kernel.info())), kernel, host, Memory(),
+                 time.monotonic())
+gc.collect()
+after_pass = rss()
 print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
                   "holding_dump_mb": held, "dump_mb": held - opened,
-                  "with_agent_imports_mb": agent, "services": services, "dests": dests}))
+                  "with_agent_imports_mb": agent, "with_mirror_mb": with_mirror,
+                  "agent_after_pass_mb": after_pass, "pass_ops": len(last.ops),
+                  "services": services, "dests": dests}))
 """
 
 
@@ -251,7 +364,8 @@ def bench_memory(args: argparse.Namespace) -> dict[str, object]:
         program = timed(lambda: kernel.apply(ops))
     ops.clear()
     gc.collect()
-    out = run([sys.executable, "-c", MEMORY_CHILD, NETNS], args.step_timeout)
+    child = [sys.executable, "-c", MEMORY_CHILD, NETNS, str(CHECKOUT / "bench")]
+    out = run([*child, str(args.memory_services), str(args.dests)], args.step_timeout)
     measured: dict[str, object] = json.loads(out)
     measured["programming_s"] = program
     if (measured["services"], measured["dests"]) != (
@@ -289,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"addr add {LAN} dev lan\n"
         ))  # fmt: skip
         report |= bench_program_and_read(args)
+        print(json.dumps(report, indent=2), file=sys.stderr, flush=True)  # in case (c) fails
         report["memory"] = bench_memory(args)
     finally:
         run(["ip", "netns", "del", NETNS], 120)

@@ -19,7 +19,7 @@ from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
 from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
-from ipvs_agent.snapshot import node_from, take
+from ipvs_agent.snapshot import ReadCache, node_from, take
 from ipvs_agent.status import node_status
 from ipvs_api import conditions
 
@@ -75,6 +75,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.clock = clock
         self.memory = Memory()
+        self.read_cache = ReadCache()
         self.kernel_info: KernelInfo | None = None
         self.last: PassResult | None = None
         self.passes = 0
@@ -100,6 +101,7 @@ class Agent:
             self._objects("endpointslices"),
             node,
             admitted_only=self.settings.admitted_only,
+            cache=self.read_cache,
         )
         draining = set(self.memory.draining)
         started = time.perf_counter()

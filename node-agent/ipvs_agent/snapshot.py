@@ -36,23 +36,60 @@ def _key(obj: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
+def _read_one(obj: Mapping[str, Any]) -> VirtualServer | Outcome:
+    try:
+        return load.virtual_server(dict(obj))
+    except InvalidObject as e:
+        generation = int((obj.get("metadata") or {}).get("generation", 0) or 0)
+        details = "; ".join(str(err) for err in e.errors)
+        return Outcome(State.FAILED, "InvalidSpec", details, frozenset({Role.DIRECTOR}), generation)
+    except Exception as e:  # malformed beyond the schema's reach (not a mapping, …)
+        return Outcome(State.FAILED, "InvalidSpec", f"{type(e).__name__}: {e}")
+
+
+class ReadCache:
+    """Validated VirtualServers by (namespace/name, resourceVersion), from one pass to the next.
+
+    Validation is most of a pass's CPU with thousands of objects, and a resync sees the same
+    versions again; an object without a resourceVersion (from a file) is always read anew.
+    Only the last pass's entries are kept, so the cache never outgrows the mirror.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], VirtualServer | Outcome] = {}
+
+    def read(
+        self, obj: Mapping[str, Any], keep: dict[tuple[str, str], VirtualServer | Outcome]
+    ) -> VirtualServer | Outcome:
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if not version:
+            return _read_one(obj)
+        key = (_key(obj), version)
+        found = self._entries.get(key)
+        if found is None:
+            found = _read_one(obj)
+        keep[key] = found
+        return found
+
+    def replace(self, kept: dict[tuple[str, str], VirtualServer | Outcome]) -> None:
+        self._entries = kept
+
+
 def read_virtual_servers(
-    objects: Iterable[Mapping[str, Any]],
+    objects: Iterable[Mapping[str, Any]], cache: ReadCache | None = None
 ) -> tuple[tuple[VirtualServer, ...], dict[str, Outcome]]:
     """Validate each VirtualServer on its own; invalid ones become outcomes, not exceptions."""
     good: list[VirtualServer] = []
     bad: dict[str, Outcome] = {}
+    kept: dict[tuple[str, str], VirtualServer | Outcome] = {}
     for obj in objects:
-        try:
-            good.append(load.virtual_server(dict(obj)))
-        except InvalidObject as e:
-            generation = int((obj.get("metadata") or {}).get("generation", 0) or 0)
-            details = "; ".join(str(err) for err in e.errors)
-            bad[_key(obj)] = Outcome(
-                State.FAILED, "InvalidSpec", details, frozenset({Role.DIRECTOR}), generation
-            )
-        except Exception as e:  # malformed beyond the schema's reach (not a mapping, …)
-            bad[_key(obj)] = Outcome(State.FAILED, "InvalidSpec", f"{type(e).__name__}: {e}")
+        result = cache.read(obj, kept) if cache is not None else _read_one(obj)
+        if isinstance(result, Outcome):
+            bad[_key(obj)] = result
+        else:
+            good.append(result)
+    if cache is not None:
+        cache.replace(kept)
     return tuple(good), bad
 
 
@@ -106,6 +143,7 @@ def take(
     node: Node,
     *,
     admitted_only: bool = False,
+    cache: ReadCache | None = None,
 ) -> Snapshot:
     """The planner's inputs; ``admitted_only`` for the in-cluster agent (see below).
 
@@ -115,7 +153,7 @@ def take(
     namespace rule cannot be bypassed by writing the address into the spec. Without a cluster
     (``ipvs-agent plan/apply -f``) there is no operator and the spec is taken as it is.
     """
-    good, bad = read_virtual_servers(virtual_servers)
+    good, bad = read_virtual_servers(virtual_servers, cache)
     if admitted_only:
         waiting = [vs for vs in good if unadmitted(vs)]
         for vs in waiting:

@@ -6,6 +6,7 @@ import errno
 import threading
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
@@ -332,3 +333,30 @@ def test_the_agent_programs_a_requested_address_only_once_the_operator_confirmed
         OpKind.ADD_DEST,
         OpKind.ADD_DEST,
     ]
+
+
+def test_a_resync_reads_each_unchanged_version_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipvs_agent import snapshot
+
+    calls: list[str] = []
+    real = snapshot._read_one
+
+    def counting(obj: Any) -> Any:
+        calls.append(obj["metadata"]["name"])
+        return real(obj)
+
+    a, bad = vs_obj("a", "192.0.2.1"), vs_obj("b", "192.0.2.2", scheduler={"name": "nope"})
+    for obj, version in ((a, "1"), (bad, "7")):
+        obj["metadata"]["resourceVersion"] = version
+    cache = snapshot.ReadCache()
+    monkeypatch.setattr(snapshot, "_read_one", counting)
+    first = take([a, bad], [], NODE, cache=cache)
+    again = take([a, bad], [], NODE, cache=cache)
+    a2 = {**a, "metadata": {**a["metadata"], "resourceVersion": "2"}}
+    third = take([a2], [], NODE, cache=cache)
+    unversioned = vs_obj("c", "192.0.2.3")
+    take([unversioned], [], NODE, cache=cache)
+    take([unversioned], [], NODE, cache=cache)
+    assert calls == ["a", "b", "a", "c", "c"], "a new version is read, an unversioned one always"
+    assert first.virtual_servers == again.virtual_servers and third.virtual_servers
+    assert again.rejected["ns/b"].reason == "InvalidSpec", "a rejection is remembered too"
