@@ -1,4 +1,7 @@
-"""The lab bed (tests/e2e/bed.py) as a fixture: one VM boot and one control plane per session.
+"""The lab bed (tests/e2e/bed.py) as a fixture: one VM boot and one control plane per module.
+
+Module scope, not session: the lab's VM must be gone before tests/kernel boots its own (the
+machine has two cores).
 
 These tests run on the host: the VM plugin (tests/vm/plugin.py) proxies only tests/kernel/.
 They carry the ``e2e`` marker, and ``kernel`` and ``apiserver`` too (they need both beds), so
@@ -37,9 +40,9 @@ def _apiserver_for_marked_tests() -> None:
     """Overrides the shared plugin's fixture: these tests bring their own bed (``lab``)."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
-    """The lab, up, with the demo namespace and AddressPools; torn down after the session."""
+    """The lab, up, with the demo namespace and AddressPools; torn down after the module."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
 

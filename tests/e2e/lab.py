@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LabError, AssertionError) as error:
         print(f"lab: failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("lab: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -74,6 +74,13 @@ def test_service_endpoints_drain_then_delete(lab: LabBed) -> None:
     # Closed connections linger as TIME_WAIT entries, so the drain ends at its timeout.
     sc.expect_service(lab, vip, "rr", {"rs1": 1, "rs2": 1})
 
+    # Scaled up again: rs3 takes its share at once.
+    sc.apply_endpoint_slice(
+        lab, sc.endpoint_slice(name, {"rs1": "ready", "rs2": "ready", "rs3": "ready"})
+    )
+    sc.expect_service(lab, vip, "rr", {"rs1": 1, "rs2": 1, "rs3": 1})
+    assert sc.connections(lab, vip, 30) == {"rs1": 10, "rs2": 10, "rs3": 10}
+
     lab_core.delete_namespaced_service(name, sc.NAMESPACE)
     sc.expect_gone(lab, vip)
     harness.discovery(lab.admin).delete_namespaced_endpoint_slice(f"{name}-lab", sc.NAMESPACE)
