@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import ip_address
 from typing import Protocol, runtime_checkable
 
 from ipvs_agent.desired import (
@@ -158,6 +159,10 @@ def reconcile(
     # Ownership is recorded before a service is created and dropped only after it is gone,
     # so a crash in between leaves at worst a record without a service (cleaned next pass).
     host.record(owned_before | ours, set(p.masquerade) - d.conflicts)
+    # A new virtual address is local before its service exists, and an old one stays until its
+    # service is gone, so no client ever meets a service whose address does not answer.
+    going = {ip_address(k.address) for k in observed if k in owned_before and not k.fwmark}
+    host.sync_addresses(set(p.addresses) | going)
     results = kernel.apply(d.ops)
     memory.draining = dict(d.draining)
 

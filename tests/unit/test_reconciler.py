@@ -360,3 +360,21 @@ def test_a_resync_reads_each_unchanged_version_once(monkeypatch: pytest.MonkeyPa
     assert calls == ["a", "b", "a", "c", "c"], "a new version is read, an unversioned one always"
     assert first.virtual_servers == again.virtual_servers and third.virtual_servers
     assert again.rejected["ns/b"].reason == "InvalidSpec", "a rejection is remembered too"
+
+
+def test_a_virtual_address_is_local_before_its_service_and_until_it_is_gone() -> None:
+    kernel, host = FakeKernel(), FakeHost()
+    seen: list[tuple[str, set[str]]] = []
+    apply = kernel.apply
+
+    def watching(ops: Any) -> Any:
+        seen.extend((str(op.kind), {str(a) for a in host.addresses}) for op in ops)
+        return apply(ops)
+
+    kernel.apply = watching  # type: ignore[method-assign]
+    reconcile(take([vs_obj("a", "192.0.2.1")], [], NODE), kernel, host, Memory(), 0)
+    assert seen[0] == ("add-service", {"192.0.2.1"}), "the address came first"
+    seen.clear()
+    reconcile(take([], [], NODE), kernel, host, Memory(), 1)
+    assert seen == [("del-service", {"192.0.2.1"})], "the address stayed until the service went"
+    assert host.addresses == set()
