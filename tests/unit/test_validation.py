@@ -227,3 +227,15 @@ def test_validation_never_crashes_on_shuffled_types() -> None:
             node[path[-1]] = value
             with contextlib.suppress(InvalidObject):
                 load.virtual_server(obj)
+
+
+def test_readme_virtual_servers_are_valid_and_cover_every_method() -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    objects = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    methods = set()
+    for obj in objects:
+        obj["metadata"]["namespace"] = "default"
+        methods.add(load.virtual_server(obj).spec.forwarding.method)
+    assert methods == set(ForwardingMethod), "one README example per forwarding method"
