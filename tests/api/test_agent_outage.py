@@ -9,8 +9,7 @@ on a real kernel in tests/kernel/.) This server is the test's own, since it is s
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,29 +20,18 @@ from ipvs_agent.cluster import mirrors
 from ipvs_agent.kernel.fake import FakeKernel
 from ipvs_agent.model import ObservedTable
 from ipvs_api import constants
-from tests.apiserver.cluster import LocalApiServer, build_binaries
-from tests.apiserver.fixtures import repo_crd_files
+from tests.apiserver.cluster import LocalApiServer
+from tests.apiserver.fixtures import repo_crd_files, running_apiserver
+from tests.operator.harness import wait_for
 from tests.unit.agent_helpers import FakeHost
 
 NODE = "node-a"
 DEADLINE = 60.0
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)  # poll interval
-
-
 @pytest.fixture
 def server() -> Iterator[LocalApiServer]:
-    binaries = build_binaries("apiserver")
-    with LocalApiServer(
-        apiserver_binary=binaries["kube-apiserver"], etcd_binary=binaries["etcd"]
-    ) as s:
-        s.install_crds(repo_crd_files())
+    with running_apiserver(lambda s: s.install_crds(repo_crd_files())) as s:
         yield s
 
 
@@ -111,19 +99,23 @@ def test_the_kernel_table_stays_through_an_outage_and_converges_after(
     running = RunningAgent(server, kernel)
     restarted: RunningAgent | None = None
     try:
-        wait_for("the service programmed", lambda: weights(kernel.dump()) == [1])
+        wait_for("the service programmed", lambda: weights(kernel.dump()) == [1], DEADLINE)
         before = kernel.dump()
 
         server.stop_apiserver()
         errors = running.errors
-        wait_for("the mirrors to see the outage", lambda: running.errors > errors)
+        wait_for("the mirrors to see the outage", lambda: running.errors > errors, DEADLINE)
         passes = running.agent.passes
-        wait_for("three resyncs during the outage", lambda: running.agent.passes >= passes + 3)
+        wait_for(
+            "three resyncs during the outage", lambda: running.agent.passes >= passes + 3, DEADLINE
+        )
         assert kernel.dump() == before, "the table changed while the API was away"
 
         # An agent that starts during the outage has nothing listed: it must not act on that.
         fresh = restarted = RunningAgent(server, kernel)
-        wait_for("the new agent to try the API", lambda: all(m.errors for m in fresh.mirrors))
+        wait_for(
+            "the new agent to try the API", lambda: all(m.errors for m in fresh.mirrors), DEADLINE
+        )
         assert fresh.agent.passes == 0 and kernel.dump() == before
 
         server.start_apiserver()
@@ -133,8 +125,8 @@ def test_the_kernel_table_stays_through_an_outage_and_converges_after(
                 constants.GROUP, constants.VERSION, "default", constants.VIRTUAL_SERVERS, "web",
                 {"spec": {"backends": {"static": [{"address": "192.0.2.11", "weight": 5}]}}},
             )  # fmt: skip
-        wait_for("the change to reach the kernel", lambda: weights(kernel.dump()) == [5])
-        wait_for("the restarted agent to sync", lambda: fresh.agent.passes > 0)
+        wait_for("the change to reach the kernel", lambda: weights(kernel.dump()) == [5], DEADLINE)
+        wait_for("the restarted agent to sync", lambda: fresh.agent.passes > 0, DEADLINE)
         assert weights(kernel.dump()) == [5]
     finally:
         running.close()

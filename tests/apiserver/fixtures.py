@@ -12,10 +12,12 @@ a skipped contract test would read as a pass in CI.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,20 +51,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.apiserver)
 
 
-@pytest.fixture(scope="session")
-def apiserver() -> Iterator[LocalApiServer]:
-    """A running kube-apiserver + etcd with the repo's CRDs installed, for the session."""
+@contextlib.contextmanager
+def running_apiserver(
+    prepare: Callable[[LocalApiServer], object] | None = None, **options: Any
+) -> Iterator[LocalApiServer]:
+    """A started LocalApiServer (``options`` go to its constructor), ``prepare``d, then stopped.
+
+    A bed that cannot be built, started or prepared fails the test with the reason: never a
+    skip, since a skipped API test would read as a pass in CI.
+    """
     server: LocalApiServer | None = None
     failure = ""
     try:
         binaries = build_binaries("apiserver")
         server = LocalApiServer(
-            apiserver_binary=binaries["kube-apiserver"], etcd_binary=binaries["etcd"]
+            apiserver_binary=binaries["kube-apiserver"], etcd_binary=binaries["etcd"], **options
         )
         server.start()
-        crds = repo_crd_files()
-        if crds:
-            server.install_crds(crds)
+        if prepare is not None:
+            prepare(server)
     except (TestBedError, KeyError) as e:
         failure = str(e)
     if failure:
@@ -77,6 +84,19 @@ def apiserver() -> Iterator[LocalApiServer]:
         yield server
     finally:
         server.stop()
+
+
+def _install_repo_crds(server: LocalApiServer) -> None:
+    crds = repo_crd_files()
+    if crds:
+        server.install_crds(crds)
+
+
+@pytest.fixture(scope="session")
+def apiserver() -> Iterator[LocalApiServer]:
+    """A running kube-apiserver + etcd with the repo's CRDs installed, for the session."""
+    with running_apiserver(_install_repo_crds) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

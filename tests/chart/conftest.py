@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.apiserver.cluster import LocalApiServer, TestBedError, build_binaries
+from tests.apiserver.fixtures import running_apiserver
 from tests.chart.helm import Helm
 
 _HERE = Path(__file__).resolve().parent
@@ -36,25 +37,8 @@ def apiserver() -> Iterator[LocalApiServer]:
 
     Package-scoped: it stops when tests/chart is done, not at the end of the whole session.
     """
-    server: LocalApiServer | None = None
-    failure = ""
-    try:
-        binaries = build_binaries("apiserver")
-        server = LocalApiServer(
-            apiserver_binary=binaries["kube-apiserver"], etcd_binary=binaries["etcd"]
-        )
-        server.start()
-    except (TestBedError, KeyError) as exc:
-        failure = str(exc)
-    if failure:
-        if server is not None:
-            server.stop()
-        pytest.fail(f"API-server test bed unavailable (see docs/testing.md):\n{failure}", False)
-    assert server is not None
-    try:
+    with running_apiserver() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="package")

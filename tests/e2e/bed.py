@@ -38,6 +38,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, TestBedError, build_binaries
 from tests.apiserver.fixtures import repo_crd_files
 from tests.operator import harness
+from tests.operator.harness import wait_for as wait_for  # the one poll loop of the API tests
 from tests.vm.image import VMBuildError, ensure_image
 from tests.vm.plugin import _precompile
 from tests.vm.qemu import CHECKOUT, SHARE_IN_VM, GuestForward, UserNetwork, VMRun, run_in_vm
@@ -61,27 +62,6 @@ class LabError(RuntimeError):
 
 def stderr_progress(message: str) -> None:
     print(f"lab: {message}", file=sys.stderr, flush=True)
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T:
-    """Poll ``probe`` until it returns something truthy; AssertionError with the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = probe()
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
-            last = f"HTTP {exc.status}"
-        if last:
-            found: T = last
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
-            )
-        time.sleep(interval)
 
 
 class Guest:

@@ -20,7 +20,7 @@ from ipvs_agent.model import DestKey, ForwardingMethod, ServiceFlag, Timeouts, T
 from tests.kernel.agent_harness import Agent, manifest
 from tests.kernel.hashing import sh_pick, sh_table
 from tests.kernel.ipvsctl import ipvsadm, ipvsadm_list
-from tests.kernel.topology import Lab, TunType, build, build_dr, build_nat
+from tests.kernel.topology import TOPOLOGIES, Lab, TunType, build, build_dr, build_nat
 from tests.kernel.traffic import (
     REFUSED,
     add_client_addresses,
@@ -40,18 +40,6 @@ TCP_AND_UDP = [{"port": 80, "protocol": "TCP"}, {"port": 80, "protocol": "UDP"}]
 
 # ---------------------------------------------------------------- forwarding methods
 
-TOPOLOGIES = [
-    pytest.param("nat", 4, None, id="nat-v4"),
-    pytest.param("nat", 6, None, id="nat-v6"),
-    pytest.param("dr", 4, None, id="dr-v4"),
-    pytest.param("dr", 6, None, id="dr-v6"),
-    pytest.param("tun", 4, "ipip", id="tun-ipip-v4"),
-    pytest.param("tun", 6, "ipip", id="tun-ipip-v6"),
-    pytest.param("tun", 4, "gue", id="tun-gue-v4"),
-    pytest.param("tun", 6, "gue", id="tun-gue-v6"),
-    pytest.param("tun", 4, "gre", id="tun-gre-v4"),
-    pytest.param("tun", 6, "gre", id="tun-gre-v6"),
-]
 KERNEL_METHOD = {
     "nat": ForwardingMethod.MASQ,
     "dr": ForwardingMethod.ROUTE,

@@ -11,20 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.kernel.ipvsctl import add_service, ipvs_socket, ipvsadm_list
-from tests.kernel.topology import Lab, build, build_nat
-
-TOPOLOGIES = [
-    pytest.param("nat", 4, None, id="nat-v4"),
-    pytest.param("nat", 6, None, id="nat-v6"),
-    pytest.param("dr", 4, None, id="dr-v4"),
-    pytest.param("dr", 6, None, id="dr-v6"),
-    pytest.param("tun", 4, "ipip", id="tun-ipip-v4"),
-    pytest.param("tun", 6, "ipip", id="tun-ipip-v6"),
-    pytest.param("tun", 4, "gue", id="tun-gue-v4"),
-    pytest.param("tun", 6, "gue", id="tun-gue-v6"),
-    pytest.param("tun", 4, "gre", id="tun-gre-v4"),
-    pytest.param("tun", 6, "gre", id="tun-gre-v6"),
-]
+from tests.kernel.topology import TOPOLOGIES, Lab, build, build_nat
 
 
 def loaded_modules() -> set[str]:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
+import pytest
 from pyroute2 import IPRoute
 
 from tests.kernel.identity_server import serve
@@ -47,6 +48,19 @@ UDP_PORT_FIRST = 20000  # client source ports for datagrams, below the ephemeral
 UDP_PORT_LAST = 29999
 
 Method = Literal["nat", "dr", "tun"]
+#: Every forwarding method and tunnel type, for IPv4 and IPv6: (method, family, tunnel type).
+TOPOLOGIES = [
+    pytest.param("nat", 4, None, id="nat-v4"),
+    pytest.param("nat", 6, None, id="nat-v6"),
+    pytest.param("dr", 4, None, id="dr-v4"),
+    pytest.param("dr", 6, None, id="dr-v6"),
+    pytest.param("tun", 4, "ipip", id="tun-ipip-v4"),
+    pytest.param("tun", 6, "ipip", id="tun-ipip-v6"),
+    pytest.param("tun", 4, "gue", id="tun-gue-v4"),
+    pytest.param("tun", 6, "gue", id="tun-gue-v6"),
+    pytest.param("tun", 4, "gre", id="tun-gre-v4"),
+    pytest.param("tun", 6, "gre", id="tun-gre-v6"),
+]
 TunType = Literal["ipip", "gue", "gre"]
 
 P = ParamSpec("P")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, TestBedError, build_binaries
-from tests.apiserver.fixtures import repo_crd_files
+from tests.apiserver.cluster import REPO_ROOT, LocalApiServer
+from tests.apiserver.fixtures import repo_crd_files, running_apiserver
 from tests.operator import harness
 
 DUAL_STACK = "--service-cluster-ip-range=10.96.0.0/16,fd00:10:96::/112"
@@ -53,32 +53,16 @@ _FAILED = pytest.StashKey[bool]()
 @pytest.fixture(scope="session")
 def bed() -> Iterator[LocalApiServer]:
     """A dual-stack kube-apiserver with the CRDs, the ipvs-system namespace and rbac/ applied."""
-    server: LocalApiServer | None = None
-    failure = ""
-    try:
-        binaries = build_binaries("apiserver")
-        server = LocalApiServer(
-            apiserver_binary=binaries["kube-apiserver"],
-            etcd_binary=binaries["etcd"],
-            extra_apiserver_args=[DUAL_STACK],
-        )
-        server.start()
+
+    def prepare(server: LocalApiServer) -> None:
         server.install_crds(repo_crd_files())
         with server.api_client() as api:
             harness.core(api).create_namespace({"metadata": {"name": harness.OPERATOR_NAMESPACE}})
             for name in ("operator.yaml", "agent.yaml"):
                 harness.apply_manifests(api, REPO_ROOT / "rbac" / name)
-    except (TestBedError, KeyError) as exc:
-        failure = str(exc)
-    if failure:
-        if server is not None:
-            server.stop()
-        pytest.fail(f"API-server test bed unavailable (see docs/testing.md):\n{failure}", False)
-    assert server is not None
-    try:
+
+    with running_apiserver(prepare, extra_apiserver_args=[DUAL_STACK]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
