@@ -161,8 +161,9 @@ def reconcile(
     host.record(owned_before | ours, set(p.masquerade) - d.conflicts)
     # A new virtual address is local before its service exists, and an old one stays until its
     # service is gone, so no client ever meets a service whose address does not answer.
+    wanted = set(p.addresses)
     going = {ip_address(k.address) for k in observed if k in owned_before and not k.fwmark}
-    host.sync_addresses(set(p.addresses) | going)
+    host.sync_addresses(wanted | going)
     results = kernel.apply(d.ops)
     memory.draining = dict(d.draining)
 
@@ -170,7 +171,8 @@ def reconcile(
         r.op.service.key for r in results if r.op.kind is OpKind.DEL_SERVICE and not r.ok
     }
     host.record(ours | still_there, set(p.masquerade) - d.conflicts)
-    host.sync_addresses(set(p.addresses))
+    if going - wanted:  # else the first sync already left exactly the wanted addresses
+        host.sync_addresses(wanted)
     outcomes = _with_failures(outcomes, p, d.conflicts, results)
     if side is not None:
         errors = side.sync_real_servers(p.real_servers)

@@ -155,9 +155,11 @@ def take(
     """
     good, bad = read_virtual_servers(virtual_servers, cache)
     if admitted_only:
-        waiting = [vs for vs in good if unadmitted(vs)]
-        for vs in waiting:
-            if vs.spec.node_selector.matches(node.labels):
+        admitted: list[VirtualServer] = []
+        for vs in good:
+            if not unadmitted(vs):
+                admitted.append(vs)
+            elif vs.spec.node_selector.matches(node.labels):
                 bad[vs.key] = Outcome(
                     State.PENDING,
                     "AddressNotAdmitted",
@@ -166,7 +168,7 @@ def take(
                     frozenset({Role.DIRECTOR}),
                     vs.generation,
                 )
-        good = tuple(vs for vs in good if not unadmitted(vs))
+        good = tuple(admitted)
     return Snapshot(good, index_endpoints(endpoint_slices), node, bad)
 
 
