@@ -175,7 +175,7 @@ def _vip_ok(v: str) -> bool:
 
 def _real_server_ok(v: str) -> bool:
     addr = parse_ip(v)
-    return addr is not None and not addr.is_unspecified and not addr.is_loopback
+    return addr is not None and is_global_unicast(addr)
 
 
 def _pool_entry_ok(v: str) -> bool:
@@ -330,7 +330,16 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
     ),
     ("VirtualServer", "spec.backends.static[].address"): (
         Rule(
-            "must be an IPv4 or IPv6 address that is not loopback or unspecified", _real_server_ok
+            "must be a unicast IPv4 or IPv6 address, not loopback, link-local (169.254.0.0/16 "
+            "and fe80::/10, where cloud metadata services answer), multicast or unspecified",
+            _real_server_ok,
+        ),
+    ),
+    ("VirtualServer", "spec.fwmark"): (
+        Rule(
+            "must not set bit 0x2000 (8192): the node agent marks NAT traffic with it, and a "
+            "firewall-mark service with that bit would capture it",
+            lambda m: (m // 8192) % 2 == 0,
         ),
     ),
     ("VirtualServer", "spec.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),

@@ -4,7 +4,8 @@
 VirtualServer (and EndpointSlice, Node) manifests, through the very same reconcile pass:
 ``plan`` prints the kernel operations the manifests would cause on this host, ``apply`` makes
 them, ``status`` shows the live table like ``ipvsadm -Ln`` with the Kubernetes name of each
-service. ``validate`` checks manifests as the API server would.
+service. ``validate`` checks manifests as the API server would. ``cleanup`` removes everything
+the agent created on this host (and nothing else).
 """
 
 from __future__ import annotations
@@ -21,16 +22,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from ipvs_agent import __version__
-from ipvs_agent.desired import State
+from ipvs_agent.desired import PROTECTED_PORTS, State
+from ipvs_agent.host._netns import HostError
+from ipvs_agent.host.state import DEFAULT_DIR as DEFAULT_STATE_DIR
 from ipvs_agent.model import Timeouts
 from ipvs_agent.reconciler import Memory, PassResult, reconcile
 from ipvs_api import InvalidObject, constants, load
 
 if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+    from ipvs_agent.cluster import Mirror
     from ipvs_agent.host.podnetns import PodNamespaces
+    from ipvs_agent.system import LinuxHost
 
 log = logging.getLogger("ipvs_agent")
+
+
+class CliError(Exception):
+    """A problem the user can fix, said in one line (no traceback)."""
+
+
+#: Errors printed as one line with exit status 1: the kernel (no IPVS, refused ops), the host
+#: (nft missing, a device in the way), files and manifests, credentials.
+CLI_ERRORS = (CliError, OSError, HostError, InvalidObject, yaml.YAMLError)
 
 
 def validate_files(paths: Sequence[Path]) -> int:
@@ -59,26 +77,33 @@ def validate_files(paths: Sequence[Path]) -> int:
     return 1 if failures else 0
 
 
+def _host(args: argparse.Namespace, read_only: bool = False) -> LinuxHost:
+    from ipvs_agent.system import LinuxHost
+
+    return LinuxHost(
+        args.interface,
+        read_only=read_only,
+        pods=_pod_namespaces(args),
+        sysctl_root=args.sysctl_root,
+        state_dir=args.state_dir or None,
+    )
+
+
 def _offline_pass(args: argparse.Namespace, dry_run: bool) -> tuple[PassResult, int]:
     from ipvs_agent import snapshot
     from ipvs_agent.kernel.ipvs import IPVSKernel
-    from ipvs_agent.system import LinuxHost, prepare_node
 
     objects = list(load.read_manifests(args.filename or []))
     vss, slices, node_obj = snapshot.split_manifests(objects, args.namespace)
     with IPVSKernel() as kernel:
         info = kernel.info()
-        if not dry_run:
-            prepare_node(info.release)  # the same director sysctls as the in-cluster agent
-        host = LinuxHost(
-            args.interface,
-            read_only=dry_run,
-            pods=_pod_namespaces(args),
-            sysctl_root=args.sysctl_root,
-        )
-        node = snapshot.node_from(node_obj, args.node_name, info)
+        host = _host(args, read_only=dry_run)
+        ports = args.protected_ports
+        node = snapshot.node_from(node_obj, args.node_name, info, protected_ports=ports)
         if not node.addresses:  # no Node manifest with addresses: this host's own
-            node = snapshot.node_from(node_obj, args.node_name, info, host.local_addresses())
+            node = snapshot.node_from(
+                node_obj, args.node_name, info, host.local_addresses(), protected_ports=ports
+            )
         snap = snapshot.take(vss, slices, node)
         result = reconcile(snap, kernel, host, Memory(), time.monotonic(), dry_run=dry_run)
     failed = [k for k, o in result.outcomes.items() if o.state is State.FAILED]
@@ -145,44 +170,111 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
+def cleanup_command(args: argparse.Namespace) -> int:
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.uninstall import cleanup
+
+    with IPVSKernel() as kernel:
+        report = cleanup(kernel, _host(args))
+    for line in report.done:
+        print(line)
+    for line in report.errors:
+        print(f"FAILED: {line}", file=sys.stderr)
+    print(f"# {len(report.done)} done, {len(report.errors)} failed")
+    return 1 if report.errors else 0
+
+
+def _api_client() -> ApiClient:
     from kubernetes import client, config
 
-    from ipvs_agent.agent import Agent, Settings, serve_http
-    from ipvs_agent.cluster import mirrors
-    from ipvs_agent.kernel.ipvs import IPVSKernel
-    from ipvs_agent.report import NodeReporter
-    from ipvs_agent.system import LinuxHost, prepare_node
+    from ipvs_agent.cluster import configure
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    api = client.ApiClient()
+        try:
+            config.load_kube_config(client_configuration=configuration)
+        except config.ConfigException as error:
+            raise CliError(f"no in-cluster service account and no kubeconfig: {error}") from None
+    return client.ApiClient(configure(configuration))
+
+
+def _uninstalling(mirror: Mirror, wait: float = 2.0) -> bool:
+    """Whether the agent's DaemonSet is gone or going: an uninstall, not a restart.
+
+    The DaemonSet's deletion reaches the watch before the kubelet stops the pod (the garbage
+    collector deletes the pods after the DaemonSet), but allow ``wait`` seconds for it.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        if mirror.synced.is_set():
+            items = mirror.items()
+            if not items or any((i.get("metadata") or {}).get("deletionTimestamp") for i in items):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)  # poll interval while the last watch events come in
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ipvs_agent.agent import Agent, Settings, serve_http
+    from ipvs_agent.cluster import daemon_set_mirror, mirrors
+    from ipvs_agent.kernel.ipvs import IPVSKernel
+    from ipvs_agent.report import NodeReporter, Outbox
+    from ipvs_agent.uninstall import cleanup
+
+    api = _api_client()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     changed = threading.Event()
+    own: Mirror | None = None
+    own_stop = threading.Event()
+    if args.daemonset:
+        namespace, _, name = args.daemonset.partition("/")
+        own = daemon_set_mirror(api, namespace, name, changed)
+        threading.Thread(target=own.run, args=(own_stop,), name="mirror-ds", daemon=True).start()
+    outbox = Outbox(NodeReporter(api, args.node_name).report)
+    outbox.start(own_stop)
     with IPVSKernel() as kernel:
         info = kernel.info()
-        prepare_node(info.release, root=args.sysctl_root)
         timeouts = Timeouts(*args.timeouts)
         if timeouts != Timeouts():
             kernel.set_timeouts(timeouts)
+        host = _host(args)
         agent = Agent(
-            Settings(args.node_name, resync_seconds=args.resync_seconds),
+            Settings(
+                args.node_name,
+                resync_seconds=args.resync_seconds,
+                protected_ports=frozenset(args.protected_ports) | {args.metrics_port},
+            ),
             kernel,
-            LinuxHost(args.interface, pods=_pod_namespaces(args), sysctl_root=args.sysctl_root),
+            host,
             mirrors(api, args.node_name, changed),
             changed,
-            report=NodeReporter(api, args.node_name).report,
+            report=outbox.put,
         )
         server = serve_http(agent, args.metrics_port, args.metrics_address)
         log.info("ipvs-agent %s on node %s (IPVS %s)", __version__, args.node_name, info.version)
         agent.run(stop)
         server.shutdown()
-    # The kernel table is left as it is: traffic keeps flowing while the agent restarts.
+        if own is not None and _uninstalling(own):
+            log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)
+            cleanup(kernel, host)
+    own_stop.set()
+    # Otherwise the kernel table is left as it is: traffic keeps flowing while the agent restarts.
     return 0
+
+
+def _ports(text: str) -> list[int]:
+    try:
+        ports = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected port numbers, e.g. 22,6443,10250") from None
+    if any(not 0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError("ports are 1-65535")
+    return ports
 
 
 def _timeouts(text: str) -> tuple[int, int, int]:
@@ -232,8 +324,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(
             "--sysctl-root",
             default="/proc/sys",
-            help="a writable /proc/sys (its net/ is enough) for the real-server sysctls; "
+            help="a writable /proc/sys (its net/ is enough) for the sysctls the agent sets; "
             "in a container, a mount of the node's, e.g. /host/proc/sys",
+        )
+        p.add_argument(
+            "--state-dir",
+            default=DEFAULT_STATE_DIR,
+            help="where the agent keeps its second ownership record and the sysctls it "
+            f"changed ('' = in memory only; default {DEFAULT_STATE_DIR})",
+        )
+        p.add_argument(
+            "--protected-ports",
+            type=_ports,
+            default=sorted(PROTECTED_PORTS),
+            help="ports no VIP may forward to at one of the node's own addresses, comma "
+            "separated ('' = none; default %(default)s)",
         )
 
     val = sub.add_parser("validate", help="validate VirtualServer and AddressPool manifests")
@@ -248,11 +353,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     st = sub.add_parser("status", help="show the live IPVS table with Kubernetes names")
     with_files(st, required=False)
     with_node(st)
+    clean = sub.add_parser(
+        "cleanup", help="remove every IPVS service, address, table and setting the agent made"
+    )
+    with_node(clean)
     run = sub.add_parser("run", help="run the in-cluster agent")
     with_node(run)
     run.add_argument("--resync-seconds", type=float, default=30.0)
     run.add_argument("--metrics-port", type=int, default=9753)
-    run.add_argument("--metrics-address", default="0.0.0.0")
+    run.add_argument(
+        "--metrics-address",
+        default=os.environ.get("NODE_IP") or "127.0.0.1",
+        help="address for /metrics, /healthz and /readyz (default: $NODE_IP, else 127.0.0.1)",
+    )
+    run.add_argument(
+        "--daemonset",
+        default="",
+        help="NAMESPACE/NAME of the agent's DaemonSet: when it is deleted (uninstall), the "
+        "agent removes what it created before it exits",
+    )
     run.add_argument(
         "--timeouts",
         type=_timeouts,
@@ -270,9 +389,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": plan_command,
         "apply": apply_command,
         "status": status_command,
+        "cleanup": cleanup_command,
         "run": run_command,
     }
-    return int(commands[args.command](args))
+    try:
+        return int(commands[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except CLI_ERRORS as error:
+        print(f"ipvs-agent {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if args.verbose:
+            raise
+        print(
+            f"ipvs-agent {args.command}: internal error: {_one_line(error)} "
+            "(run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

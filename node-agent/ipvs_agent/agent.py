@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ from ipvs_agent.status import node_status
 from ipvs_api import conditions
 
 log = logging.getLogger(__name__)
+
+#: Seconds a metrics/probe client may take to send its request.
+HTTP_TIMEOUT = 5.0
 
 
 class Source(Protocol):
@@ -50,6 +54,8 @@ class Settings:
     drain_check_seconds: float = 2.0
     #: Program a requested address only once the operator confirmed it (snapshot.take).
     admitted_only: bool = True
+    #: Ports no VIP may forward to at one of the node's addresses (desired.PROTECTED_PORTS).
+    protected_ports: frozenset[int] = frozenset()
 
 
 class Agent:
@@ -95,7 +101,12 @@ class Agent:
             self.kernel_info = self.kernel.info()
         nodes = self._objects("node")
         node_obj = nodes[0] if nodes else None
-        node = node_from(node_obj, self.settings.node_name, self.kernel_info)
+        node = node_from(
+            node_obj,
+            self.settings.node_name,
+            self.kernel_info,
+            protected_ports=self.settings.protected_ports,
+        )
         snap = take(
             self._objects("virtualservers"),
             self._objects("endpointslices"),
@@ -110,8 +121,14 @@ class Agent:
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
         if self.report is not None:
+            changes: Mapping[str, tuple[str, str]] = getattr(self.host, "node_changes", dict)()
             status = node_status(
-                result.outcomes, self.kernel_info, __version__, conditions.now(), self._conditions
+                result.outcomes,
+                self.kernel_info,
+                __version__,
+                conditions.now(),
+                self._conditions,
+                node_settings=changes,
             )
             self._conditions = status["conditions"]
             uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
@@ -128,6 +145,8 @@ class Agent:
         for r in result.results:
             m.operations.labels(kind=str(r.op.kind)).inc()
         m.netlink_errors.inc(len(result.failures))
+        for repair in result.repairs:
+            m.host_repairs.labels(what=repair.what).inc()
         # A resync that finds work repaired drift, except for the steps of drains in progress.
         drift = [op for op in result.ops if not _drain_step(op, draining)]
         if cause == "resync" and drift:
@@ -179,10 +198,46 @@ def _drain_step(op: Op, draining: set[tuple[ServiceKey, DestKey]]) -> bool:
     return op.dest is not None and (op.service.key, op.dest.key) in draining
 
 
-def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """/metrics, /healthz (the loop is alive) and /readyz (synced and one pass done)."""
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``limit`` requests at once and a per-connection
+    timeout: a flood of slow or idle clients costs a bounded number of threads, and clients
+    beyond the limit are closed at once instead of queueing."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, limit: int = 8) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(limit)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_http(agent: Agent, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """/metrics, /healthz (the loop is alive) and /readyz (synced and one pass done).
+
+    ``host`` is one address (the chart gives the node's own, ``status.hostIP``): the endpoint
+    is for the kubelet's probes and Prometheus, not for whoever reaches the node.
+    """
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_TIMEOUT
+
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, ctype, code = (
@@ -217,6 +272,6 @@ def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPS
         def log_message(self, format: str, *args: Any) -> None:
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

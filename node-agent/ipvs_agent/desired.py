@@ -20,6 +20,7 @@ from enum import StrEnum
 
 from ipvs_agent import model
 from ipvs_agent.host.realserver import Decap, RealServerSpec
+from ipvs_agent.host.sysctl import Needs
 from ipvs_agent.model import (
     AddressFamily,
     DesiredService,
@@ -32,6 +33,7 @@ from ipvs_agent.model import (
     ServiceKey,
 )
 from ipvs_api.endpoints import Endpoint
+from ipvs_api.rules import is_global_unicast
 from ipvs_api.types import (
     ForwardingMethod,
     IPAddress,
@@ -73,6 +75,9 @@ class Node:
     #: The node's own addresses (the Node's ``status.addresses``): a static real server or an
     #: endpoint at one of them is served by the node's own network namespace (host network).
     addresses: frozenset[IPAddress] = frozenset()
+    #: Ports of the node's own services (kubelet, API server, etcd, sshd, the agent's metrics)
+    #: that no VIP may forward to at one of the node's addresses (see :data:`PROTECTED_PORTS`).
+    protected_ports: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,16 @@ class Plan:
     real_servers: Mapping[RealServerNetns, RealServerSpec] = field(default_factory=dict)
     #: The VirtualServers (keys) each of those namespaces serves, to attribute a failure.
     real_server_owners: Mapping[RealServerNetns, frozenset[str]] = field(default_factory=dict)
+    #: VirtualServers the planner failed on (a bug, reported as InternalError): what this node
+    #: programmed for them stays as it was (see :func:`ipvs_agent.reconciler.reconcile`).
+    broken: frozenset[str] = frozenset()
+    #: Each VirtualServer's share of :attr:`real_servers`, for the next pass's ``previous``.
+    real_server_parts: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] = field(
+        default_factory=dict
+    )
+    #: False when a broken VirtualServer's real-server part is unknown (no earlier pass): the
+    #: real-server side must then change nothing it cannot account for.
+    real_servers_complete: bool = True
 
     def real_server_targets(self) -> list[RealServerNetns]:
         """The namespaces of :attr:`real_servers`, the node's own first, then pods by IP."""
@@ -149,6 +164,15 @@ class Plan:
 NOT_ON_LINK = "RealServerNotOnLink"
 #: Outcome reason of a DR/TUN VirtualServer whose endpoints listen on another port.
 PORT_REMAP = "PortRemapNotPossible"
+#: Outcome reason of a VirtualServer with a static real server at a protected port of the node.
+PROTECTED = "RealServerRefused"
+#: Outcome reason of a VirtualServer the planner failed on (a bug): left as it was.
+INTERNAL_ERROR = "InternalError"
+
+#: Default protected ports: sshd, etcd, kube-apiserver, the agent's metrics, kube-proxy's
+#: metrics and health, the kubelet (and its read-only port), kube-controller-manager and
+#: kube-scheduler. A VIP reachable from outside must not lead to them on a director.
+PROTECTED_PORTS = frozenset({22, 2379, 2380, 6443, 9753, 10249, 10250, 10255, 10256, 10257, 10259})
 
 
 class Unprogrammable(Exception):
@@ -252,7 +276,7 @@ def _static_dests(
 ) -> dict[DestKey, Dest]:
     dests: dict[DestKey, Dest] = {}
     for rs in vs.spec.backends.static:
-        if not _family_ok(vs, key, rs.address):
+        if not _family_ok(vs, key, rs.address) or not real_server_address_ok(rs.address):
             continue
         if rs.port is not None:
             rport = rs.port
@@ -293,6 +317,8 @@ def _service_dests(
             continue
         if local_only and ep.node_name != node.name:
             continue
+        if not real_server_address_ok(ep.address):
+            continue  # EndpointSlice validation refuses these too; never forward there
         if not _family_ok(vs, key, ep.address):
             continue
         rport = _endpoint_port(port, ep)
@@ -304,6 +330,16 @@ def _service_dests(
         if old is None or (old.weight == 0 and weight > 0):
             dests[d.key] = d  # the same address in two slices: the ready one wins
     return dests
+
+
+def real_server_address_ok(address: IPAddress) -> bool:
+    """A real server must be a unicast address: not loopback, link-local (169.254.0.0/16 holds
+    cloud metadata services, fe80::/10), multicast or unspecified — what Kubernetes refuses in
+    EndpointSlices and the CRD refuses in static real servers (checked again here for objects
+    that never met an API server)."""
+    return is_global_unicast(address) and not (
+        isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None
+    )
 
 
 def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
@@ -358,6 +394,7 @@ def _services(
     out: list[DesiredService] = []
     off_link: dict[IPAddress, Route] = {}
     other_port: dict[IPAddress, tuple[str, tuple[int, ...]]] = {}
+    protected: dict[IPAddress, int] = {}
     for key, port in ports:
         if spec.backends.service is not None:
             dests = _service_dests(vs, key, port, backends, node)
@@ -371,6 +408,11 @@ def _services(
                         other_port[ep.address] = (f"{port.port}/{proto}", listening)
         else:
             dests = _static_dests(vs, key, port)
+            for dkey in list(dests):
+                address = _ip(dkey.address)
+                if address in node.addresses and dkey.port in node.protected_ports:
+                    protected[address] = dkey.port
+                    del dests[dkey]
         if dr and routes:
             for dkey in list(dests):
                 address = _ip(dkey.address)
@@ -379,7 +421,7 @@ def _services(
                     off_link[address] = route
                     del dests[dkey]
         out.append(DesiredService(service_template(vs, key), dests))
-    return out, LeftOut(off_link, other_port)
+    return out, LeftOut(off_link, other_port, protected)
 
 
 def _ip(text: str) -> IPAddress:
@@ -407,16 +449,22 @@ class LeftOut:
     off_link: Mapping[IPAddress, Route] = field(default_factory=dict)
     #: DR/TUN endpoints listening elsewhere: (service port/protocol, the endpoint's ports).
     other_port: Mapping[IPAddress, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    #: Static real servers at one of the node's addresses on a protected port.
+    protected: Mapping[IPAddress, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.off_link or self.other_port)
+        return bool(self.off_link or self.other_port or self.protected)
 
     @property
     def reason(self) -> str:
+        if self.protected:
+            return PROTECTED
         return NOT_ON_LINK if self.off_link else PORT_REMAP if self.other_port else ""
 
     def message(self, remaining: int) -> str:
         parts = []
+        if self.protected:
+            parts.append(_protected_message(self.protected, remaining))
         if self.off_link:
             parts.append(_off_link_message(self.off_link, remaining))
         if self.other_port:
@@ -440,6 +488,15 @@ def _other_port_message(
     return (
         f"DR and TUN cannot change the port, and the Service's endpoints listen on another: "
         f"{shown}; {left} (make the Service's targetPort equal the port, or use NAT)"
+    )
+
+
+def _protected_message(protected: Mapping[IPAddress, int], remaining: int) -> str:
+    shown = ", ".join(f"{address}:{protected[address]}" for address in _by_address(protected))
+    left = "left out" if remaining else "no real server remains"
+    return (
+        f"a virtual service may not forward to the node's own protected ports (kubelet, API "
+        f"server, etcd, sshd, ...): {shown} is this node; {left} (the agent's --protected-ports)"
     )
 
 
@@ -520,17 +577,34 @@ def _sort_key(vs: VirtualServer) -> tuple[str, str, str]:
     return (vs.created or "~", vs.namespace, vs.name)
 
 
+def _internal_error(vs: VirtualServer, error: Exception, roles: frozenset[Role]) -> Outcome:
+    return Outcome(
+        State.FAILED,
+        INTERNAL_ERROR,
+        f"the agent failed to plan this VirtualServer ({type(error).__name__}: {error}); what "
+        "this node programmed for it stays as it was",
+        roles,
+        vs.generation,
+    )
+
+
 def plan(
     virtual_servers: Iterable[VirtualServer],
     endpoints: EndpointIndex,
     node: Node,
     routes: Mapping[IPAddress, Route] | None = None,
+    previous: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] | None = None,
 ) -> Plan:
     """The whole desired table of ``node``; the earliest VirtualServer wins a conflict.
 
     ``routes``: the director's route to DR real servers (see :func:`dr_destinations`); a DR
     real server known not to be on-link is left out with the reason ``RealServerNotOnLink``,
     and a VirtualServer left with none fails. Addresses without an entry are assumed on-link.
+
+    A planner bug (an unexpected exception) costs one object, never the node, and never undoes
+    what already works: the VirtualServer is ``broken`` (Failed, InternalError), its real-server
+    part is the one of the last pass (``previous``, :attr:`Plan.real_server_parts`), and the
+    reconciler leaves its kernel entries as they are.
     """
     table: dict[ServiceKey, DesiredService] = {}
     owners: dict[ServiceKey, str] = {}
@@ -540,17 +614,27 @@ def plan(
     masquerade: set[ServiceKey] = set()
     real_servers: dict[RealServerNetns, RealServerSpec] = {}
     rs_owners: dict[RealServerNetns, set[str]] = {}
+    parts: dict[str, Mapping[RealServerNetns, RealServerSpec]] = {}
+    broken: dict[str, Exception] = {}
+    complete = True
     for vs in sorted(virtual_servers, key=_sort_key):
+        part: Mapping[RealServerNetns, RealServerSpec]
         try:
             part = real_server_part(vs, endpoints, node)
-        except Exception:  # a planner bug must not cost the node; the director side reports
-            part = {}
+        except Exception as e:  # keep what the last pass set up for it, if it is known
+            broken[vs.key] = e
+            known = (previous or {}).get(vs.key)
+            complete = complete and known is not None
+            part = known or {}
+        parts[vs.key] = part
         for target, rs_spec in part.items():
             real_servers[target] = merge_specs(real_servers.get(target), rs_spec)
             rs_owners.setdefault(target, set()).add(vs.key)
         rs_role = frozenset({Role.REAL_SERVER}) if part else frozenset()
         if not vs.spec.node_selector.matches(node.labels):
-            if part:
+            if vs.key in broken:
+                outcomes[vs.key] = _internal_error(vs, broken[vs.key], rs_role)
+            elif part:
                 outcomes[vs.key] = Outcome(
                     State.PROGRAMMED, roles=rs_role, generation=vs.generation
                 )
@@ -562,9 +646,11 @@ def plan(
             outcomes[vs.key] = Outcome(e.state, e.reason, e.message, roles, vs.generation)
             continue
         except Exception as e:  # a planner bug must cost one object, not the node
-            outcomes[vs.key] = Outcome(
-                State.FAILED, "InternalError", f"{type(e).__name__}: {e}", roles, vs.generation
-            )
+            broken[vs.key] = e
+            outcomes[vs.key] = _internal_error(vs, e, roles)
+            continue
+        if vs.key in broken:
+            outcomes[vs.key] = _internal_error(vs, broken[vs.key], roles)
             continue
         weights = [d.weight for s in services for d in s.dests.values()]
         if left_out and not weights:
@@ -617,4 +703,23 @@ def plan(
         frozenset(masquerade),
         real_servers,
         {target: frozenset(keys) for target, keys in rs_owners.items()},
+        frozenset(broken),
+        parts,
+        complete,
+    )
+
+
+def node_needs(p: Plan) -> Needs:
+    """What the planned services ask of the node's sysctls (:func:`host.sysctl.needed`)."""
+    nat = [
+        key
+        for key, s in p.table.items()
+        if any(d.forwarding is model.ForwardingMethod.MASQ for d in s.dests.values())
+    ]
+    return Needs(
+        services=bool(p.table),
+        nat4=any(k.af is AddressFamily.INET for k in nat),
+        nat6=any(k.af is AddressFamily.INET6 for k in nat),
+        masquerade=bool(p.masquerade),
+        persistence=any(s.service.flags & ServiceFlag.PERSISTENT for s in p.table.values()),
     )

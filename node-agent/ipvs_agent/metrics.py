@@ -142,6 +142,13 @@ class AgentMetrics:
             "Operations applied by a periodic resync with no cluster change (drift repaired).",
             registry=self.registry,
         )
+        self.host_repairs = Counter(
+            "ipvs_agent_host_repairs",
+            "Host state someone else changed or removed that the agent put back: its nftables "
+            "tables (a flushed ruleset) or its virtual addresses.",
+            ["what"],
+            registry=self.registry,
+        )
         self.programmed = Gauge(
             "ipvs_agent_virtual_servers",
             "VirtualServers on this node by state.",

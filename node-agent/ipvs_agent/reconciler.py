@@ -8,7 +8,8 @@ unit-tested with fakes and proven on the real kernel in the VM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import errno
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from typing import Protocol, runtime_checkable
@@ -20,12 +21,22 @@ from ipvs_agent.desired import (
     Route,
     State,
     dr_destinations,
+    node_needs,
     plan,
 )
 from ipvs_agent.diff import diff
+from ipvs_agent.host import sysctl
+from ipvs_agent.host.nftables import Ruleset
 from ipvs_agent.host.realserver import RealServerSpec
-from ipvs_agent.kernel import Kernel, OpResult
-from ipvs_agent.model import DestKey, IPAddress, ObservedTable, ServiceKey
+from ipvs_agent.host.state import Repair
+from ipvs_agent.kernel import NOT_SENT, Kernel, OpResult
+from ipvs_agent.model import (
+    DesiredService,
+    DestKey,
+    IPAddress,
+    ObservedTable,
+    ServiceKey,
+)
 from ipvs_agent.ops import Op, OpKind
 from ipvs_agent.snapshot import Snapshot
 
@@ -33,11 +44,16 @@ from ipvs_agent.snapshot import Snapshot
 class Host(Protocol):
     """The host state around IPVS that the agent owns (addresses, nftables)."""
 
-    def owned(self) -> set[ServiceKey]:
-        """The kernel services recorded as the agent's own (survives agent restarts)."""
+    def recorded(self) -> Ruleset:
+        """What the agent recorded: the kernel services it owns (and their masquerade).
 
-    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
-        """Write the ownership record and the masquerade rules, atomically."""
+        Survives agent restarts, and ``nft flush ruleset`` too (``LinuxHost`` keeps a second
+        record beside the nftables one).
+        """
+
+    def record(self, ruleset: Ruleset) -> Sequence[Repair]:
+        """Write the ownership record, masquerade and VIP guard, atomically; returns the drift
+        it repaired (what someone else changed or removed), one line each."""
 
     def sync_addresses(self, wanted: set[IPAddress]) -> None:
         """Hold exactly these virtual addresses on the agent's interface."""
@@ -60,6 +76,14 @@ class RealServerSide(Protocol):
         """Set up exactly these namespaces, undo the rest; the error of each that failed."""
 
 
+@runtime_checkable
+class NodeTuning(Protocol):
+    """A host whose node-wide sysctls the agent sets as its services need (``LinuxHost``)."""
+
+    def tune(self, wanted: Sequence[sysctl.Sysctl]) -> None:
+        """Set each one that is not yet acceptable, noting the value it replaces."""
+
+
 REAL_SERVER_SETUP_FAILED = "RealServerSetupFailed"
 
 
@@ -67,10 +91,17 @@ REAL_SERVER_SETUP_FAILED = "RealServerSetupFailed"
 class Memory:
     """What the agent carries from one pass to the next, in memory only.
 
-    Losing it (a restart) is safe: a drain in progress simply starts its timer again.
+    Losing it (a restart) is safe: a drain in progress simply starts its timer again, and a
+    VirtualServer the planner fails on right after a restart freezes more than it must.
     """
 
     draining: dict[tuple[ServiceKey, DestKey], float] = field(default_factory=dict)
+    #: The owners of the last pass (which VirtualServer each kernel service belongs to).
+    owners: Mapping[ServiceKey, str] | None = None
+    #: Each VirtualServer's real-server part in the last pass.
+    real_server_parts: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,8 @@ class PassResult:
     ops: list[Op]
     results: list[OpResult]
     outcomes: Mapping[str, Outcome]
+    #: Host state that someone else changed and this pass put back.
+    repairs: tuple[Repair, ...] = ()
 
     @property
     def failures(self) -> list[OpResult]:
@@ -99,7 +132,16 @@ def _with_failures(
         )
     for r in results:
         failed = p.owners.get(r.op.service.key)
-        if r.ok or failed is None:
+        if r.ok or failed is None or r.error == NOT_SENT:
+            continue
+        if r.op.kind is OpKind.ADD_SERVICE and r.error == errno.EEXIST:
+            outcomes[failed] = replace(
+                outcomes[failed],
+                state=State.FAILED,
+                reason="AddressConflict",
+                message=f"another program created {r.op.service.key} while the agent was "
+                "adding it; left alone",
+            )
             continue
         outcomes[failed] = replace(
             outcomes[failed],
@@ -130,6 +172,35 @@ def _with_real_server_failures(
     return outcomes
 
 
+def frozen_services(
+    p: Plan, owners_before: Mapping[ServiceKey, str] | None, owned: set[ServiceKey]
+) -> frozenset[ServiceKey]:
+    """The owned kernel services to leave exactly as they are: those of VirtualServers the
+    planner failed on (by the last pass's owners), or every owned service that is not desired
+    when there was no earlier pass to tell whose they are."""
+    if not p.broken:
+        return frozenset()
+    if owners_before is None:
+        return frozenset(owned - set(p.table))
+    return frozenset(k for k, owner in owners_before.items() if owner in p.broken) & owned
+
+
+def _as_desired(
+    observed: ObservedTable, keys: frozenset[ServiceKey]
+) -> dict[ServiceKey, DesiredService]:
+    return {
+        key: DesiredService(
+            observed[key].service, {dk: od.dest for dk, od in observed[key].dests.items()}
+        )
+        for key in keys
+        if key in observed
+    }
+
+
+def _vips(keys: set[ServiceKey] | frozenset[ServiceKey]) -> set[IPAddress]:
+    return {ip_address(k.address) for k in keys if not k.fwmark}
+
+
 def reconcile(
     snapshot: Snapshot,
     kernel: Kernel,
@@ -139,7 +210,8 @@ def reconcile(
     dry_run: bool = False,
 ) -> PassResult:
     """Bring the kernel to the snapshot's desired table; touch only what the agent owns."""
-    p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node)
+    previous = memory.real_server_parts
+    p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, previous=previous)
     side = host if isinstance(host, RealServerSide) else None
     if side is not None:
         # DR reaches only real servers on the director's segment: ask the kernel's FIB, and plan
@@ -147,34 +219,60 @@ def reconcile(
         dr = dr_destinations(p)
         routes = side.routes(set(dr)) if dr else {}
         if any(not route.on_link for route in routes.values()):
-            p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, routes)
-    owned_before = host.owned()
+            p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, routes, previous)
+    recorded = host.recorded()
+    owned_before = set(recorded.owned)
     observed = kernel.dump()
-    d = diff(p.table, observed, owned_before.__contains__, p.drain_seconds, memory.draining, now)
+    frozen = frozen_services(p, memory.owners, owned_before & set(observed))
+    # What a broken VirtualServer programmed stays: desired exactly as the kernel has it.
+    table = {**_as_desired(observed, frozen), **p.table}
+    d = diff(table, observed, owned_before.__contains__, p.drain_seconds, memory.draining, now)
     outcomes = {**p.outcomes, **snapshot.rejected}
     if dry_run:
         return PassResult(p, observed, d.ops, [], _with_failures(outcomes, p, d.conflicts, []))
 
-    ours = set(p.table) - d.conflicts
+    ours = set(table) - d.conflicts
+    masquerade = (set(p.masquerade) - d.conflicts) | (set(recorded.masquerade) & frozen)
+    declared = set(table)  # the guard lets traffic reach every declared service
+    wanted = set(p.addresses) | _vips(frozen)
+    going = {ip_address(k.address) for k in observed if k in owned_before and not k.fwmark}
     # Ownership is recorded before a service is created and dropped only after it is gone,
     # so a crash in between leaves at worst a record without a service (cleaned next pass).
-    host.record(owned_before | ours, set(p.masquerade) - d.conflicts)
+    # The guard opens a new service before its address is local and closes an old one only
+    # after the service is gone.
+    repairs = list(
+        host.record(
+            Ruleset.of(owned_before | ours, masquerade, wanted | going, declared | owned_before)
+        )
+    )
+    if isinstance(host, NodeTuning):
+        release = snapshot.node.kernel.release if snapshot.node.kernel else ""
+        host.tune(sysctl.needed(node_needs(p), release))
     # A new virtual address is local before its service exists, and an old one stays until its
     # service is gone, so no client ever meets a service whose address does not answer.
-    wanted = set(p.addresses)
-    going = {ip_address(k.address) for k in observed if k in owned_before and not k.fwmark}
     host.sync_addresses(wanted | going)
     results = kernel.apply(d.ops)
     memory.draining = dict(d.draining)
+    memory.owners = p.owners
+    memory.real_server_parts = p.real_server_parts
 
     still_there = {
         r.op.service.key for r in results if r.op.kind is OpKind.DEL_SERVICE and not r.ok
     }
-    host.record(ours | still_there, set(p.masquerade) - d.conflicts)
-    if going - wanted:  # else the first sync already left exactly the wanted addresses
-        host.sync_addresses(wanted)
+    # A service whose creation failed is not ours, whoever holds it now (a foreign program that
+    # created it meanwhile: EEXIST).
+    not_created = {
+        r.op.service.key for r in results if r.op.kind is OpKind.ADD_SERVICE and not r.ok
+    }
+    kept = (ours - not_created) | still_there
+    remaining = wanted | _vips(still_there)
+    repairs += host.record(
+        Ruleset.of(kept, masquerade - not_created, remaining, declared | still_there)
+    )
+    if going - remaining:  # else the first sync already left exactly the wanted addresses
+        host.sync_addresses(remaining)
     outcomes = _with_failures(outcomes, p, d.conflicts, results)
-    if side is not None:
+    if side is not None and p.real_servers_complete:
         errors = side.sync_real_servers(p.real_servers)
         outcomes = _with_real_server_failures(outcomes, p, errors)
-    return PassResult(p, observed, d.ops, results, outcomes)
+    return PassResult(p, observed, d.ops, results, outcomes, tuple(repairs))

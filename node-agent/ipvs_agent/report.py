@@ -1,13 +1,21 @@
-"""Writes this node's IPVSNode: one object per node, so agents never contend for one object."""
+"""Writes this node's IPVSNode: one object per node, so agents never contend for one object.
+
+Writes happen on a thread of their own (:class:`Outbox`): the reconcile loop hands over the
+latest report and goes on, so an API server that stalls or vanishes never stalls programming
+the kernel. Only the newest report is kept; older ones would be stale anyway.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ipvs_agent.cluster import REQUEST_TIMEOUT
 from ipvs_agent.status import same_report
 from ipvs_api import constants
 
@@ -46,7 +54,11 @@ class NodeReporter:
             ]
         try:
             self._custom.create_cluster_custom_object(
-                constants.GROUP, constants.VERSION, constants.IPVS_NODES, body
+                constants.GROUP,
+                constants.VERSION,
+                constants.IPVS_NODES,
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as e:
             if e.status != 409:
@@ -65,6 +77,7 @@ class NodeReporter:
                 constants.IPVS_NODES,
                 self._node,
                 {"status": status},
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as e:
             if e.status == 404:
@@ -72,3 +85,54 @@ class NodeReporter:
             raise
         self._last = status
         return True
+
+
+class Outbox:
+    """Sends reports on a thread of its own; :meth:`put` never blocks.
+
+    A failed send is retried after ``retry_seconds`` with whatever report is newest by then.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any], str], object],
+        retry_seconds: float = 5.0,
+    ) -> None:
+        self._send = send
+        self._retry = retry_seconds
+        self._lock = threading.Lock()
+        self._latest: tuple[dict[str, Any], str] | None = None
+        self._wake = threading.Event()
+        self.sent = 0
+        self.failures = 0
+
+    def put(self, status: dict[str, Any], node_uid: str = "") -> None:
+        with self._lock:
+            self._latest = (status, node_uid)
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Thread body: send the newest report whenever there is one, until ``stop``."""
+        while not stop.is_set():
+            self._wake.wait(1.0)
+            with self._lock:
+                item, self._latest = self._latest, None
+                self._wake.clear()
+            if item is None:
+                continue
+            try:
+                self._send(*item)
+                self.sent += 1
+            except Exception as e:  # keep the newest for the next try
+                self.failures += 1
+                log.warning("could not report IPVSNode status: %s", str(e).splitlines()[0])
+                with self._lock:
+                    if self._latest is None:
+                        self._latest = item
+                stop.wait(self._retry)
+                self._wake.set()
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="report", daemon=True)
+        thread.start()
+        return thread

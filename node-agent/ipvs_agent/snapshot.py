@@ -121,6 +121,7 @@ def node_from(
     name: str,
     kernel: KernelInfo | None,
     addresses: Iterable[IPAddress] = (),
+    protected_ports: Iterable[int] = (),
 ) -> Node:
     """The planner's Node: labels and addresses from the Node object, plus ``addresses``."""
     labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
@@ -129,6 +130,7 @@ def node_from(
         labels=dict(labels),
         kernel=kernel,
         addresses=node_addresses(obj) | frozenset(addresses),
+        protected_ports=frozenset(protected_ports),
     )
 
 

@@ -48,6 +48,7 @@ def node_status(
     synced_at: str,
     previous_conditions: Sequence[dict[str, Any]] = (),
     kernel_error: str = "",
+    node_settings: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of this node's IPVSNode."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
@@ -78,6 +79,11 @@ def node_status(
     }
     if kernel is not None:
         status["kernel"] = kernel_status(kernel)
+    if node_settings:
+        status["nodeSettings"] = [
+            {"name": name, "value": value, "previous": previous}
+            for name, (value, previous) in sorted(node_settings.items())
+        ]
     return status
 
 

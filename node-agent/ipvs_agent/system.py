@@ -1,23 +1,27 @@
 """The real host behind the reconciler's ``Host`` interface.
 
-The director side: virtual addresses on the dummy interface and the nftables table. The real-
-server side (``RealServerSide``): the kernel's route to DR real servers, and the setup of the
-node's own network namespace and of pods' namespaces for the DR and TUN services they serve.
+The director side: virtual addresses on the dummy interface, the nftables tables (ownership,
+masquerade, the VIP guard) with their second record in the state file, and the node-wide
+sysctls the programmed services need. The real-server side (``RealServerSide``): the kernel's
+route to DR real servers, and the setup of the node's own network namespace and of pods'
+namespaces for the DR and TUN services they serve.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ipvs_agent.desired import NODE_NETNS, RealServerNetns, Route, merge_specs
 from ipvs_agent.host import routes, sysctl
-from ipvs_agent.host._netns import HostError, netns_path
+from ipvs_agent.host._netns import HostError, entered, netns_path
 from ipvs_agent.host.addresses import VipInterface
-from ipvs_agent.host.nftables import DEFAULT_MARK, NftTable
+from ipvs_agent.host.nftables import DEFAULT_MARK, LiveTable, NftTable, Ruleset, render
+from ipvs_agent.host.nftables import rendered_digest as digest_of
 from ipvs_agent.host.podnetns import Ident, PodNamespaces
 from ipvs_agent.host.realserver import (
     OWNER,
@@ -25,6 +29,7 @@ from ipvs_agent.host.realserver import (
     RealServerHost,
     RealServerSpec,
 )
+from ipvs_agent.host.state import Repair, State, StateFile
 from ipvs_agent.model import IPAddress, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,14 @@ _HOST_ERRORS = (HostError, OSError, NetlinkError)
 
 
 class LinuxHost:
-    """Virtual addresses on the agent's interface; ownership and masquerade in its nft table;
-    real-server setup in the node's namespace and in pods' namespaces.
+    """Virtual addresses on the agent's interface; ownership, masquerade and the VIP guard in
+    its nftables tables and state file; node sysctls; real-server setup in the node's namespace
+    and in pods' namespaces.
 
     ``read_only`` (for ``ipvs-agent plan``) reads the ownership record and routes but changes
     nothing. ``pods`` says where pods' namespaces are found (default: ``/run/netns`` and
-    ``/proc/*/ns/net``); ``sysctl_root`` where the real-server sysctls are written (see
-    ``RealServerHost``).
+    ``/proc/*/ns/net``); ``sysctl_root`` where sysctls are written (see ``RealServerHost``);
+    ``state_dir`` where the state file lives (None: in memory only).
     """
 
     def __init__(
@@ -51,27 +57,86 @@ class LinuxHost:
         read_only: bool = False,
         pods: PodNamespaces | None = None,
         sysctl_root: str = sysctl.PROC_SYS,
+        state_dir: str | None = None,
     ) -> None:
         self.read_only = read_only
         self.netns = netns
         self.sysctl_root = sysctl_root
         self.vips = VipInterface(interface, netns=netns)
         self.nft = NftTable(mark=mark, netns=netns)
+        self.state = StateFile(state_dir, netns=netns)
         self.node_rs = RealServerHost(netns=netns, sysctl_root=sysctl_root)
         self.pods = pods or PodNamespaces(
             own=netns_path(netns) if netns is not None else "/proc/self/ns/net"
         )
+        #: The ruleset this agent last wrote, and the tables as the current pass saw them.
+        self._last: Ruleset | None = None
+        self._live: LiveTable | None = None
+        self._live_fresh = False
+        self._held: set[IPAddress] = set()
+        self._pending: list[Repair] = []
+        self._sysctl_problems: set[str] = set()
 
     def close(self) -> None:
         self.vips.close()
         self.node_rs.close()
 
-    def owned(self) -> set[ServiceKey]:
-        return self.nft.read_owned()
+    # ---------------------------------------------------------------- ownership and guard
 
-    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
-        if not self.read_only:
-            self.nft.sync(owned, masquerade)
+    def recorded(self) -> Ruleset:
+        """The union of every record of ownership: the nftables table, the state file and what
+        this process wrote; a flushed firewall alone does not make the agent forget."""
+        self._live = self.nft.live()
+        self._live_fresh = True
+        state = self.state.load()
+        owned = set(state.owned)
+        masquerade = set(state.masquerade)
+        if self._live is not None:
+            owned |= self._live.owned
+            masquerade |= self._live.masquerade
+        if self._last is not None:
+            owned |= self._last.owned
+            masquerade |= self._last.masquerade
+        return Ruleset.of(owned, masquerade)
+
+    def owned(self) -> set[ServiceKey]:
+        return set(self.recorded().owned)
+
+    def _drift(self, live: LiveTable | None, state: State) -> str | None:
+        if self._last is not None:
+            if self.nft.matches(self._last, live):
+                return None
+        elif state.digest is None or (live is not None and live.digest == state.digest):
+            return None
+        if live is None:
+            return "the nftables table inet ipvs-operator was gone (a flushed ruleset?)"
+        return "the nftables tables ipvs-operator had been changed by someone else"
+
+    def record(self, ruleset: Ruleset) -> list[Repair]:
+        """Write the state file, then both nftables tables (only if they differ); returns the
+        drift found, which this write repaired."""
+        live = self._live if self._live_fresh else self.nft.live()
+        self._live_fresh = False
+        state = self.state.load()
+        repairs, self._pending = self._pending, []
+        drift = self._drift(live, state)
+        if drift is not None:
+            repairs.append(Repair("nftables", drift))
+        if self.read_only:
+            return repairs
+        text = render(ruleset, self.nft.mark)
+        digest = digest_of(text)
+        self.state.save(
+            State(ruleset.owned, ruleset.masquerade, digest, state.sysctls)
+        )  # beside the kernel first: a flush after this point still leaves the record
+        if not self.nft.matches(ruleset, live):
+            self.nft.apply(text)
+            live = self.nft.written(ruleset, text)
+        self._last = ruleset
+        self._live, self._live_fresh = live, True  # the pass's next record() reads no table
+        for repair in repairs:
+            log.warning("repaired drift: %s", repair.detail)
+        return repairs
 
     def sync_addresses(self, wanted: set[IPAddress]) -> None:
         if self.read_only:
@@ -80,6 +145,127 @@ class LinuxHost:
         changes = self.vips.sync(wanted)
         if changes.changed:
             log.info("virtual addresses: %s", changes)
+        lost = changes.added & self._held
+        if lost:
+            shown = ", ".join(sorted(map(str, lost)))
+            where = self.vips.name
+            self._pending.append(
+                Repair("addresses", f"virtual addresses {shown} had been removed from {where}")
+            )
+        self._held = set(wanted)
+
+    # ---------------------------------------------------------------- node sysctls
+
+    def _ipv6_interfaces(self) -> dict[str, tuple[str, str]]:
+        """(accept_ra, forwarding) of every interface, as the namespace's sysctls say."""
+        found: dict[str, tuple[str, str]] = {}
+        with entered(self.netns):
+            base = os.path.join(self.sysctl_root, "net/ipv6/conf")
+            try:
+                names = os.listdir(base)
+            except OSError:
+                return found
+            for name in names:
+                try:
+                    with (
+                        open(os.path.join(base, name, "accept_ra")) as a,
+                        open(os.path.join(base, name, "forwarding")) as f,
+                    ):
+                        found[name] = (a.read().strip(), f.read().strip())
+                except OSError:
+                    continue
+        return found
+
+    def tune(self, wanted: Sequence[sysctl.Sysctl]) -> None:
+        """Set the node-wide sysctls the programmed services need, noting what each replaced.
+
+        Before IPv6 forwarding is turned on, interfaces that accept router advertisements only
+        while not forwarding are told to keep accepting them (``accept_ra=2``).
+        """
+        if self.read_only or not wanted:
+            return
+        items = list(wanted)
+        if sysctl.IPV6_FORWARDING in items:
+            with entered(self.netns):
+                current = sysctl.read(sysctl.IPV6_FORWARDING, root=self.sysctl_root)
+            if current != "1":
+                items = sysctl.keep_router_advertisements(self._ipv6_interfaces()) + items
+        changed: list[sysctl.Change] = []
+        for item in items:  # one at a time: a refused write must not keep the others from going
+            try:
+                result = sysctl.apply([item], netns=self.netns, root=self.sysctl_root)
+            except OSError as error:
+                problem = f"cannot set {item}: {error.strerror or error}"
+                if problem not in self._sysctl_problems:
+                    log.warning("%s (under %s)", problem, self.sysctl_root)
+                self._sysctl_problems.add(problem)
+                continue
+            changed += result.changed
+            for missing in result.missing:
+                log.warning("sysctl %s does not exist on this kernel", missing.name)
+        self._note(changed)
+
+    def _note(self, changes: Sequence[sysctl.Change]) -> None:
+        if not changes or self.read_only:
+            return
+        for change in changes:
+            log.info("sysctl %s", change)
+        state = self.state.load()
+        self.state.save(state.with_sysctls((c.sysctl.path, c.sysctl.value, c.old) for c in changes))
+
+    # ---------------------------------------------------------------- uninstall
+
+    def remove_addresses(self) -> list[str]:
+        """Delete the agent's dummy device, and with it every VIP."""
+        vips = sorted(map(str, self.vips.addresses()))
+        if not self.vips.delete():
+            return []
+        return [f"deleted {self.vips.name} with {', '.join(vips) or 'no addresses'}"]
+
+    def remove_tables(self) -> list[str]:
+        return ["deleted the nftables tables ipvs-operator"] if self.nft.delete() else []
+
+    def clear_real_servers(self) -> list[str]:
+        """Undo the real-server setup in the node's namespace and in every pod's it marked."""
+        done: list[str] = []
+        changes = self.node_rs.clear()
+        if changes.changed:
+            done.append(f"real-server setup in the node's namespace removed: {changes}")
+        self.pods.refresh()
+        for ident in sorted(self.pods.prepared()):
+            path = self.pods.live[ident]
+            with RealServerHost(netns=path, sysctl_root=self.sysctl_root) as host:
+                cleared = host.clear()
+            self.pods.mark(ident, False)
+            done.append(f"real-server setup in {path} removed: {cleared}")
+        return done
+
+    def restore_sysctls(self) -> tuple[list[str], list[str]]:
+        """Put back each sysctl the agent changed, unless someone changed it again since.
+
+        Returns (restored, left alone), one line each.
+        """
+        restored: list[str] = []
+        left: list[str] = []
+        for path, note in sorted(self.state.load().sysctls.items()):
+            item = sysctl.Sysctl(path, note.previous, "restored by ipvs-agent cleanup")
+            with entered(self.netns):
+                current = sysctl.read(item, root=self.sysctl_root)
+            if current is None:
+                continue
+            if current != note.value:
+                left.append(f"sysctl {item.name} left at {current}: changed since the agent set it")
+                continue
+            sysctl.apply([item], netns=self.netns, root=self.sysctl_root)
+            restored.append(f"sysctl {item.name} restored: {note.value} -> {note.previous}")
+        return restored, left
+
+    def node_changes(self) -> Mapping[str, tuple[str, str]]:
+        """Every node-wide sysctl the agent changed: sysctl name -> (value, previous)."""
+        return {
+            sysctl.Sysctl(path, note.value, "").name: (note.value, note.previous)
+            for path, note in sorted(self.state.load().sysctls.items())
+        }
 
     def local_addresses(self) -> set[IPAddress]:
         """The namespace's own addresses, but not VIPs on the agent's devices or link-local ones
@@ -114,7 +300,9 @@ class LinuxHost:
             return {}
         errors: dict[RealServerNetns, str] = {}
         try:
-            _log_changes("node", self.node_rs.sync(wanted.get(NODE_NETNS, RealServerSpec())))
+            changes = self.node_rs.sync(wanted.get(NODE_NETNS, RealServerSpec()))
+            _log_changes("node", changes)
+            self._note(changes.sysctls)
         except _HOST_ERRORS as error:
             errors[NODE_NETNS] = str(error)
         pods = {t: spec for t, spec in wanted.items() if t.pod_ip is not None}
@@ -173,15 +361,3 @@ def _log_changes(where: str, changes: RealServerChanges) -> None:
         log.info("real server setup in %s: %s", where, changes)
     for item in changes.missing_sysctls:
         log.warning("sysctl %s does not exist in %s", item.name, where)
-
-
-def prepare_node(
-    kernel_release: str, netns: str | None = None, root: str = sysctl.PROC_SYS
-) -> sysctl.ApplyResult:
-    """Set the sysctls a director relies on (docs/operations.md lists them with reasons)."""
-    result = sysctl.apply(sysctl.required(kernel_release), netns=netns, root=root)
-    for change in result.changed:
-        log.info("sysctl %s", change)
-    for item in result.missing:
-        log.warning("sysctl %s does not exist on this kernel", item.name)
-    return result

@@ -92,7 +92,7 @@ def test_install_upgrade_uninstall(helm: Helm, kubeconfig: Path, admin: Any) -> 
 
     # Every object of the release is on the server.
     objects = release_objects(helm, kubeconfig)
-    assert len(objects) == 11
+    assert len(objects) == 13
     for obj in objects:
         assert exists(admin, obj), f"{obj['kind']}/{obj['metadata']['name']}"
     deployment = read(admin, "apps/v1", "Deployment", "ipvs-operator", NAMESPACE)

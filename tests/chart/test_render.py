@@ -8,12 +8,8 @@ templates are also judged as Pods by Pod Security admission at the level each ne
 
 from __future__ import annotations
 
-import builtins
-import os
 import subprocess
-import sys
 import tarfile
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,6 @@ import yaml
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
-from ipvs_agent.host import sysctl
 from tests.apiserver.cluster import LocalApiServer
 from tests.chart.helm import (
     CHART,
@@ -147,7 +142,9 @@ def test_defaults_render_the_expected_objects(helm: Helm) -> None:
         ("DaemonSet", "ipvs-agent"),
         ("Deployment", "ipvs-operator"),
         ("PodDisruptionBudget", "ipvs-operator"),
+        ("Role", "ipvs-agent"),
         ("Role", "ipvs-operator-leader-election"),
+        ("RoleBinding", "ipvs-agent"),
         ("RoleBinding", "ipvs-operator-leader-election"),
         ("ServiceAccount", "ipvs-agent"),
         ("ServiceAccount", "ipvs-operator"),
@@ -260,14 +257,16 @@ def test_agent_privileged_is_an_option(helm: Helm) -> None:
 
 def test_agent_args_follow_values(helm: Helm) -> None:
     agent = container(agent_pod(helm, "full.yaml"), "agent")
+    assert agent["command"] == ["ipvs-agent"]
     assert agent["args"] == [
-        "ipvs-agent",
         "run",
         "--interface=lvs0",
         "--resync-seconds=10",
         "--metrics-port=9900",
         "--metrics-address=::",
         "--timeouts=1000000,120,300",
+        "--protected-ports=22,6443",
+        "--state-dir=/run/ipvs-agent",
         "--netns-dir=/var/run/netns",
         "--proc=",
         "--sysctl-root=/host/proc/sys",
@@ -287,12 +286,38 @@ def test_agent_args_parse_with_the_agents_own_parser(
 
     monkeypatch.setattr(cli, "run_command", run_command)
     agent = container(agent_pod(helm, "full.yaml"), "agent")
-    assert cli.main(agent["args"][1:]) == 0
+    assert cli.main(agent["args"]) == 0
     (args,) = parsed
     assert (args.interface, args.resync_seconds, args.metrics_port) == ("lvs0", 10.0, 9900)
     assert (args.metrics_address, args.timeouts) == ("::", (1000000, 120, 300))
     assert (args.netns_dir, args.proc) == (["/var/run/netns"], "")
-    assert args.sysctl_root == "/host/proc/sys", "real-server sysctls through the mount"
+    assert args.sysctl_root == "/host/proc/sys", "sysctls through the mount"
+    assert (args.protected_ports, args.state_dir, args.daemonset) == (
+        [22, 6443],
+        "/run/ipvs-agent",
+        "",
+    )
+
+
+def test_agent_defaults_bind_metrics_to_the_node_and_clean_up_on_uninstall(helm: Helm) -> None:
+    pod = agent_pod(helm)
+    agent = container(pod, "agent")
+    env = {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in agent["env"]
+    }
+    assert env["NODE_IP"] == "status.hostIP" and env["POD_NAMESPACE"] == "metadata.namespace"
+    assert "--metrics-address=$(NODE_IP)" in agent["args"], "never 0.0.0.0: not on the VIPs"
+    assert "--daemonset=$(POD_NAMESPACE)/ipvs-agent" in agent["args"]
+    assert (
+        "--protected-ports=22,2379,2380,6443,9753,10249,10250,10255,10256,10257,10259"
+        in (agent["args"])
+    )
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["state"] == "/run/ipvs-agent"
+    assert volumes["state"]["hostPath"] == {"path": "/run/ipvs-agent", "type": "DirectoryOrCreate"}
+    assert "--sysctl-root=/host/proc/sys" in agent["args"]
+    assert mounts["proc-sys-net"] == "/host/proc/sys/net"
 
 
 def test_pod_real_servers_add_sys_admin_and_the_nodes_namespaces(helm: Helm) -> None:
@@ -329,66 +354,11 @@ def test_load_modules_script(helm: Helm, tmp_path: Path) -> None:
     assert bad.returncode == 1  # not loadable and not in /sys/module: the pod does not start
 
 
-def run_agent_wrapper(
-    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch, release: str
-) -> tuple[list[tuple[list[sysctl.Sysctl], str]], list[str]]:
-    """Run the agent container's Python start-up with the kernel, /proc and exec faked."""
-    agent = container(pod, "agent")
-    assert agent["command"][:2] == ["python", "-c"]
-    for var in agent["env"]:
-        if "value" in var:
-            monkeypatch.setenv(var["name"], var["value"])
-    applied: list[tuple[list[sysctl.Sysctl], str]] = []
-    executed: list[str] = []
-
-    def fake_apply(items: Any, *, netns: str | None = None, root: str = "") -> Any:
-        applied.append((list(items), root))
-        return sysctl.ApplyResult()
-
-    class FakeKernel:
-        def __enter__(self) -> Any:
-            return types.SimpleNamespace(info=lambda: types.SimpleNamespace(release=release))
-
-        def __exit__(self, *_: object) -> None:
-            pass
-
-    def fake_execvp(file: str, argv: list[str]) -> None:
-        assert file == argv[0]
-        executed.extend(argv)
-
-    fake_ipvs = types.ModuleType("ipvs_agent.kernel.ipvs")
-    fake_ipvs.IPVSKernel = FakeKernel  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ipvs_agent.kernel.ipvs", fake_ipvs)
-    monkeypatch.setattr(sysctl, "apply", fake_apply)
-    monkeypatch.setattr(os, "execvp", fake_execvp)
-    monkeypatch.setattr(sys, "argv", ["-c", *agent["args"]])
-    code = compile(agent["command"][2], "agent-start", "exec")
-    exec(code, {"__builtins__": builtins, "__name__": "__main__"})
-    return applied, executed
-
-
-def test_agent_start_writes_the_agents_own_sysctls_through_the_mount_then_execs_it(
-    helm: Helm, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pod = agent_pod(helm, "full.yaml")
-    applied, executed = run_agent_wrapper(pod, monkeypatch, "5.4.0-1-amd64")
-    assert executed == container(pod, "agent")["args"]
-    assert len(applied) == 1
-    items, root = applied[0]
-    assert items == sysctl.required("5.4.0-1-amd64")  # the agent's own list, for this kernel
-    mounts = {m["name"]: m["mountPath"] for m in container(pod, "agent")["volumeMounts"]}
-    assert {i.path.split("/")[0] for i in items} == {"net"}
-    assert mounts["proc-sys-net"] == f"{root}/net"
-
-
-def test_agent_start_without_sysctls_only_execs(
-    helm: Helm, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pod = agent_pod(helm, "privileged.yaml")
-    applied, executed = run_agent_wrapper(pod, monkeypatch, "6.1.0")
-    assert applied == []
-    assert executed[:2] == ["ipvs-agent", "run"]
-    assert not any(a.startswith("--sysctl-root") for a in executed), "no mount to write through"
+def test_agent_without_sysctls_has_no_mount_to_write_through(helm: Helm) -> None:
+    agent = container(agent_pod(helm, "privileged.yaml"), "agent")
+    assert agent["command"] == ["ipvs-agent"] and agent["args"][0] == "run"
+    assert not any(a.startswith("--sysctl-root") for a in agent["args"])
+    assert "proc-sys-net" not in {m["name"] for m in agent["volumeMounts"]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ipvs_agent.desired import Node
+from ipvs_agent.host.podnetns import PodNamespaces
 from ipvs_agent.kernel.ipvs import IPVSKernel
 from ipvs_agent.model import KernelInfo, ObservedService, ObservedTable
 from ipvs_agent.reconciler import Memory, PassResult, reconcile
-from ipvs_agent.snapshot import take
-from tests.kernel.topology import Topology
+from ipvs_agent.snapshot import node_from, take
+from ipvs_agent.system import LinuxHost
+from tests.kernel.topology import Netns, Topology
 from tests.unit.agent_helpers import FakeHost
 
 NAMESPACE = "lab"
@@ -156,4 +159,56 @@ class Agent:
         return [names[d.address] for d in observed.dests]
 
 
-__all__ = ["NAMESPACE", "Agent", "forwarding", "manifest"]
+class NodeAgent:
+    """One node's agent pipeline, in-process, bound to the node's network namespace."""
+
+    def __init__(
+        self,
+        ns: Netns,
+        name: str,
+        addresses: Sequence[str],
+        labels: dict[str, str] | None = None,
+        pod_dir: Path | None = None,
+        sysctl_root: str = "/proc/sys",
+        state_dir: Path | None = None,
+        protected_ports: frozenset[int] = frozenset(),
+    ) -> None:
+        self.ns = ns
+        self.node = {
+            "metadata": {"name": name, "labels": labels or {}},
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
+        }
+        self.name = name
+        pods = PodNamespaces([str(pod_dir)] if pod_dir else [], None, own=ns.path)
+        self.host = LinuxHost(
+            netns=ns.name,
+            pods=pods,
+            sysctl_root=sysctl_root,
+            state_dir=str(state_dir) if state_dir else None,
+        )
+        self.memory = Memory()
+        self.protected_ports = protected_ports
+
+    def reconcile(
+        self,
+        vss: Sequence[dict[str, Any]],
+        slices: Sequence[dict[str, Any]] = (),
+        *,
+        kernel: IPVSKernel | None = None,
+        check: bool = True,
+    ) -> PassResult:
+        """One pass; ``kernel`` replaces the node's own (a wrapper), ``check`` insists that
+        the kernel refused nothing."""
+        with kernel or IPVSKernel(netns=self.ns.name) as k:
+            node = node_from(self.node, self.name, k.info(), protected_ports=self.protected_ports)
+            snap = take(vss, slices, node)
+            result = reconcile(snap, k, self.host, self.memory, time.monotonic())
+        if check:
+            assert result.failures == [], [str(r.op) for r in result.failures]
+        return result
+
+    def close(self) -> None:
+        self.host.close()
+
+
+__all__ = ["NAMESPACE", "Agent", "NodeAgent", "forwarding", "manifest"]

@@ -5,8 +5,9 @@ node's user namespace with every capability but the granted ones dropped from th
 (``setpriv``), no_new_privs (``allowPrivilegeEscalation: false``), ``/proc/sys`` mounted
 read-only as runc mounts it for unprivileged containers, and the hostPath of the node's
 ``/proc/sys/net`` bound read-write at the pod's mount point. Then it runs the container's own
-command, read from the chart template, and looks at the network namespace's sysctls and the
-loaded modules.
+program, read from the chart template (``ipvs-agent``), with ``apply`` instead of ``run`` — the
+same pass without the API server — and looks at the network namespace's IPVS table, sysctls
+and loaded modules.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from ipvs_agent.host import sysctl
 from ipvs_agent.kernel.ipvs import IPVSKernel
 from tests.chart.helm import template_script
+from tests.kernel.ipvsctl import ipvsadm_list
 from tests.kernel.topology import Lab, Netns
 
 POD_MOUNT = "/host/proc/sys"
@@ -42,7 +44,7 @@ exec setpriv --no-new-privs --inh-caps=-all --bounding-set="$CAPS" -- "$@"
 def run_as_pod(
     ns: Netns, caps: str, mount_point: Path, command: list[str]
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CAPS": caps, "IPVS_SYSCTLS": "true"}
+    env = {**os.environ, "CAPS": caps}
     argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", CONTAINER]
     with ns.entered():
         return subprocess.run(
@@ -55,52 +57,77 @@ def run_as_pod(
         )
 
 
-def agent_command(root: str) -> list[str]:
-    """The agent container's start-up, with the pod's mount point moved to ``root``."""
-    interpreter, flag, script = template_script("agent")
-    assert interpreter == "python" and POD_MOUNT in script
-    return [sys.executable, flag, script.replace(POD_MOUNT, root), "true"]
+NAT_SERVICE = """
+apiVersion: ipvs.io/v1alpha1
+kind: VirtualServer
+metadata: {name: web, namespace: lab}
+spec:
+  address: 203.0.113.10
+  ports: [{port: 80}]
+  scheduler: {name: rr}
+  backends: {static: [{address: 192.0.2.11}]}
+"""
+
+
+def agent_command(sysctl_root: str, tmp_path: Path) -> list[str]:
+    """The agent container's program and the pass of ``run``, on a NAT VirtualServer."""
+    (program,) = template_script("agent")
+    manifest = tmp_path / "web.yaml"
+    manifest.write_text(NAT_SERVICE)
+    state = tmp_path / "state"
+    return [
+        str(Path(sys.executable).parent / program),
+        "apply",
+        "-f",
+        str(manifest),
+        f"--sysctl-root={sysctl_root}",
+        f"--state-dir={state}",
+        "--proc=",
+    ]
 
 
 @pytest.fixture
 def director(lab: Lab) -> Netns:
-    """A namespace whose director sysctls are all 0 (none as a director needs them)."""
+    """A namespace whose NAT sysctls are all 0 (none as a NAT director needs them)."""
     (ns,) = lab.netns("director")
     ns.call(lambda: IPVSKernel().close())  # loads ip_vs: the net.ipv4.vs.* entries appear
-    for item in sysctl.required(os.uname().release):
+    for item in sysctl.needed(sysctl.Needs(True, True, False, True), os.uname().release):
         if ns.call(sysctl.read, item) is not None:
             ns.sysctl(item.path, "0")
     return ns
 
 
-def test_agent_start_sets_director_sysctls_with_net_admin_alone(
+def test_the_agent_sets_what_its_services_need_with_net_admin_alone(
     director: Netns, tmp_path: Path
 ) -> None:
     root = tmp_path / "host"
     root.mkdir()
-    proc = run_as_pod(director, "-all,+net_admin", root, agent_command(f"{root}/proc/sys"))
+    command = agent_command(f"{root}/proc/sys", tmp_path)
+    proc = run_as_pod(director, "-all,+net_admin", root, command)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wanted = sysctl.required(os.uname().release)
+    wanted = sysctl.needed(sysctl.Needs(True, True, False, True), os.uname().release)
     values = {item.name: director.call(sysctl.read, item) for item in wanted}
     assert values == {item.name: item.value for item in wanted}
-    assert "sysctl net.ipv4.ip_forward: 0 -> 1" in proc.stdout
+    assert "203.0.113.10:80" in ipvsadm_list(director)
+    assert "sysctl net.ipv4.ip_forward: 0 -> 1" in proc.stderr
 
 
 def test_without_the_mount_the_read_only_proc_sys_refuses(director: Netns, tmp_path: Path) -> None:
     root = tmp_path / "host"
     root.mkdir()
-    proc = run_as_pod(director, "-all,+net_admin", root, agent_command("/proc/sys"))
-    assert proc.returncode != 0
-    assert "Read-only file system" in proc.stderr
+    proc = run_as_pod(director, "-all,+net_admin", root, agent_command("/proc/sys", tmp_path))
+    assert "Read-only file system" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     assert director.read_sysctl("net.ipv4.ip_forward") == "0"
 
 
 def test_without_net_admin_the_agent_cannot_open_ipvs(director: Netns, tmp_path: Path) -> None:
     root = tmp_path / "host"
     root.mkdir()
-    proc = run_as_pod(director, "-all", root, agent_command(f"{root}/proc/sys"))
-    assert proc.returncode != 0
-    assert "KernelError" in proc.stderr, proc.stderr
+    proc = run_as_pod(director, "-all", root, agent_command(f"{root}/proc/sys", tmp_path))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Operation not permitted" in lines[0], proc.stderr
     assert director.read_sysctl("net.ipv4.ip_forward") == "0"
 
 

@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 
 from ipvs_agent.host.addresses import VipInterface
-from ipvs_agent.host.nftables import NftTable, render
-from ipvs_agent.host.sysctl import apply, read, required
+from ipvs_agent.host.nftables import NftTable, Ruleset, render
+from ipvs_agent.host.sysctl import VS_CONNTRACK, Needs, apply, needed, read
 from ipvs_agent.model import AddressFamily, Protocol, ServiceKey
 from tests.kernel.topology import Lab, Netns, build_nat
 
@@ -110,13 +110,12 @@ def test_masquerade_reaches_real_servers_on_other_nodes(lab: Lab) -> None:
         f"-a -t {VIP}:{LOCAL_PORT} -r {local_rs.rip}:{LOCAL_RS_PORT} -m\n"
     )
     run_in(director, ["ipvsadm", "-R"], stdin=rules)
-    result = apply(required(os.uname().release), netns=director.name)
+    everything = needed(Needs(True, True, True, True, True), os.uname().release)
+    result = apply(everything, netns=director.name)
     assert result.missing == ()
-    conntrack = required("6.1")[2]
-    assert conntrack.name == "net.ipv4.vs.conntrack"
     with director.entered():
-        assert read(conntrack) == "1"
-    assert not apply(required(os.uname().release), netns=director.name).changed
+        assert read(VS_CONNTRACK) == "1"
+    assert not apply(everything, netns=director.name).changed
 
     remote = listener(remote_rs.ns, REMOTE_RS_PORT)
     local = listener(local_rs.ns, LOCAL_RS_PORT)
@@ -126,7 +125,7 @@ def test_masquerade_reaches_real_servers_on_other_nodes(lab: Lab) -> None:
         cluster = ServiceKey.for_address(VIP, Protocol.TCP, CLUSTER_PORT)
         local_only = ServiceKey.for_address(VIP, Protocol.TCP, LOCAL_PORT)
         table = NftTable(netns=director.name)
-        assert table.sync({cluster, local_only}, {cluster})
+        assert table.sync(Ruleset.of({cluster, local_only}, {cluster}))
 
         # Cluster: source NAT to the director, so the reply finds its way back.
         assert peer_seen(client.ns, remote, str(VIP), CLUSTER_PORT) == topology.director_addr
@@ -136,7 +135,7 @@ def test_masquerade_reaches_real_servers_on_other_nodes(lab: Lab) -> None:
         assert peer_seen(director, remote, str(VIP), CLUSTER_PORT) == topology.director_addr
 
         # Dropping the service from the masquerade set breaks the remote path again.
-        assert table.sync({cluster, local_only}, set())
+        assert table.sync(Ruleset.of({cluster, local_only}, set()))
         assert connect_fails(client.ns, str(VIP), CLUSTER_PORT)
 
 
@@ -157,24 +156,24 @@ def test_owned_sets_survive_re_renders_and_other_tables_are_untouched(lab: Lab) 
         ServiceKey.for_fwmark(AddressFamily.INET6, 16),
     }
     masquerade = {ServiceKey.for_address(VIP, Protocol.TCP, 80)}
-    assert table.sync(owned, masquerade)
+    assert table.sync(Ruleset.of(owned, masquerade))
     assert table.read_owned() == owned
-    assert not table.sync(owned, masquerade)  # unchanged: nft -f does not run
+    assert not table.sync(Ruleset.of(owned, masquerade))  # unchanged: nft -f does not run
 
     more = owned | {ServiceKey.for_address(ipaddress.ip_address("198.51.100.7"), Protocol.TCP, 25)}
-    assert table.sync(more, masquerade)
+    assert table.sync(Ruleset.of(more, masquerade))
     assert NftTable(netns=ns.name).read_owned() == more  # as read by a restarted agent
 
     # A hand-deleted element is put back at the next sync.
     nft(ns, "delete", "element", "inet", "ipvs-operator", "owned4", "{ 203.0.113.10 . tcp . 80 }")
     assert table.read_owned() == more - {ServiceKey.for_address(VIP, Protocol.TCP, 80)}
-    assert table.sync(more, masquerade)
+    assert table.sync(Ruleset.of(more, masquerade))
     assert table.read_owned() == more
 
     # Every golden rendering loads on a real kernel (one transaction: each replaces the last).
     goldens = [path.read_text() for path in sorted(GOLDEN.glob("*.nft"))]
     assert len(goldens) >= 4
-    table.apply("\n".join([*goldens, render(more, masquerade)]))
+    table.apply("\n".join([*goldens, render(Ruleset.of(more, masquerade))]))
     assert table.read_owned() == more
 
     assert table.delete()

@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,11 +30,8 @@ import pytest
 from ipvs_agent.desired import NODE_NETNS, NOT_ON_LINK, RealServerNetns, Role, State
 from ipvs_agent.host.podnetns import PodNamespaces, ident_of
 from ipvs_agent.host.realserver import RS_INTERFACE
-from ipvs_agent.kernel.ipvs import IPVSKernel
-from ipvs_agent.reconciler import Memory, PassResult, reconcile
-from ipvs_agent.snapshot import node_from, take
 from ipvs_agent.status import entry
-from ipvs_agent.system import LinuxHost
+from tests.kernel.agent_harness import NodeAgent
 from tests.kernel.ipvsctl import ipvsadm, ipvsadm_list
 from tests.kernel.topology import (
     GUE_PORT,
@@ -50,42 +46,6 @@ from tests.kernel.topology import (
 DIRECTOR_LABELS = {"ipvs.io/director": "true"}
 MS_BIND = 4096
 MNT_DETACH = 2
-
-
-class NodeAgent:
-    """One node's agent pipeline, in-process, bound to the node's network namespace."""
-
-    def __init__(
-        self,
-        ns: Netns,
-        name: str,
-        addresses: Sequence[str],
-        labels: dict[str, str] | None = None,
-        pod_dir: Path | None = None,
-        sysctl_root: str = "/proc/sys",
-    ) -> None:
-        self.ns = ns
-        self.node = {
-            "metadata": {"name": name, "labels": labels or {}},
-            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
-        }
-        self.name = name
-        pods = PodNamespaces([str(pod_dir)] if pod_dir else [], None, own=ns.path)
-        self.host = LinuxHost(netns=ns.name, pods=pods, sysctl_root=sysctl_root)
-        self.memory = Memory()
-
-    def reconcile(
-        self, vss: Sequence[dict[str, Any]], slices: Sequence[dict[str, Any]] = ()
-    ) -> PassResult:
-        with IPVSKernel(netns=self.ns.name) as kernel:
-            node = node_from(self.node, self.name, kernel.info())
-            snap = take(vss, slices, node)
-            result = reconcile(snap, kernel, self.host, self.memory, time.monotonic())
-        assert result.failures == [], [str(r.op) for r in result.failures]
-        return result
-
-    def close(self) -> None:
-        self.host.close()
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+from ipvs_agent.host.nftables import Ruleset
+from ipvs_agent.host.state import Repair
 from ipvs_agent.model import (
     DesiredTable,
     ObservedDest,
@@ -100,20 +102,26 @@ def apply_ops(table: ObservedTable, ops: list[Op]) -> dict[ServiceKey, ObservedS
 
 
 class FakeHost:
-    """The agent's host state in memory: the ownership record, masquerade set and addresses."""
+    """The agent's host state in memory: the ownership record, masquerade, guard, addresses."""
 
     def __init__(self, owned: set[ServiceKey] | None = None) -> None:
         self.owned_keys: set[ServiceKey] = set(owned or ())
         self.masquerade: set[ServiceKey] = set()
         self.addresses: set[Any] = set()
         self.records: list[set[ServiceKey]] = []
+        self.rulesets: list[Ruleset] = []
+
+    def recorded(self) -> Ruleset:
+        return Ruleset.of(self.owned_keys, self.masquerade)
 
     def owned(self) -> set[ServiceKey]:
         return set(self.owned_keys)
 
-    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
-        self.owned_keys, self.masquerade = set(owned), set(masquerade)
-        self.records.append(set(owned))
+    def record(self, ruleset: Ruleset) -> list[Repair]:
+        self.owned_keys, self.masquerade = set(ruleset.owned), set(ruleset.masquerade)
+        self.records.append(set(ruleset.owned))
+        self.rulesets.append(ruleset)
+        return []
 
     def sync_addresses(self, wanted: set[Any]) -> None:
         self.addresses = set(wanted)

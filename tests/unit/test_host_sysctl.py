@@ -7,15 +7,19 @@ from pathlib import Path
 import pytest
 
 from ipvs_agent.host.sysctl import (
+    Needs,
     Sysctl,
     apply,
     conn_reuse_mode_needed,
     interface_sysctl,
+    keep_router_advertisements,
     kernel_version,
+    needed,
     read,
-    required,
     sysctl,
 )
+
+EVERYTHING = Needs(services=True, nat4=True, nat6=True, masquerade=True, persistence=True)
 
 
 def names(items: list[Sysctl]) -> list[str]:
@@ -38,7 +42,7 @@ def test_kernel_version_reads_uname_release(release: str, version: tuple[int, in
 
 
 @pytest.mark.parametrize(
-    ("release", "needed"),
+    ("release", "needed_"),
     [
         ("3.10.0-1160.el7.x86_64", False),  # no conn_reuse_mode at all
         ("4.0.9", False),
@@ -51,36 +55,80 @@ def test_kernel_version_reads_uname_release(release: str, version: tuple[int, in
         ("garbage", False),
     ],
 )
-def test_conn_reuse_mode_only_on_kernels_with_the_syn_delay(release: str, needed: bool) -> None:
-    assert conn_reuse_mode_needed(release) is needed
-    assert ("net.ipv4.vs.conn_reuse_mode" in names(required(release))) is needed
+def test_conn_reuse_mode_only_on_kernels_with_the_syn_delay(release: str, needed_: bool) -> None:
+    assert conn_reuse_mode_needed(release) is needed_
+    chosen = names(needed(EVERYTHING, release))
+    assert ("net.ipv4.vs.conn_reuse_mode" in chosen) is needed_
 
 
-def test_required_on_debian_bookworm() -> None:
-    assert [str(s) for s in required("6.1.0-56-amd64")] == [
+def test_everything_on_debian_bookworm() -> None:
+    assert [str(s) for s in needed(EVERYTHING, "6.1.0-56-amd64")] == [
         "net.ipv4.ip_forward=1",
         "net.ipv6.conf.all.forwarding=1",
         "net.ipv4.vs.conntrack=1",
         "net.ipv4.vs.expire_nodest_conn=1",
         "net.ipv4.vs.expire_quiescent_template=1",
-        "net.ipv4.conf.all.arp_ignore=1",
         "net.ipv4.conf.all.arp_announce=2",
     ]
 
 
-def test_required_without_ipv6_or_strict_arp() -> None:
-    chosen = names(required("5.4.0", ipv6=False, strict_arp=False))
-    assert chosen == [
-        "net.ipv4.ip_forward",
-        "net.ipv4.vs.conntrack",
-        "net.ipv4.vs.expire_nodest_conn",
-        "net.ipv4.vs.expire_quiescent_template",
-        "net.ipv4.vs.conn_reuse_mode",
+@pytest.mark.parametrize(
+    ("needs", "chosen"),
+    [
+        (Needs(), []),  # nothing programmed: the node is left as it is
+        # DR and TUN only: IPVS sends the packets itself, no forwarding, no conntrack
+        (Needs(services=True), ["net.ipv4.vs.expire_nodest_conn"]),
+        # IPv4 NAT with traffic policy Local: forwarding, but no masquerade and no IPv6
+        (
+            Needs(services=True, nat4=True),
+            [
+                "net.ipv4.ip_forward",
+                "net.ipv4.vs.expire_nodest_conn",
+                "net.ipv4.conf.all.arp_announce",
+            ],
+        ),
+        # IPv6 NAT, masqueraded: IPv6 forwarding and conntrack; IPv4 stays as it is
+        (
+            Needs(services=True, nat6=True, masquerade=True),
+            [
+                "net.ipv6.conf.all.forwarding",
+                "net.ipv4.vs.conntrack",
+                "net.ipv4.vs.expire_nodest_conn",
+            ],
+        ),
+        (
+            Needs(services=True, persistence=True),
+            ["net.ipv4.vs.expire_nodest_conn", "net.ipv4.vs.expire_quiescent_template"],
+        ),
+    ],
+)
+def test_only_what_the_programmed_services_need(needs: Needs, chosen: list[str]) -> None:
+    assert names(needed(needs, "6.1.0-56-amd64")) == chosen
+
+
+def test_no_node_wide_arp_ignore_any_more() -> None:
+    """ARP for VIPs is filtered per address by the agent's nftables arp table instead."""
+    assert not any("arp_ignore" in n for n in names(needed(EVERYTHING, "5.4.0")))
+
+
+def test_interfaces_that_take_router_advertisements_keep_them() -> None:
+    interfaces = {
+        "all": ("1", "0"),
+        "default": ("1", "0"),
+        "lo": ("1", "0"),
+        "eth0": ("1", "0"),  # SLAAC: would lose its default route once forwarding is on
+        "eth1": ("0", "0"),  # static: ignores RAs anyway
+        "eth2": ("2", "0"),  # already accepts them while forwarding
+        "eth0.100": ("1", "0"),
+    }
+    assert [str(s) for s in keep_router_advertisements(interfaces)] == [
+        "net.ipv6.conf.eth0.accept_ra=2",
+        "net.ipv6.conf.eth0/100.accept_ra=2",
     ]
 
 
 def test_every_sysctl_says_why() -> None:
-    for item in required("5.4.0"):
+    for item in needed(EVERYTHING, "5.4.0"):
         assert len(item.reason) > 30, item
 
 
@@ -133,5 +181,5 @@ def test_apply_leaves_an_accepted_value_alone(tmp_path: Path) -> None:
 def test_operations_doc_lists_every_sysctl_with_its_value() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     section = doc.split("## Node requirements and sysctls")[1].split("\n## ")[0]
-    for item in required("5.4.0"):
+    for item in needed(EVERYTHING, "5.4.0"):
         assert f"| `{item.name}` | {item.value} |" in section, item

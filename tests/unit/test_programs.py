@@ -65,3 +65,25 @@ def test_image_installs_this_version() -> None:
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert f"ipvs-operator=={version}" in (ROOT / "Dockerfile").read_text()
+
+
+def test_agent_errors_are_one_line_and_an_exit_code(tmp_path: Path) -> None:
+    """On this host, whose kernel has no IPVS at all (CONFIG_IP_VS unset: the reason the
+    kernel tests run in a VM), ``plan`` must say so in one line, not a traceback."""
+    assert not Path("/proc/net/ip_vs").exists(), "this test needs a host without IPVS"
+    no_ipvs = run(str(BIN / "ipvs-agent"), "plan", "-f", str(ROOT / "examples" / "dr-static.yaml"))
+    assert no_ipvs.returncode == 1
+    assert no_ipvs.stderr.count("\n") == 1 and "Traceback" not in no_ipvs.stderr, no_ipvs.stderr
+    assert no_ipvs.stderr.startswith("ipvs-agent plan: ") and "IPVS" in no_ipvs.stderr
+    for argv in (
+        ("apply", "-f", str(tmp_path / "missing.yaml")),
+        ("status", "-f", str(tmp_path / "missing.yaml")),
+        ("cleanup", "--state-dir", str(tmp_path)),
+    ):
+        result = run(str(BIN / "ipvs-agent"), *argv)
+        assert result.returncode == 1, result
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    unusable = tmp_path / "bad.yaml"
+    unusable.write_text("kind: [unclosed\n")
+    result = run(str(BIN / "ipvs-agent"), "validate", "-f", str(unusable))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr

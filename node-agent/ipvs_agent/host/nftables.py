@@ -1,15 +1,28 @@
-"""The agent's nftables table: which IPVS services are its own, and masquerade for NAT.
+"""The agent's nftables tables: which IPVS services are its own, NAT masquerade, and the guard
+that lets traffic to a virtual address reach only the services declared on it.
 
-One table, ``table inet ipvs-operator``, rendered whole by :func:`render` and replaced in a
-single ``nft -f -`` transaction (create-if-missing, delete, define), so a half-applied ruleset
-never exists and no other table is ever touched.
+Two tables, ``table inet ipvs-operator`` and ``table arp ipvs-operator``, rendered whole by
+:func:`render` from a :class:`Ruleset` and replaced in a single ``nft -f -`` transaction
+(create-if-missing, delete, define), so a half-applied ruleset never exists and no other table
+is ever touched.
 
 Ownership record. Sets of the virtual services the agent created (``owned4``, ``owned6``:
 address . protocol . port; ``owned_fwmarks4``, ``owned_fwmarks6``: firewall marks). After a
-restart the agent reads them back (:meth:`NftTable.read_owned`) and so knows, without any local
-file, which kernel services are its own: services made by hand, by keepalived or by kube-proxy
-are never touched. The record lives and dies with the node's network namespace, exactly like
-the IPVS table it describes.
+restart the agent reads them back and so knows which kernel services are its own: services made
+by hand, by keepalived or by kube-proxy are never touched. The record lives and dies with the
+node's network namespace, exactly like the IPVS table it describes — and with the node's
+firewall: ``nft flush ruleset`` wipes it, so the agent keeps a second copy beside it
+(:mod:`ipvs_agent.host.state`) and puts this one back.
+
+Guard. Every virtual address sits on the agent's dummy device, so the kernel takes any packet to
+it as local: without a filter, ``VIP:22`` would reach the node's sshd. The ``guard`` chain (input
+hook, priority filter, before IPVS at NF_IP_PRI_NAT_SRC - 1) drops packets to a VIP (``vips4``,
+``vips6``) unless they are for a declared service (``open4``, ``open6``), carry the mark of a
+declared firewall-mark service (``open_fwmarks``), or are ICMP errors, PMTU messages, echo
+requests or (IPv6) neighbour discovery. The ``arp`` table drops ARP requests for the VIPs, so no
+interface answers for an address that only sits on the dummy device (per address, instead of the
+node-wide ``arp_ignore`` sysctl); IPv6 neighbour discovery already answers only for addresses of
+the interface asked.
 
 Masquerade. With NAT the real server's reply must pass back through the director to be
 un-NATed; a real server on another node (a pod elsewhere) would answer the client directly and
@@ -24,7 +37,8 @@ mark), so their marks are matched as they are in postrouting.
 
 Mark bit. The default, ``0x2000``, stays clear of kube-proxy's masquerade and drop bits (0x4000,
 0x8000), of Calico's default mark mask (0xffff0000) and of Cilium's 0x0f00 nibble; the agent
-only ever ORs its bit in and clears it again, so other users of the mark keep their bits.
+only ever ORs its bit in and clears it again, so other users of the mark keep their bits. A
+firewall-mark VirtualServer may not use a mark with the bit set (the API refuses it).
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import ipaddress
 import json
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ipvs_agent.host._netns import HostError, run
@@ -42,6 +56,7 @@ from ipvs_agent.model import AddressFamily, IPAddress, ServiceKey
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "ipvs-operator"
+ARP_FAMILY = "arp"
 DEFAULT_MARK = 0x2000
 #: The postrouting masquerade rule carries this comment with a digest of the rendered text.
 DIGEST_PREFIX = "ipvs-operator render "
@@ -54,6 +69,14 @@ _ADDR_TYPE = {
 }
 _SUFFIX = {AddressFamily.INET: "4", AddressFamily.INET6: "6"}
 _FAMILY_OF_SUFFIX = {"4": AddressFamily.INET, "6": AddressFamily.INET6}
+#: ICMP that must reach a VIP whatever its ports: errors for its connections (IPVS relays them
+#: to the real server), path MTU discovery, echo (a VIP that answers ping is easy to check);
+#: and IPv6 neighbour discovery, whose unicast probes are addressed to the VIP itself.
+ICMP_ALLOWED = "destination-unreachable, time-exceeded, parameter-problem, echo-request"
+ICMPV6_ALLOWED = (
+    "destination-unreachable, packet-too-big, time-exceeded, parameter-problem, echo-request, "
+    "nd-neighbor-solicit, nd-neighbor-advert"
+)
 
 
 class NftError(HostError):
@@ -65,6 +88,38 @@ def check_mark(mark: int) -> int:
     if not 0 < mark < 2**32 or mark & (mark - 1):
         raise ValueError(f"masquerade mark must be a single bit of 32, not {mark:#x}")
     return mark
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Everything the agent's nftables tables say; :func:`render` turns it into a script.
+
+    ``owned``: every kernel virtual service the agent created; ``masquerade``: the services
+    whose traffic to real servers is source-NATed (NAT, traffic policy Cluster); ``vips``: the
+    virtual addresses on the agent's device, guarded; ``open``: the services (and firewall
+    marks) that traffic to those addresses may reach.
+    """
+
+    owned: frozenset[ServiceKey] = field(default_factory=frozenset)
+    masquerade: frozenset[ServiceKey] = field(default_factory=frozenset)
+    vips: frozenset[IPAddress] = field(default_factory=frozenset)
+    open: frozenset[ServiceKey] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(
+        cls,
+        owned: Iterable[ServiceKey] = (),
+        masquerade: Iterable[ServiceKey] = (),
+        vips: Iterable[IPAddress] = (),
+        open: Iterable[ServiceKey] = (),
+    ) -> Ruleset:
+        """A ruleset with keys written as nft writes them (see :func:`canonical`)."""
+        return cls(
+            frozenset(canonical(k) for k in owned),
+            frozenset(canonical(k) for k in masquerade),
+            frozenset(ipaddress.ip_address(str(a)) for a in vips),
+            frozenset(canonical(k) for k in open),
+        )
 
 
 def _address_key(key: ServiceKey) -> tuple[IPAddress, int, int]:
@@ -86,9 +141,13 @@ def _address_elements(keys: Iterable[ServiceKey], af: AddressFamily) -> list[str
     return list(dict.fromkeys(elements))
 
 
-def _mark_elements(keys: Iterable[ServiceKey], af: AddressFamily) -> list[str]:
-    marks = sorted({k.fwmark for k in keys if k.fwmark and k.af is af})
+def _mark_elements(keys: Iterable[ServiceKey], af: AddressFamily | None) -> list[str]:
+    marks = sorted({k.fwmark for k in keys if k.fwmark and (af is None or k.af is af)})
     return [f"{mark:#010x}" for mark in marks]
+
+
+def _vip_elements(vips: Iterable[IPAddress], version: int) -> list[str]:
+    return [str(a) for a in sorted({a for a in vips if a.version == version}, key=int)]
 
 
 def _set_block(name: str, kind: str, elements: list[str]) -> list[str]:
@@ -101,33 +160,31 @@ def _set_block(name: str, kind: str, elements: list[str]) -> list[str]:
     return lines
 
 
-def render(
-    owned: Iterable[ServiceKey], masquerade: Iterable[ServiceKey], mark: int = DEFAULT_MARK
-) -> str:
-    """The whole table as an ``nft -f`` script that replaces it in one transaction.
+def render(ruleset: Ruleset, mark: int = DEFAULT_MARK) -> str:
+    """Both tables as an ``nft -f`` script that replaces them in one transaction.
 
-    ``owned``: every kernel virtual service the agent created; ``masquerade``: the services
-    whose traffic to real servers is source-NATed (NAT, traffic policy Cluster). The output is
-    deterministic (sorted, deduplicated), so equal inputs give byte-equal text.
+    The output is deterministic (sorted, deduplicated), so equal inputs give byte-equal text.
     """
     check_mark(mark)
-    owned = list(owned)
-    masquerade = list(masquerade)
     keep = 0xFFFFFFFF & ~mark
     body: list[str] = [f"table {TABLE_FAMILY} {TABLE_NAME} {{"]
+    sets: list[tuple[str, str, list[str]]] = []
     for af in (AddressFamily.INET, AddressFamily.INET6):
-        body += _set_block(f"owned{_SUFFIX[af]}", _ADDR_TYPE[af], _address_elements(owned, af))
-        body.append("")
+        sets.append((f"owned{_SUFFIX[af]}", _ADDR_TYPE[af], _address_elements(ruleset.owned, af)))
     for af in (AddressFamily.INET, AddressFamily.INET6):
-        body += _set_block(f"owned_fwmarks{_SUFFIX[af]}", "mark", _mark_elements(owned, af))
-        body.append("")
+        sets.append((f"owned_fwmarks{_SUFFIX[af]}", "mark", _mark_elements(ruleset.owned, af)))
     for af in (AddressFamily.INET, AddressFamily.INET6):
-        elements = _address_elements(masquerade, af)
-        body += _set_block(f"masq{_SUFFIX[af]}", _ADDR_TYPE[af], elements)
-        body.append("")
+        elements = _address_elements(ruleset.masquerade, af)
+        sets.append((f"masq{_SUFFIX[af]}", _ADDR_TYPE[af], elements))
     for af in (AddressFamily.INET, AddressFamily.INET6):
-        elements = _mark_elements(masquerade, af)
-        body += _set_block(f"masq_fwmarks{_SUFFIX[af]}", "mark", elements)
+        sets.append((f"masq_fwmarks{_SUFFIX[af]}", "mark", _mark_elements(ruleset.masquerade, af)))
+    sets.append(("vips4", "ipv4_addr", _vip_elements(ruleset.vips, 4)))
+    sets.append(("vips6", "ipv6_addr", _vip_elements(ruleset.vips, 6)))
+    for af in (AddressFamily.INET, AddressFamily.INET6):
+        sets.append((f"open{_SUFFIX[af]}", _ADDR_TYPE[af], _address_elements(ruleset.open, af)))
+    sets.append(("open_fwmarks", "mark", _mark_elements(ruleset.open, None)))
+    for name, kind, elements in sets:
+        body += _set_block(name, kind, elements)
         body.append("")
     body += [
         "\tchain mark_for_masquerade {",
@@ -145,6 +202,21 @@ def render(
         "\t\tjump mark_for_masquerade",
         "\t}",
         "",
+        "\tchain guard {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        "\t\tip daddr @vips4 jump vip_in",
+        "\t\tip6 daddr @vips6 jump vip_in",
+        "\t}",
+        "",
+        "\tchain vip_in {",
+        "\t\tip daddr . meta l4proto . th dport @open4 accept",
+        "\t\tip6 daddr . meta l4proto . th dport @open6 accept",
+        "\t\tmeta mark @open_fwmarks accept",
+        f"\t\ticmp type {{ {ICMP_ALLOWED} }} accept",
+        f"\t\ticmpv6 type {{ {ICMPV6_ALLOWED} }} accept",
+        "\t\tdrop",
+        "\t}",
+        "",
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         f"\t\tmeta mark & {mark:#010x} == {mark:#010x} meta mark set meta mark & {keep:#010x} "
@@ -153,17 +225,24 @@ def render(
         "\t\tmeta nfproto ipv6 meta mark @masq_fwmarks6 masquerade",
         "\t}",
         "}",
+        f"table {ARP_FAMILY} {TABLE_NAME} {{",
+        *_set_block("vips", "ipv4_addr", _vip_elements(ruleset.vips, 4)),
+        "",
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        "\t\tarp operation request arp daddr ip @vips drop",
+        "\t}",
+        "}",
     ]
     text = "\n".join(body) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     header = [
         "#!/usr/sbin/nft -f",
-        "# Generated by ipvs-agent: IPVS ownership record and NAT masquerade.",
-        "# The agent replaces this table whole in one transaction; edits do not survive.",
-        f"table {TABLE_FAMILY} {TABLE_NAME} {{",
-        "}",
-        f"delete table {TABLE_FAMILY} {TABLE_NAME}",
+        "# Generated by ipvs-agent: IPVS ownership record, NAT masquerade and the VIP guard.",
+        "# The agent replaces these tables whole in one transaction; edits do not survive.",
     ]
+    for family in (TABLE_FAMILY, ARP_FAMILY):
+        header += [f"table {family} {TABLE_NAME} {{", "}", f"delete table {family} {TABLE_NAME}"]
     return "\n".join(header) + "\n" + text.replace("@DIGEST@", DIGEST_PREFIX + digest)
 
 
@@ -176,16 +255,25 @@ def rendered_digest(text: str) -> str | None:
     return text[start : text.index('"', start)]
 
 
-# ---------------------------------------------------------------- reading the live table
+# ---------------------------------------------------------------- reading the live tables
 
 
 @dataclass(frozen=True)
 class LiveTable:
-    """What ``nft -j list table inet ipvs-operator`` shows, as this module's values."""
+    """What ``nft -j list table`` shows of both tables, as this module's values."""
 
-    owned: frozenset[ServiceKey]
-    masquerade: frozenset[ServiceKey]
+    ruleset: Ruleset
     digest: str | None
+    #: The VIPs the arp table's set holds (None: the arp table is missing).
+    arp_vips: frozenset[IPAddress] | None = None
+
+    @property
+    def owned(self) -> frozenset[ServiceKey]:
+        return self.ruleset.owned
+
+    @property
+    def masquerade(self) -> frozenset[ServiceKey]:
+        return self.ruleset.masquerade
 
 
 def _port(value: Any) -> int:
@@ -229,8 +317,10 @@ def _element_value(element: Any) -> Any:
 
 
 def _keys_of_set(name: str, elements: list[Any]) -> set[ServiceKey]:
-    suffix = name[-1]
-    af = _FAMILY_OF_SUFFIX[suffix]
+    if name == "open_fwmarks":  # one set for both families: read as IPv4 and IPv6 alike
+        marks = {_mark(_element_value(e)) for e in elements}
+        return {ServiceKey.for_fwmark(af, m) for m in marks for af in AddressFamily}
+    af = _FAMILY_OF_SUFFIX[name[-1]]
     keys: set[ServiceKey] = set()
     for element in elements:
         value = _element_value(element)
@@ -247,40 +337,69 @@ def _keys_of_set(name: str, elements: list[Any]) -> set[ServiceKey]:
     return keys
 
 
+def _addresses_of_set(elements: list[Any]) -> set[IPAddress]:
+    return {ipaddress.ip_address(str(_element_value(e))) for e in elements}
+
+
 _OWNED_SETS = ("owned4", "owned6", "owned_fwmarks4", "owned_fwmarks6")
 _MASQ_SETS = ("masq4", "masq6", "masq_fwmarks4", "masq_fwmarks6")
+_OPEN_SETS = ("open4", "open6", "open_fwmarks")
 
 
-def parse_listing(listing: Mapping[str, Any]) -> LiveTable:
-    """Read the owned and masqueraded services and the digest out of ``nft -j`` output."""
+def _sets(listing: Mapping[str, Any], family: str) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {}
+    for entry in listing.get("nftables", []):
+        if isinstance(entry, dict) and "set" in entry:
+            nft_set = entry["set"]
+            if nft_set.get("table") == TABLE_NAME and nft_set.get("family") == family:
+                found[str(nft_set.get("name", ""))] = list(nft_set.get("elem", []))
+    return found
+
+
+def parse_listing(
+    listing: Mapping[str, Any], arp_listing: Mapping[str, Any] | None = None
+) -> LiveTable:
+    """Read the ruleset and the digest out of ``nft -j`` output of both tables."""
+    sets = _sets(listing, TABLE_FAMILY)
     owned: set[ServiceKey] = set()
     masquerade: set[ServiceKey] = set()
+    opened: set[ServiceKey] = set()
+    vips: set[IPAddress] = set()
+    for name, elements in sets.items():
+        if name in _OWNED_SETS:
+            owned |= _keys_of_set(name, elements)
+        elif name in _MASQ_SETS:
+            masquerade |= _keys_of_set(name, elements)
+        elif name in _OPEN_SETS:
+            opened |= _keys_of_set(name, elements)
+        elif name in ("vips4", "vips6"):
+            vips |= _addresses_of_set(elements)
     digest: str | None = None
     for entry in listing.get("nftables", []):
-        if not isinstance(entry, dict):
-            continue
-        if "set" in entry:
-            nft_set = entry["set"]
-            if nft_set.get("table") != TABLE_NAME or nft_set.get("family") != TABLE_FAMILY:
-                continue
-            name = nft_set.get("name", "")
-            elements = nft_set.get("elem", [])
-            if name in _OWNED_SETS:
-                owned |= _keys_of_set(name, elements)
-            elif name in _MASQ_SETS:
-                masquerade |= _keys_of_set(name, elements)
-        elif "rule" in entry:
+        if isinstance(entry, dict) and "rule" in entry:
             comment = entry["rule"].get("comment", "")
             if entry["rule"].get("table") == TABLE_NAME and comment.startswith(DIGEST_PREFIX):
                 digest = comment.removeprefix(DIGEST_PREFIX)
-    return LiveTable(frozenset(owned), frozenset(masquerade), digest)
+    arp_vips = None
+    if arp_listing is not None:
+        arp_vips = frozenset(_addresses_of_set(_sets(arp_listing, ARP_FAMILY).get("vips", [])))
+    ruleset = Ruleset(frozenset(owned), frozenset(masquerade), frozenset(vips), frozenset(opened))
+    return LiveTable(ruleset, digest, arp_vips)
 
 
-# ---------------------------------------------------------------- the live table
+def _comparable(ruleset: Ruleset) -> Ruleset:
+    """The ruleset as a listing reads it back: firewall marks of ``open`` in both families."""
+    marks = {k.fwmark for k in ruleset.open if k.fwmark}
+    opened = {k for k in ruleset.open if not k.fwmark}
+    opened |= {ServiceKey.for_fwmark(af, m) for m in marks for af in AddressFamily}
+    return replace(ruleset, open=frozenset(opened))
+
+
+# ---------------------------------------------------------------- the live tables
 
 
 class NftTable:
-    """Reads and replaces ``table inet ipvs-operator`` with the ``nft`` CLI.
+    """Reads and replaces the agent's two tables with the ``nft`` CLI.
 
     ``netns`` (a name under ``/run/netns`` or a path) selects the network namespace; the
     default is the agent's own.
@@ -303,13 +422,13 @@ class NftTable:
         proc = run([self.nft, *args], netns=self.netns, stdin=stdin, timeout=self.timeout)
         return proc.returncode, proc.stdout, proc.stderr
 
-    def listing(self) -> dict[str, Any] | None:
-        """The table as ``nft -j`` prints it, or None when it does not exist (yet)."""
-        code, out, err = self._nft("-j", "list", "table", TABLE_FAMILY, TABLE_NAME)
+    def listing(self, family: str = TABLE_FAMILY) -> dict[str, Any] | None:
+        """A table as ``nft -j`` prints it, or None when it does not exist (yet)."""
+        code, out, err = self._nft("-j", "list", "table", family, TABLE_NAME)
         if code != 0:
             if "No such file or directory" in err:
                 return None
-            raise NftError(f"nft list table {TABLE_FAMILY} {TABLE_NAME} failed: {err.strip()}")
+            raise NftError(f"nft list table {family} {TABLE_NAME} failed: {err.strip()}")
         try:
             parsed = json.loads(out)
         except json.JSONDecodeError as error:
@@ -319,45 +438,57 @@ class NftTable:
         return parsed
 
     def live(self) -> LiveTable | None:
+        """Both tables as they are, or None when the inet table (the record) is missing."""
         listing = self.listing()
-        return None if listing is None else parse_listing(listing)
+        if listing is None:
+            return None
+        return parse_listing(listing, self.listing(ARP_FAMILY))
 
     def read_owned(self) -> set[ServiceKey]:
         """The services the agent recorded as its own (empty before the first sync)."""
         live = self.live()
         return set() if live is None else set(live.owned)
 
-    def sync(self, owned: Iterable[ServiceKey], masquerade: Iterable[ServiceKey]) -> bool:
-        """Make the table say ``owned`` and masquerade ``masquerade``; True if nft ran.
-
-        An unchanged table costs one ``nft list``: the rendered text's digest and the set
-        contents are compared first, so a hand-edited set is repaired too.
-        """
-        owned = frozenset(canonical(k) for k in owned)
-        masquerade = frozenset(canonical(k) for k in masquerade)
-        text = render(owned, masquerade, self.mark)
-        live = self.live()
-        if (
+    def matches(self, ruleset: Ruleset, live: LiveTable | None) -> bool:
+        """Whether ``live`` says exactly ``ruleset`` (digest and every set)."""
+        text = render(ruleset, self.mark)
+        return (
             live is not None
             and live.digest == rendered_digest(text)
-            and live.owned == owned
-            and live.masquerade == masquerade
-        ):
+            and live.ruleset == _comparable(ruleset)
+            and live.arp_vips == frozenset(a for a in ruleset.vips if a.version == 4)
+        )
+
+    def written(self, ruleset: Ruleset, text: str) -> LiveTable:
+        """The tables as a listing would read them right after ``apply(text)``."""
+        arp = frozenset(a for a in ruleset.vips if a.version == 4)
+        return LiveTable(_comparable(ruleset), rendered_digest(text), arp)
+
+    def sync(self, ruleset: Ruleset) -> bool:
+        """Make both tables say ``ruleset``; True if nft ran.
+
+        An unchanged ruleset costs two ``nft list``: the rendered text's digest and the set
+        contents are compared first, so a hand-edited set is repaired too.
+        """
+        if self.matches(ruleset, self.live()):
             return False
-        self.apply(text)
+        self.apply(render(ruleset, self.mark))
         return True
 
     def apply(self, text: str) -> None:
         """Run an ``nft -f`` script as one transaction (all of it or nothing)."""
         code, _, err = self._nft("-f", "-", stdin=text)
         if code != 0:
-            raise NftError(f"nft -f refused the {TABLE_NAME} table: {err.strip()}")
+            raise NftError(f"nft -f refused the {TABLE_NAME} tables: {err.strip()}")
 
     def delete(self) -> bool:
-        """Remove the table (uninstall); True if it existed."""
-        if self.listing() is None:
-            return False
-        self.apply(
-            f"table {TABLE_FAMILY} {TABLE_NAME} {{\n}}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
-        )
-        return True
+        """Remove both tables (uninstall); True if either existed."""
+        existed = self.listing() is not None or self.listing(ARP_FAMILY) is not None
+        if existed:
+            self.apply(
+                "".join(
+                    f"table {f} {TABLE_NAME} {{\n}}\ndelete table {f} {TABLE_NAME}\n"
+                    for f in (TABLE_FAMILY, ARP_FAMILY)
+                )
+            )
+        return existed

@@ -1,9 +1,11 @@
 """The sysctls a director relies on, as data with the reason for each, and a writer for them.
 
-:func:`required` is pure: the kernel release picks what applies (``conn_reuse_mode`` only
-matters on the kernels with the 1-second SYN delay). :func:`apply` writes ``/proc/sys`` and
-reports each change, so the agent can log what it did to the node. IPVS connection timeouts
-(tcp, tcpfin, udp) are not sysctls: the netlink layer sets them (IPVS_CMD_SET_CONFIG).
+:func:`needed` is pure: the programmed services pick what applies (forwarding only for NAT,
+conntrack only for masquerade, ...) and the kernel release too (``conn_reuse_mode`` only matters
+on the kernels with the 1-second SYN delay). :func:`apply` writes ``/proc/sys`` and reports each
+change with the value it replaced, so the agent can record it, report it and undo it. IPVS
+connection timeouts (tcp, tcpfin, udp) are not sysctls: the netlink layer sets them
+(IPVS_CMD_SET_CONFIG).
 
 ``net.*`` sysctls are per network namespace; ``apply(netns=...)`` writes those of another one.
 """
@@ -11,7 +13,7 @@ reports each change, so the agent can log what it did to the node. IPVS connecti
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,21 +68,20 @@ def kernel_version(release: str) -> tuple[int, int] | None:
 IP_FORWARD = sysctl(
     "net.ipv4.ip_forward",
     1,
-    "NAT replies from real servers are forwarded back to clients through the director, and "
-    "IPVS sends DR/TUN packets out again after LOCAL_IN: the director is a router.",
+    "IPv4 NAT: replies from real servers are forwarded back to clients through the director. "
+    "DR and TUN need no forwarding (IPVS sends their packets out itself).",
 )
 IPV6_FORWARDING = sysctl(
     "net.ipv6.conf.all.forwarding",
     1,
-    "The same for IPv6 virtual services. Interfaces that learn their address from router "
-    "advertisements need accept_ra=2 once forwarding is on.",
+    "IPv6 NAT: the same for IPv6 (the kernel forwards IPv6 only with 'all' on). Interfaces that "
+    "accept router advertisements get accept_ra=2 first, so they keep their SLAAC routes.",
 )
 VS_CONNTRACK = sysctl(
     "net.ipv4.vs.conntrack",
     1,
-    "Keep conntrack entries for IPVS connections, so the agent's nftables masquerade (and any "
-    "NAT or stateful firewall) sees NAT traffic to real servers on other nodes. Applies to IPv4 "
-    "and IPv6 services.",
+    "NAT with traffic policy Cluster: keep conntrack entries for IPVS connections, so the "
+    "agent's nftables masquerade sees traffic to real servers on other nodes (IPv4 and IPv6).",
 )
 VS_EXPIRE_NODEST_CONN = sysctl(
     "net.ipv4.vs.expire_nodest_conn",
@@ -91,8 +92,8 @@ VS_EXPIRE_NODEST_CONN = sysctl(
 VS_EXPIRE_QUIESCENT_TEMPLATE = sysctl(
     "net.ipv4.vs.expire_quiescent_template",
     1,
-    "A real server set to weight 0 (draining) loses its persistence templates, so sticky "
-    "clients move to other real servers instead of following it until the timeout.",
+    "Persistence: a real server set to weight 0 (draining) loses its persistence templates, so "
+    "sticky clients move to other real servers instead of following it until the timeout.",
 )
 VS_CONN_REUSE_MODE = sysctl(
     "net.ipv4.vs.conn_reuse_mode",
@@ -100,17 +101,11 @@ VS_CONN_REUSE_MODE = sysctl(
     "On kernels 4.1 to 5.8 mode 1 with conntrack=1 delays a SYN that reuses a source port of "
     "an expiring connection by one second (kubernetes#70747, fixed in Linux 5.9).",
 )
-ARP_IGNORE = sysctl(
-    "net.ipv4.conf.all.arp_ignore",
-    1,
-    "Every director holds the VIPs on its dummy device; answer ARP only for addresses of the "
-    "interface asked, so directors do not all claim every VIP on the LAN (strict ARP).",
-)
 ARP_ANNOUNCE = sysctl(
     "net.ipv4.conf.all.arp_announce",
     2,
-    "Never use a VIP as the sender address of ARP requests, so neighbours do not learn a VIP "
-    "at this node's MAC address by accident.",
+    "IPv4 NAT: replies leave the director with a VIP as source; never use it as the sender "
+    "address of ARP requests, so neighbours do not learn a VIP at this node's MAC by accident.",
 )
 
 
@@ -120,21 +115,61 @@ def conn_reuse_mode_needed(kernel_release: str) -> bool:
     return version is not None and (4, 1) <= version < (5, 9)
 
 
-def required(kernel_release: str, *, ipv6: bool = True, strict_arp: bool = True) -> list[Sysctl]:
-    """The sysctls a director needs on a kernel of ``kernel_release`` (``uname -r``).
+@dataclass(frozen=True)
+class Needs:
+    """What the programmed services ask of the node (see :func:`needed`)."""
 
-    ``ipv6``: the node serves IPv6 VIPs; ``strict_arp``: the VIPs are announced by something
-    else (BGP, an L2 speaker) and the kernel must not answer ARP for them.
+    services: bool = False
+    nat4: bool = False
+    nat6: bool = False
+    masquerade: bool = False
+    persistence: bool = False
+
+
+def needed(needs: Needs, kernel_release: str) -> list[Sysctl]:
+    """The node-wide sysctls the programmed services need on a kernel of ``kernel_release``.
+
+    Nothing is set for what is not programmed: a DR-only node keeps its forwarding settings, an
+    IPv4-only node its IPv6 ones. ARP for VIPs is filtered per address by the agent's nftables
+    ``arp`` table instead of the node-wide ``arp_ignore``.
     """
-    wanted = [IP_FORWARD]
-    if ipv6:
+    wanted: list[Sysctl] = []
+    if needs.nat4:
+        wanted.append(IP_FORWARD)
+    if needs.nat6:
         wanted.append(IPV6_FORWARDING)
-    wanted += [VS_CONNTRACK, VS_EXPIRE_NODEST_CONN, VS_EXPIRE_QUIESCENT_TEMPLATE]
-    if conn_reuse_mode_needed(kernel_release):
-        wanted.append(VS_CONN_REUSE_MODE)
-    if strict_arp:
-        wanted += [ARP_IGNORE, ARP_ANNOUNCE]
+    if needs.masquerade:
+        wanted.append(VS_CONNTRACK)
+        if conn_reuse_mode_needed(kernel_release):
+            wanted.append(VS_CONN_REUSE_MODE)
+    if needs.services:
+        wanted.append(VS_EXPIRE_NODEST_CONN)
+    if needs.persistence:
+        wanted.append(VS_EXPIRE_QUIESCENT_TEMPLATE)
+    if needs.nat4:
+        wanted.append(ARP_ANNOUNCE)
     return wanted
+
+
+def keep_router_advertisements(interfaces: Mapping[str, tuple[str, str]]) -> list[Sysctl]:
+    """``accept_ra=2`` for each interface that accepts router advertisements only while it
+    does not forward (``accept_ra`` 1, the default), given (accept_ra, forwarding) per name.
+
+    Turning IPv6 forwarding on would otherwise make the kernel ignore their RAs, and a SLAAC
+    node would lose its IPv6 default route. Loopback and interfaces that already ignore RAs
+    (0) or already accept them while forwarding (2) are left alone.
+    """
+    return [
+        interface_sysctl(
+            "ipv6",
+            name,
+            "accept_ra",
+            2,
+            "keeps accepting router advertisements once IPv6 forwarding is on (SLAAC routes)",
+        )
+        for name, (accept_ra, _forwarding) in sorted(interfaces.items())
+        if name not in ("all", "default", "lo") and accept_ra == "1"
+    ]
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
-from ipvs_agent.model import KernelInfo, ObservedTable, Timeouts
+from ipvs_agent.model import KernelInfo, ObservedTable, ServiceKey, Timeouts
 from ipvs_agent.ops import Op, OpKind
 
-__all__ = ["Kernel", "KernelError", "OpResult", "describe_error"]
+__all__ = ["NOT_SENT", "Kernel", "KernelError", "OpResult", "apply_in_rounds", "describe_error"]
 
 _SERVICE_OPS = frozenset({OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE, OpKind.DEL_SERVICE})
 
@@ -57,6 +57,49 @@ def describe_error(op: Op, code: int, detail: str = "") -> str:
     parts = [p for p in (meaning, detail) if p]
     parts.append(f"{errno.errorcode.get(code, code)}: {os.strerror(code)}")
     return "; ".join(parts)
+
+
+#: The error of an op that was never sent because the ADD_SERVICE it depends on failed.
+NOT_SENT = errno.ECANCELED
+
+
+def apply_in_rounds(
+    ops: Sequence[Op], send: Callable[[Sequence[int]], list[OpResult]]
+) -> list[OpResult]:
+    """Run ``ops`` through ``send`` (which runs the ops at the given indices, in order) so that
+    no op of a service this call creates goes out before the kernel has confirmed it.
+
+    Between the agent's dump and its apply another program may create the same service: the
+    ADD_SERVICE then fails with EEXIST, and real servers sent in the same batch would land in
+    the foreign service. So every other op goes in a first round, with the ADD_SERVICEs; the
+    ops of each new service follow in a second round only if its ADD_SERVICE succeeded, and
+    fail with :data:`NOT_SENT` otherwise. One extra round trip, only when services are created.
+    """
+    added: set[ServiceKey] = set()
+    first: list[int] = []
+    for index, op in enumerate(ops):  # an op depends on an ADD_SERVICE before it in the list
+        if op.kind is OpKind.ADD_SERVICE or op.service.key not in added:
+            first.append(index)
+        if op.kind is OpKind.ADD_SERVICE:
+            added.add(op.service.key)
+    results: list[OpResult | None] = [None] * len(ops)
+    for index, result in zip(first, send(first), strict=True):
+        results[index] = result
+    adds = [r for r in results if r is not None and r.op.kind is OpKind.ADD_SERVICE]
+    failed = {r.op.service.key for r in adds} - {r.op.service.key for r in adds if r.ok}
+    later: list[int] = []
+    for index, op in enumerate(ops):
+        if results[index] is not None:
+            continue
+        if op.service.key in failed:
+            message = "not sent: adding its virtual service failed"
+            results[index] = OpResult(op, NOT_SENT, message)
+        else:
+            later.append(index)
+    if later:
+        for index, result in zip(later, send(later), strict=True):
+            results[index] = result
+    return [r for r in results if r is not None]
 
 
 class KernelError(OSError):

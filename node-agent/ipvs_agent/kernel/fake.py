@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from ipvs_agent.kernel import KernelError, OpResult, describe_error
+from ipvs_agent.kernel import KernelError, OpResult, apply_in_rounds, describe_error
 from ipvs_agent.kernel import netlink as nl
 from ipvs_agent.model import (
     Dest,
@@ -119,13 +119,13 @@ class FakeKernel:
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         self._check_open()
-        results = []
-        for op in ops:
-            code, detail = self._apply(op)
-            if code == 0:
-                self.applied.append(op)
-            results.append(OpResult(op, code, describe_error(op, code, detail)))
-        return results
+        return apply_in_rounds(ops, lambda indices: [self._apply_one(ops[i]) for i in indices])
+
+    def _apply_one(self, op: Op) -> OpResult:
+        code, detail = self._apply(op)
+        if code == 0:
+            self.applied.append(op)
+        return OpResult(op, code, describe_error(op, code, detail))
 
     def info(self) -> KernelInfo:
         self._check_open()

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
-from ipvs_agent.kernel import KernelError, OpResult, describe_error
+from ipvs_agent.kernel import KernelError, OpResult, apply_in_rounds, describe_error
 from ipvs_agent.kernel import netlink as nl
 from ipvs_agent.model import (
     DestKey,
@@ -114,10 +114,15 @@ class IPVSKernel:
             return table
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:
-        results: list[OpResult | None] = [None] * len(ops)
         with self._lock:
-            for start in range(0, len(ops), self._batch):
-                self._apply_batch(ops, range(start, min(start + self._batch, len(ops))), results)
+            return apply_in_rounds(ops, lambda indices: self._apply_indices(ops, indices))
+
+    def _apply_indices(self, ops: Sequence[Op], indices: Sequence[int]) -> list[OpResult]:
+        chosen = [ops[i] for i in indices]
+        results: list[OpResult | None] = [None] * len(chosen)
+        for start in range(0, len(chosen), self._batch):
+            end = min(start + self._batch, len(chosen))
+            self._apply_batch(chosen, range(start, end), results)
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
