@@ -80,9 +80,14 @@ AGENT_ALLOWED: list[Check] = [
     ],
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "get", "patch")],
     *[(v, "ipvs.io", "ipvsnodes", "status", "", "n1") for v in ("get", "patch")],
+    *[(v, "apps", "daemonsets", "", SYSTEM, "ipvs-agent") for v in ("get", "list", "watch")],
 ]
 
 AGENT_DENIED: list[Check] = [
+    ("get", "apps", "daemonsets", "", SYSTEM, "ipvs-operator"),
+    ("list", "apps", "daemonsets", "", SYSTEM, ""),
+    ("get", "apps", "daemonsets", "", "kube-system", "ipvs-agent"),
+    *[(v, "apps", "daemonsets", "", SYSTEM, "ipvs-agent") for v in ("patch", "delete")],
     *[(v, "ipvs.io", "virtualservers", "", "shop", "web") for v in ("create", "patch", "delete")],
     ("patch", "ipvs.io", "virtualservers", "status", "shop", "web"),
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("update", "delete")],
@@ -166,3 +171,45 @@ def test_agent_account_writes_its_ipvsnode_and_nothing_more(bed: LocalApiServer)
         harness.custom(admin).delete_cluster_custom_object(
             harness.GROUP, harness.VERSION, "ipvsnodes", name
         )
+
+
+def test_agent_account_sees_its_daemonset_go_and_so_knows_it_is_uninstalled(
+    bed: LocalApiServer,
+) -> None:
+    """``ipvs-agent run --daemonset`` cleans its node only when its DaemonSet is deleted (helm
+    uninstall), never on a restart: its watch, with its own grants, must see both."""
+    import threading
+
+    from kubernetes import client
+
+    from ipvs_agent.__main__ import _uninstalling
+    from ipvs_agent.cluster import daemon_set_mirror
+
+    daemonset = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "ipvs-agent", "namespace": SYSTEM},
+        "spec": {
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {
+                "metadata": {"labels": {"app": "probe"}},
+                "spec": {"containers": [{"name": "c", "image": "example.invalid/x"}]},
+            },
+        },
+    }
+    with bed.api_client() as admin:
+        client.AppsV1Api(admin).create_namespaced_daemon_set(SYSTEM, daemonset)
+    stop = threading.Event()
+    with bed.client_for_service_account(SYSTEM, harness.AGENT_SA, create=False) as api:
+        mirror = daemon_set_mirror(api, SYSTEM, "ipvs-agent", threading.Event())
+        thread = threading.Thread(target=mirror.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            wait_for("the mirror synced", mirror.synced.is_set, timeout=30)
+            assert not _uninstalling(mirror, wait=0.5), "a restart leaves the node as it is"
+            with bed.api_client() as admin:
+                client.AppsV1Api(admin).delete_namespaced_daemon_set("ipvs-agent", SYSTEM)
+            assert _uninstalling(mirror, wait=10), "the deletion reaches the agent"
+        finally:
+            stop.set()
+            mirror.stop()
