@@ -203,12 +203,13 @@ def _api_client() -> ApiClient:
 def _uninstalling(mirror: Mirror, wait: float = 2.0) -> bool:
     """Whether the agent's DaemonSet is gone or going: an uninstall, not a restart.
 
-    The DaemonSet's deletion reaches the watch before the kubelet stops the pod (the garbage
-    collector deletes the pods after the DaemonSet), but allow ``wait`` seconds for it.
+    Only a DaemonSet the agent has seen counts (a wrong ``--daemonset`` never cleans). Its
+    deletion reaches the watch before the kubelet stops the pod (the garbage collector deletes
+    the pods after the DaemonSet), but allow ``wait`` seconds for it.
     """
     deadline = time.monotonic() + wait
     while True:
-        if mirror.synced.is_set():
+        if mirror.synced.is_set() and mirror.seen:
             items = mirror.items()
             if not items or any((i.get("metadata") or {}).get("deletionTimestamp") for i in items):
                 return True

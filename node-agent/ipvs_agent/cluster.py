@@ -78,6 +78,8 @@ class Mirror:
         self.last_contact = 0.0
         #: True while a watch is established (False while the API server is unreachable)
         self.connected = False
+        #: Whether the mirror has ever held an object (a deletion is only news after that)
+        self.seen = False
 
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -99,6 +101,7 @@ class Mirror:
         items = {self._key(o): self._as_dict(o) for o in resp.get("items") or []}
         with self._lock:
             self._items = items
+            self.seen = self.seen or bool(items)
         self.last_contact = time.monotonic()
         self.synced.set()
         self._changed.set()
@@ -139,6 +142,7 @@ class Mirror:
                             self._items.pop(self._key(raw), None)
                         else:
                             self._items[self._key(raw)] = raw
+                            self.seen = True
                     self._changed.set()
             except Exception as e:  # the API server is away or silent: keep the cache, retry
                 self.connected = False

@@ -60,6 +60,21 @@ class LabError(RuntimeError):
     """The lab could not be brought up or lost a piece; the message says which and why."""
 
 
+#: The agent's DaemonSet object (never run here): its deletion tells the agent to clean up.
+AGENT_DAEMONSET: dict[str, Any] = {
+    "apiVersion": "apps/v1",
+    "kind": "DaemonSet",
+    "metadata": {"name": "ipvs-agent"},
+    "spec": {
+        "selector": {"matchLabels": {"app.kubernetes.io/component": "agent"}},
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/component": "agent"}},
+            "spec": {"containers": [{"name": "agent", "image": "example.invalid/ipvs-operator"}]},
+        },
+    },
+}
+
+
 def stderr_progress(message: str) -> None:
     print(f"lab: {message}", file=sys.stderr, flush=True)
 
@@ -196,6 +211,11 @@ class LabBed:
         )
         for name in ("operator.yaml", "agent.yaml"):
             harness.apply_manifests(self.admin, REPO_ROOT / "rbac" / name)
+        # The agent's DaemonSet, as the chart makes it (nothing runs it: no controllers here).
+        # The agent in the VM watches it; deleting it is an uninstall.
+        harness.apps(self.admin).create_namespaced_daemon_set(
+            harness.OPERATOR_NAMESPACE, AGENT_DAEMONSET
+        )
         # No kubelet registers the VM: the lab does, so nodeSelector and IPVSNode owners work.
         harness.core(self.admin).create_node(
             {"metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}}}
@@ -251,6 +271,7 @@ class LabBed:
             "--kubeconfig", f"{SHARE_IN_VM}/agent.kubeconfig",
             "--node-name", NODE_NAME,
             "--resync-seconds", str(self.resync_seconds),
+            "--daemonset", f"{harness.OPERATOR_NAMESPACE}/ipvs-agent",
         ]  # fmt: skip
         env = {"PYTHONPATH": str(CHECKOUT)}
 

@@ -116,15 +116,26 @@ class Node:
         for rip in REAL_SERVERS.values():
             wait_tcp_port(self.clients["c2"], rip, PORT)
 
-    def start_agent(self, kubeconfig: str, node_name: str, resync: float) -> None:
+    def start_agent(self, kubeconfig: str, node_name: str, resync: float, daemonset: str) -> None:
         log = (self.share / "agent.log").open("ab")
         env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
         argv = [
             sys.executable, "-m", "ipvs_agent", "run", "--node-name", node_name,
             "--metrics-port", "0", "--resync-seconds", str(resync),
+            "--state-dir", "/run/ipvs-agent", "--daemonset", daemonset,
         ]  # fmt: skip
         self.agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+
+    def stop_agent(self, timeout: float = 120.0) -> int | None:
+        """SIGTERM, as the kubelet stops a pod; the agent's exit status (None: still running)."""
+        if self.agent is None:
+            return None
+        self.agent.send_signal(signal.SIGTERM)
+        try:
+            return self.agent.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     # -- requests ---------------------------------------------------------------------
 
@@ -225,6 +236,7 @@ def serve(node: Node, conn: socket.socket, hello: dict[str, Any]) -> None:
     """Answer requests until ``shutdown`` or end of file."""
     handlers: dict[str, Callable[..., Any]] = {
         "agent_alive": lambda: node.agent is not None and node.agent.poll() is None,
+        "stop_agent": node.stop_agent,
         "tcp": node.tcp,
         "hold": node.hold,
         "held_alive": node.held_alive,
@@ -260,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--node-name", required=True)
     parser.add_argument("--resync-seconds", type=float, default=30.0)
+    parser.add_argument("--daemonset", default="", help="NAMESPACE/NAME the agent watches")
     args = parser.parse_args(argv)
     address, port = args.control.rsplit(":", 1)
     node = Node(Path(args.kubeconfig).parent)
     try:
-        node.start_agent(args.kubeconfig, args.node_name, args.resync_seconds)
+        node.start_agent(args.kubeconfig, args.node_name, args.resync_seconds, args.daemonset)
         started = time.monotonic()
         node.build()
         hello = {

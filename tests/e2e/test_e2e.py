@@ -113,3 +113,20 @@ def test_the_kernel_table_is_clean_after_everything_is_deleted(lab: LabBed) -> N
     assert harness.list_vs(lab.admin, sc.NAMESPACE) == []
     wait_for("an empty IPVS table", lambda: lab.ipvsadm() == [], sc.PROGRAM_TIMEOUT)
     assert {a for a in sc.local_addresses(lab) if not a.startswith("fe80:")} == set()
+
+
+def test_uninstall_cleans_the_node(lab: LabBed) -> None:
+    """Runs last: deleting the agent's DaemonSet (helm uninstall) and stopping the agent, as
+    the kubelet then does, leaves no trace of the agent in the node's kernel."""
+    sc.apply_virtual_server(lab, sc.virtual_server("e2e-last", sc.NAT_VIP, weights=(1, 1, 1)))
+    sc.expect_service(lab, sc.NAT_VIP, "wrr", {"rs1": 1, "rs2": 1, "rs3": 1})
+    foreign = ["ipvsadm", "-A", "-t", "198.51.100.99:25", "-s", "rr"]
+    assert lab.call("run", argv=foreign)["code"] == 0
+    harness.apps(lab.admin).delete_namespaced_daemon_set("ipvs-agent", harness.OPERATOR_NAMESPACE)
+    assert lab.call("stop_agent", timeout=180.0) == 0
+    assert lab.ipvsadm() == ["-A -t 198.51.100.99:25 -s rr"], "only the foreign service stays"
+    assert {a for a in sc.local_addresses(lab) if not a.startswith("fe80:")} == set()
+    tables = lab.call("run", argv=["nft", "list", "tables"])["stdout"]
+    assert "ipvs-operator" not in tables
+    links = lab.call("run", argv=["ip", "-br", "link"])["stdout"]
+    assert "ipvs0" not in links

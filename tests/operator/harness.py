@@ -241,6 +241,10 @@ def custom(api: Any) -> Any:
     return client.CustomObjectsApi(api)
 
 
+def apps(api: Any) -> Any:
+    return client.AppsV1Api(api)
+
+
 def core(api: Any) -> Any:
     return client.CoreV1Api(api)
 

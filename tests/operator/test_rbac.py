@@ -180,8 +180,6 @@ def test_agent_account_sees_its_daemonset_go_and_so_knows_it_is_uninstalled(
     uninstall), never on a restart: its watch, with its own grants, must see both."""
     import threading
 
-    from kubernetes import client
-
     from ipvs_agent.__main__ import _uninstalling
     from ipvs_agent.cluster import daemon_set_mirror
 
@@ -198,7 +196,7 @@ def test_agent_account_sees_its_daemonset_go_and_so_knows_it_is_uninstalled(
         },
     }
     with bed.api_client() as admin:
-        client.AppsV1Api(admin).create_namespaced_daemon_set(SYSTEM, daemonset)
+        harness.apps(admin).create_namespaced_daemon_set(SYSTEM, daemonset)
     stop = threading.Event()
     with bed.client_for_service_account(SYSTEM, harness.AGENT_SA, create=False) as api:
         mirror = daemon_set_mirror(api, SYSTEM, "ipvs-agent", threading.Event())
@@ -208,7 +206,7 @@ def test_agent_account_sees_its_daemonset_go_and_so_knows_it_is_uninstalled(
             wait_for("the mirror synced", mirror.synced.is_set, timeout=30)
             assert not _uninstalling(mirror, wait=0.5), "a restart leaves the node as it is"
             with bed.api_client() as admin:
-                client.AppsV1Api(admin).delete_namespaced_daemon_set("ipvs-agent", SYSTEM)
+                harness.apps(admin).delete_namespaced_daemon_set("ipvs-agent", SYSTEM)
             assert _uninstalling(mirror, wait=10), "the deletion reaches the agent"
         finally:
             stop.set()
