@@ -357,6 +357,9 @@ class Controller:
         if new != old:
             path = kube.vs_path(namespace, name, status=True)
             await self.writer.patch_status(key, body, path, status_patch(old, new), new)
+        if vs is not None and address.address is not None:
+            # Shown in its status now: a live address, which no later claim takes away.
+            self.allocator.published(vs.key, address.address)
         await self._announce(body, status.events(old, new))
 
     async def _announce(self, body: Mapping[str, Any], found: list[status.Event]) -> None:

@@ -12,6 +12,7 @@ import itertools
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,13 @@ def _operator_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
         print(f"--- operator log ({op.log}) ---\n{op.tail(120)}")
 
 
-@pytest.fixture
-def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+@contextmanager
+def _namespace(admin: Any, base: str) -> Iterator[str]:
     """A fresh namespace; its Services, VirtualServers and EndpointSlices are deleted after.
 
     Deleted explicitly because nothing garbage-collects here, and a VirtualServer left behind
     would keep its address in the next test's operator.
     """
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{base}-{secrets.token_hex(3)}"
     core = harness.core(admin)
     core.create_namespace({"metadata": {"name": name}})
@@ -150,6 +150,24 @@ def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
             if exc.status != 404:  # the operator may have deleted it first
                 raise
     core.delete_namespace(name)
+
+
+def _base_name(request: pytest.FixtureRequest, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:length].strip("-")
+
+
+@pytest.fixture
+def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for the test, cleaned up after it."""
+    with _namespace(admin, _base_name(request)) as name:
+        yield name
+
+
+@pytest.fixture
+def other_ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second namespace (another tenant), cleaned up after the test."""
+    with _namespace(admin, "other-" + _base_name(request, 30)) as name:
+        yield name
 
 
 PoolFactory = Callable[..., tuple[str, list[str]]]
