@@ -29,6 +29,9 @@ NO_BACKENDS: Final = "NoBackends"
 PENDING: Final = "Pending"
 ALL_PROGRAMMED: Final = "AllProgrammed"
 KERNEL_ERROR: Final = "KernelError"
+#: A firewall-mark VirtualServer: an AddressPool grants the mark to its namespace, or none does.
+FIREWALL_MARK_ADMITTED: Final = "FirewallMarkAdmitted"
+FIREWALL_MARK_NOT_ADMITTED: Final = "FirewallMarkNotAdmitted"
 
 
 def now() -> str:

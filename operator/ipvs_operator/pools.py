@@ -114,17 +114,20 @@ def status(
     allocated: int,
     old_conditions: Sequence[dict[str, Any]],
     now: str | None = None,
+    *,
+    marks_in_use: int = 0,
 ) -> dict[str, Any]:
-    """The AddressPool ``status`` for ``allocated`` addresses in use."""
+    """The AddressPool ``status`` for ``allocated`` addresses and ``marks_in_use`` in use."""
     if view.usable:
         assert view.pool is not None
         total = size(view.pool)
         available = min(max(total - allocated, 0), MAX_INT64)
-        ready: tuple[bool, str, str] = (
-            True,
-            READY_REASON,
-            f"{allocated} of {total} addresses allocated",
-        )
+        usage: list[str] = []
+        if view.pool.ranges or not view.pool.firewall_marks:
+            usage.append(f"{allocated} of {total} addresses allocated")
+        if view.pool.firewall_marks:
+            usage.append(f"{marks_in_use} firewall mark(s) in use")
+        ready: tuple[bool, str, str] = (True, READY_REASON, "; ".join(usage))
     else:
         assert view.problem is not None
         available = 0

@@ -182,6 +182,7 @@ def pool(admin: Any, ns: str) -> Iterator[PoolFactory]:
     def make(
         size: int = 16, *, v6: bool = False, name: str | None = None, **spec: Any
     ) -> tuple[str, list[str]]:
+        """A pool of ``size`` fresh addresses (``addresses=None``: none, marks only)."""
         n = next(_ranges)
         assert n < 250 and size <= 256
         addresses = [f"10.77.{n}.0-10.77.{n}.{size - 1}"]
@@ -192,7 +193,7 @@ def pool(admin: Any, ns: str) -> Iterator[PoolFactory]:
         body = harness.address_pool(pool_name, spec.pop("addresses", addresses), **spec)
         custom.create_cluster_custom_object(harness.GROUP, harness.VERSION, "addresspools", body)
         made.append(pool_name)
-        return pool_name, body["spec"]["addresses"]
+        return pool_name, body["spec"].get("addresses", [])
 
     yield make
     for name in made:

@@ -332,10 +332,11 @@ def virtual_server(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def address_pool(name: str, addresses: list[str], **spec: Any) -> dict[str, Any]:
+def address_pool(name: str, addresses: list[str] | None, **spec: Any) -> dict[str, Any]:
+    """An AddressPool; ``addresses`` None for a pool of firewall marks only."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AddressPool",
         "metadata": {"name": name},
-        "spec": {"addresses": addresses, **spec},
+        "spec": {**({} if addresses is None else {"addresses": addresses}), **spec},
     }

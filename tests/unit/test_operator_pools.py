@@ -63,3 +63,16 @@ def test_transition_time_moves_only_when_ready_changes() -> None:
     later = pools.status(view, 2, first["conditions"], now="2026-01-02T00:00:00Z")
     assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert later["conditions"][0]["type"] == conditions.READY
+
+
+def test_a_pool_of_firewall_marks_reports_marks_in_use_and_never_exhausts() -> None:
+    marks = {**body("marks", []), "spec": {"firewallMarks": [{"first": 16, "last": 31}]}}
+    both = body("both", ["192.0.2.0/30"], created="2026-01-02T00:00:00Z")
+    both["spec"]["firewallMarks"] = [{"first": 100}]
+    views = {v.name: v for v in pools.judge([marks, both])}
+    assert views["marks"].usable and views["both"].usable
+    st = pools.status(views["marks"], 0, [], marks_in_use=2)
+    assert st["conditions"][0]["message"] == "2 firewall mark(s) in use"
+    assert (st["allocated"], st["available"]) == (0, 0)
+    st = pools.status(views["both"], 1, [], marks_in_use=1)
+    assert st["conditions"][0]["message"] == "1 of 4 addresses allocated; 1 firewall mark(s) in use"
