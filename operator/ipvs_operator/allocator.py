@@ -11,6 +11,11 @@ use when two VirtualServers claim one IPVS service — settles only what has no 
 protect: two statuses that claim one address (:meth:`Allocator.restore` after a restart) and
 claims that arrive together before either was published. Namespaces are the tenancy boundary,
 so a conflict names the holder only to objects of its own namespace.
+
+Pools change without outages: while a holder's pool is missing (deleted, say, by a GitOps prune
+before it is applied again) or not ready (an edit made it invalid or overlapping), the holder
+keeps its address (``AddressRetained``) and nothing new is handed out from that pool. Only a
+usable pool of that name that no longer contains the address (a deliberate edit) takes it away.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Claim:
     pool: str | None = None
     #: status.address: what the object says it holds, kept when still valid and free.
     current: IPAddress | None = None
+    #: status.addressPool: where ``current`` came from.
+    current_pool: str | None = None
     namespace_labels: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -102,6 +109,13 @@ def holder_name(claimant_namespace: str, holder_namespace: str, holder_key: str)
     if claimant_namespace == holder_namespace:
         return f"VirtualServer {holder_key}"
     return "an object in another namespace"
+
+
+def retained_because(pool: str, problem: str | None) -> str:
+    """Why a holder keeps what its pool gave it: the pool is not ready, or gone."""
+    if problem is not None:
+        return f"AddressPool {pool} is not ready ({problem})"
+    return f"AddressPool {pool} does not exist"
 
 
 def conflict_message(address: IPAddress, claim: Claim, holder: Claim) -> str:
@@ -280,6 +294,11 @@ class Allocator:
                 outcome = self._settle(claim, current, home.name)
                 if outcome.ok:
                     return outcome
+            else:
+                from_pool = holding.pool if holding is not None else claim.current_pool
+                retained = self._retain(claim, current, from_pool)
+                if retained is not None:
+                    return retained
         self.release(claim.key)
         pools, problem = self._pools_for(claim, auto=True)
         if problem is not None:
@@ -309,10 +328,20 @@ class Allocator:
         address = claim.requested
         assert address is not None
         pools, problem = self._pools_for(claim, auto=False)
+        home = None if problem is not None else next((p for p in pools if address in p), None)
+        if home is None:
+            holding = self._holdings.get(claim.key)
+            if holding is not None and holding.address == address:
+                retained = self._retain(claim, address, holding.pool)
+            elif claim.current == address:
+                retained = self._retain(claim, address, claim.current_pool)
+            else:
+                retained = None
+            if retained is not None:
+                return retained
         if problem is not None:
             self.release(claim.key)
             return problem
-        home = next((p for p in pools if address in p), None)
         if home is None:
             self.release(claim.key)
             where = (
@@ -322,6 +351,25 @@ class Allocator:
             )
             return _fail(conditions.ADDRESS_NOT_IN_POOL, f"{address} is not in {where}")
         return self._settle(claim, address, home.name)
+
+    def _retain(self, claim: Claim, address: IPAddress, pool: str | None) -> Outcome | None:
+        """Keep ``address`` while its ``pool`` is missing or not ready; None: do not.
+
+        A usable pool of that name that no longer has the address (or no longer admits the
+        namespace) was edited on purpose, and a claim that now names another pool asked to
+        move: neither keeps anything.
+        """
+        if pool is None or pool in self._usable or claim.pool not in (None, pool):
+            return None
+        outcome = self._settle(claim, address, pool)
+        if not outcome.ok:
+            return None
+        return replace(
+            outcome,
+            reason=conditions.ADDRESS_RETAINED,
+            message=f"{retained_because(pool, self._unusable.get(pool))}: keeping {address} "
+            f"until it {'is ready' if pool in self._unusable else 'exists again'}",
+        )
 
     def _shared_address(
         self, claim: Claim, pools: Sequence[AddressPool]

@@ -210,9 +210,11 @@ class Controller:
             address = parse_ip(str(st.get("address") or ""))
             mark = st.get("firewallMark")
             if address is not None:
-                held.append((self._claim(vs, address), address, str(st["addressPool"])))
+                pool = str(st["addressPool"])
+                held.append((self._claim(vs, address, pool), address, pool))
             elif vs.spec.fwmark is not None and mark == vs.spec.fwmark:
-                marked.append((self._mark_claim(vs, mark), str(st["addressPool"])))
+                pool = str(st["addressPool"])
+                marked.append((self._mark_claim(vs, mark, pool), pool))
         dropped = self.allocator.restore(held) + self.marks.restore(marked)
         for key in dropped:
             namespace, _, name = key.partition("/")
@@ -237,12 +239,13 @@ class Controller:
         judged = pools.judge(bodies)
         self._pool_views = {v.name: v for v in judged}
         usable = [v.pool for v in judged if v.usable and v.pool is not None]
-        self.allocator.set_pools(
-            usable, {v.name: v.problem[1] for v in judged if v.problem is not None}
-        )
-        self.marks.set_pools(usable)
+        unusable = {v.name: v.problem[1] for v in judged if v.problem is not None}
+        self.allocator.set_pools(usable, unusable)
+        self.marks.set_pools(usable, unusable)
 
-    def _claim(self, vs: VirtualServer, current: IPAddress | None) -> Claim:
+    def _claim(
+        self, vs: VirtualServer, current: IPAddress | None, current_pool: str | None = None
+    ) -> Claim:
         return Claim(
             key=vs.key,
             namespace=vs.namespace,
@@ -253,10 +256,13 @@ class Controller:
             requested=vs.spec.address,
             pool=vs.spec.address_pool,
             current=current,
+            current_pool=current_pool,
             namespace_labels=self.views.namespace_labels(vs.namespace),
         )
 
-    def _mark_claim(self, vs: VirtualServer, current: int | None) -> MarkClaim:
+    def _mark_claim(
+        self, vs: VirtualServer, current: int | None, current_pool: str | None = None
+    ) -> MarkClaim:
         assert vs.spec.fwmark is not None
         return MarkClaim(
             key=vs.key,
@@ -265,6 +271,7 @@ class Controller:
             family=vs.spec.family,
             mark=vs.spec.fwmark,
             current=current,
+            current_pool=current_pool,
             namespace_labels=self.views.namespace_labels(vs.namespace),
         )
 
@@ -277,7 +284,9 @@ class Controller:
         self._release_mark(vs.key)
         before = self.allocator.holding(vs.key)
         current = parse_ip(str(old.get("address") or ""))
-        outcome = self.allocator.ensure(self._claim(vs, current))
+        pool = old.get("addressPool")
+        claim = self._claim(vs, current, str(pool) if pool else None)
+        outcome = self.allocator.ensure(claim)
         after = self.allocator.holding(vs.key)
         self._settled(key, outcome.ok, outcome.evicted)
         if before != after:
@@ -292,7 +301,8 @@ class Controller:
         before = self.marks.holding(vs.key)
         current = old.get("firewallMark")
         shown = current if isinstance(current, int) else None
-        outcome = self.marks.ensure(self._mark_claim(vs, shown))
+        pool = old.get("addressPool")
+        outcome = self.marks.ensure(self._mark_claim(vs, shown, str(pool) if pool else None))
         after = self.marks.holding(vs.key)
         self._settled(key, outcome.ok, outcome.evicted)
         if before != after:
@@ -479,5 +489,6 @@ _SERVICE_EVENTS: Final = frozenset(
         conditions.ADDRESS_NOT_IN_POOL,
         conditions.POOL_NOT_FOUND,
         conditions.POOL_EXHAUSTED,
+        conditions.ADDRESS_RETAINED,
     }
 )

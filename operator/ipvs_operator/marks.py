@@ -10,7 +10,9 @@ mark (the kernel has one firewall-mark service per family and mark).
 Holders keep their marks the way holders keep addresses (:mod:`ipvs_operator.allocator`): once
 a holder's status shows the mark (live), no other claim takes it; age decides only between two
 live claims (statuses rebuilt after a restart) or two unpublished ones. Conflicts name the
-holder only inside its own namespace.
+holder only inside its own namespace. And like an address, a mark in use stays with its holder
+while the pool that granted it is missing or not ready (``FirewallMarkRetained``); only a usable
+pool of that name that no longer grants it takes it away.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ipvs_api import conditions
 from ipvs_api.types import AddressPool, IPFamily
-from ipvs_operator.allocator import Age, holder_name
+from ipvs_operator.allocator import Age, holder_name, retained_because
 
 #: (family, mark): the identity of one firewall-mark service in the kernel.
 MarkKey = tuple[IPFamily, int]
@@ -37,6 +39,8 @@ class MarkClaim:
     mark: int
     #: status.firewallMark: what the object says it holds.
     current: int | None = None
+    #: status.addressPool: the pool that granted ``current``.
+    current_pool: str | None = None
     namespace_labels: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -87,12 +91,14 @@ class MarkTable:
 
     def __init__(self) -> None:
         self._usable: dict[str, AddressPool] = {}
+        self._unusable: dict[str, str] = {}
         self._holdings: dict[str, MarkHolding] = {}
         self._by_mark: dict[MarkKey, MarkHolding] = {}
 
-    def set_pools(self, usable: Iterable[AddressPool]) -> None:
-        """Replace the pools that may grant marks (only usable ones do)."""
+    def set_pools(self, usable: Iterable[AddressPool], unusable: Mapping[str, str]) -> None:
+        """Replace the pools: ``usable`` may grant marks, ``unusable`` maps name -> why not."""
         self._usable = {p.name: p for p in sorted(usable, key=lambda p: p.name)}
+        self._unusable = dict(unusable)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -155,6 +161,9 @@ class MarkTable:
             if p.grants(claim.mark) and p.admits(claim.namespace, claim.namespace_labels)
         ]
         if not granting:
+            retained = self._retain(claim)
+            if retained is not None:
+                return retained
             self.release(claim.key)
             return MarkOutcome(
                 conditions.FIREWALL_MARK_NOT_ADMITTED,
@@ -163,6 +172,28 @@ class MarkTable:
         before = self._holdings.get(claim.key)
         pool = next((p for p in granting if before and p.name == before.pool), granting[0])
         return self._settle(claim, pool.name)
+
+    def _retain(self, claim: MarkClaim) -> MarkOutcome | None:
+        """Keep the mark while the pool that granted it is missing or not ready."""
+        before = self._holdings.get(claim.key)
+        if before is not None and before.claim.mark_key == claim.mark_key:
+            pool: str | None = before.pool
+        elif claim.current == claim.mark:
+            pool = claim.current_pool
+        else:
+            return None
+        if pool is None or pool in self._usable:
+            return None  # a usable pool that no longer grants it: edited on purpose
+        outcome = self._settle(claim, pool)
+        if not outcome.ok:
+            return None
+        until = "is ready" if pool in self._unusable else "exists again"
+        return replace(
+            outcome,
+            reason=conditions.FIREWALL_MARK_RETAINED,
+            message=f"{retained_because(pool, self._unusable.get(pool))}: keeping "
+            f"{describe(claim.mark)} until it {until}",
+        )
 
     def _settle(self, claim: MarkClaim, pool: str) -> MarkOutcome:
         rival = self._by_mark.get(claim.mark_key)

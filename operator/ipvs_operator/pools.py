@@ -3,7 +3,8 @@
 Overlapping pools would let one address be reached through two pools with different rules, so
 the younger of two overlapping pools is refused (``Overlap``) and the older keeps working — the
 same age rule as for addresses. A range that ends before it starts (which CEL cannot compare)
-is ``InvalidRange``.
+is ``InvalidRange``. A pool that is not usable hands out nothing new, but takes nothing back:
+its holders keep their addresses and marks (:mod:`.allocator`), and its status says how many.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def size(pool: AddressPool) -> int:
     return total
 
 
+def _counted(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things in words, or "" for none."""
+    if n == 0:
+        return ""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def status(
     view: PoolView,
     allocated: int,
@@ -131,7 +139,12 @@ def status(
     else:
         assert view.problem is not None
         available = 0
-        ready = (False, view.problem[0], view.problem[1])
+        message = view.problem[1]
+        kept = _counted(allocated, "address", "addresses"), _counted(marks_in_use, "firewall mark")
+        held = " and ".join(k for k in kept if k)
+        if held:
+            message += f"; {held} in use stay with their holders until it is ready"
+        ready = (False, view.problem[0], message)
     conds = conditions.set_condition(
         list(old_conditions), conditions.READY, *ready, view.generation, at=now
     )

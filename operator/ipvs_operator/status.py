@@ -175,6 +175,10 @@ _GRANTED: Final = {
 }
 
 
+#: AddressAllocated reasons of a holder kept while its pool is missing or not ready.
+_RETAINED: Final = frozenset({conditions.ADDRESS_RETAINED, conditions.FIREWALL_MARK_RETAINED})
+
+
 def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     return next((c for c in status.get("conditions") or () if c.get("type") == type_), {})
 
@@ -197,7 +201,11 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
                     f"address changed from {old['address']} to {new_addr.get('message')}",
                 )
             )
-        elif old_addr.get("status") != "True" and new_addr.get("reason") in _GRANTED:
+        elif new_addr.get("reason") in _RETAINED and _changed(old_addr, new_addr):
+            out.append(Event("Warning", str(new_addr.get("reason")), str(new_addr.get("message"))))
+        elif new_addr.get("reason") in _GRANTED and (
+            old_addr.get("status") != "True" or old_addr.get("reason") in _RETAINED
+        ):
             reason = _GRANTED[str(new_addr.get("reason"))]
             out.append(Event("Normal", reason, str(new_addr.get("message"))))
     elif new_addr and _changed(old_addr, new_addr):

@@ -170,6 +170,20 @@ def other_ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
 
 
+@pytest.fixture
+def record() -> Iterator[Callable[..., harness.Recorder]]:
+    """Start Recorders (watches) that end with the test, whatever happens."""
+    made: list[harness.Recorder] = []
+
+    def make(lister: Callable[..., Any], *args: Any) -> harness.Recorder:
+        made.append(harness.Recorder(lister, *args))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.close()
+
+
 PoolFactory = Callable[..., tuple[str, list[str]]]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -113,3 +114,40 @@ def test_a_mark_needs_a_pool_that_grants_it_and_one_holder(
             (get_vs(admin, other_ns, "second") or {}).get("status", {}).get("firewallMark") == mark
         ),
     )
+
+
+def test_a_granted_mark_survives_its_pool_being_deleted_and_applied_again(
+    admin: Any,
+    ns: str,
+    pool: PoolFactory,
+    record: Callable[..., harness.Recorder],
+    operator: harness.Operator,
+) -> None:
+    mark = next(_marks)
+    name, _ = pool(addresses=None, firewallMarks=[{"first": mark}])
+    custom = harness.custom(admin)
+    body = custom.get_cluster_custom_object(harness.GROUP, harness.VERSION, "addresspools", name)
+    create(admin, ns, marked_vs("web", mark))
+    wait_for(
+        "the mark admitted",
+        lambda: (get_vs(admin, ns, "web") or {}).get("status", {}).get("firewallMark") == mark,
+    )
+    seen = record(
+        custom.list_namespaced_custom_object, harness.GROUP, harness.VERSION, ns, "virtualservers"
+    )
+
+    def reason() -> str:
+        return str(condition(get_vs(admin, ns, "web"), "AddressAllocated").get("reason"))
+
+    custom.delete_cluster_custom_object(harness.GROUP, harness.VERSION, "addresspools", name)
+    wait_for("FirewallMarkRetained", lambda: reason() == "FirewallMarkRetained")
+    custom.create_cluster_custom_object(
+        harness.GROUP,
+        harness.VERSION,
+        "addresspools",
+        {**harness.address_pool(name, None), "spec": body["spec"]},
+    )
+    wait_for("FirewallMarkAdmitted again", lambda: reason() == "FirewallMarkAdmitted")
+    written = [obj for kind, obj in seen.stop() if kind != "DELETED"]
+    assert len(written) >= 2
+    assert all((obj.get("status") or {}).get("firewallMark") == mark for obj in written), written

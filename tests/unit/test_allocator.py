@@ -344,3 +344,83 @@ def test_an_address_the_object_already_shows_is_kept_when_free() -> None:
     c = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     stray = replace(claim("stray"), current=ip("198.51.100.1"))
     assert str(c.ensure(stray).address) == "192.0.2.0"
+
+
+def test_a_missing_pool_keeps_its_addresses_with_their_holders() -> None:
+    """Deleted and applied again (a GitOps prune): the same addresses, never released."""
+    p = pool("p", "192.0.2.0-192.0.2.9")
+    a = allocator(p)
+    auto, asked = claim("auto"), claim("asked", requested="192.0.2.5")
+    assert str(a.ensure(auto).address) == "192.0.2.0"
+    assert a.ensure(asked).ok
+    a.set_pools([], {})
+    for c, address in ((auto, "192.0.2.0"), (asked, "192.0.2.5")):
+        out = a.ensure(c)
+        assert (out.ok, out.reason, str(out.address), out.pool) == (
+            True,
+            conditions.ADDRESS_RETAINED,
+            address,
+            "p",
+        )
+        assert (
+            out.message == f"AddressPool p does not exist: keeping {address} until it exists again"
+        )
+    assert a.ensure(claim("new")).reason == conditions.POOL_NOT_FOUND  # nothing new from it
+    a.set_pools([p], {})
+    assert (a.ensure(auto).reason, str(a.ensure(auto).address)) == (
+        conditions.ALLOCATED,
+        "192.0.2.0",
+    )
+    assert str(a.ensure(asked).address) == "192.0.2.5"
+    assert str(a.ensure(claim("new")).address) == "192.0.2.1"
+
+
+def test_a_pool_that_is_not_ready_hands_out_nothing_but_takes_nothing_back() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    named = claim("named", pool_name="p")
+    assert str(a.ensure(named).address) == "192.0.2.0"
+    a.published("shop/named", ip("192.0.2.0"))
+    a.set_pools([], {"p": "192.0.2.0-192.0.2.9 overlaps 192.0.2.8/29 of AddressPool q"})
+    kept = a.ensure(named)
+    assert (kept.reason, str(kept.address)) == (conditions.ADDRESS_RETAINED, "192.0.2.0")
+    assert kept.message == (
+        "AddressPool p is not ready (192.0.2.0-192.0.2.9 overlaps 192.0.2.8/29 of AddressPool q): "
+        "keeping 192.0.2.0 until it is ready"
+    )
+    assert a.allocated_in("p") == 1
+    other = a.ensure(claim("other", pool_name="p"))
+    assert other.reason == conditions.POOL_NOT_FOUND and "not ready" in other.message
+    # Nobody else gets the kept address meanwhile, even from a pool that has it.
+    a.set_pools([pool("q", "192.0.2.0-192.0.2.1")], {"p": "overlap"})
+    assert a.ensure(claim("grab", requested="192.0.2.0")).reason == conditions.ADDRESS_CONFLICT
+    assert str(a.ensure(claim("auto")).address) == "192.0.2.1"
+
+
+def test_a_deliberate_edit_or_another_pool_takes_the_address_away() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    held = claim("held")
+    assert str(a.ensure(held).address) == "192.0.2.0"
+    a.set_pools([pool("p", "192.0.2.5-192.0.2.9")], {})  # p still usable, without 192.0.2.0
+    assert (a.ensure(held).reason, str(a.ensure(held).address)) == (
+        conditions.ALLOCATED,
+        "192.0.2.5",
+    )
+    # Asking for another pool while the old one is gone moves the address, too.
+    a.set_pools([pool("q", "198.51.100.0-198.51.100.9")], {})
+    moved = a.ensure(replace(held, pool="q"))
+    assert (moved.reason, str(moved.address)) == (conditions.ALLOCATED, "198.51.100.0")
+
+
+def test_after_a_restart_a_missing_pool_still_keeps_what_status_shows() -> None:
+    a = allocator()
+    shown = replace(claim("web"), current=ip("192.0.2.7"), current_pool="p")
+    assert a.restore([(shown, ip("192.0.2.7"), "p")]) == []
+    out = a.ensure(shown)
+    assert (out.reason, str(out.address), out.pool) == (
+        conditions.ADDRESS_RETAINED,
+        "192.0.2.7",
+        "p",
+    )
+    # Missed by the rebuild, shown in status all the same: kept too.
+    b = allocator()
+    assert b.ensure(shown).reason == conditions.ADDRESS_RETAINED

@@ -33,6 +33,7 @@ def claim(
     created: str = "2026-01-01T00:00:00Z",
     family: IPFamily = V4,
     current: int | None = None,
+    current_pool: str | None = None,
 ) -> MarkClaim:
     return MarkClaim(
         key=f"{ns}/{name}",
@@ -41,12 +42,13 @@ def claim(
         family=family,
         mark=mark,
         current=current,
+        current_pool=current_pool,
     )
 
 
 def table(*pools: AddressPool) -> MarkTable:
     t = MarkTable()
-    t.set_pools(pools)
+    t.set_pools(pools, {})
     return t
 
 
@@ -123,7 +125,7 @@ def test_a_released_mark_goes_to_the_next_claim() -> None:
 def test_a_grant_taken_away_by_a_pool_edit_takes_the_mark() -> None:
     t = table(pool("marks", (16, 16)))
     assert t.ensure(claim("a", current=16)).ok
-    t.set_pools([pool("marks", (17, 17))])
+    t.set_pools([pool("marks", (17, 17))], {})
     assert t.ensure(claim("a", current=16)).reason == conditions.FIREWALL_MARK_NOT_ADMITTED
     assert t.in_use("marks") == 0
 
@@ -147,3 +149,29 @@ def test_a_pool_may_grant_marks_and_addresses() -> None:
     )
     t = table(both)
     assert t.ensure(claim("a", 31)).pool == "both"
+
+
+def test_a_granted_mark_stays_while_its_pool_is_missing_or_not_ready() -> None:
+    marks = pool("marks", (16, 16))
+    t = table(marks)
+    assert t.ensure(claim("a", current=16)).ok
+    t.set_pools([], {})
+    gone = t.ensure(claim("a", current=16))
+    assert (gone.ok, gone.reason, gone.mark, gone.pool) == (
+        True,
+        conditions.FIREWALL_MARK_RETAINED,
+        16,
+        "marks",
+    )
+    assert gone.message == (
+        "AddressPool marks does not exist: keeping firewall mark 16 (0x10) until it exists again"
+    )
+    assert t.ensure(claim("b")).reason == conditions.FIREWALL_MARK_NOT_ADMITTED
+    t.set_pools([], {"marks": "invalid"})
+    assert t.ensure(claim("a", current=16)).message.startswith("AddressPool marks is not ready")
+    t.set_pools([marks], {})
+    assert t.ensure(claim("a", current=16)).reason == conditions.FIREWALL_MARK_ADMITTED
+    # After a restart, status alone keeps it too.
+    fresh = table()
+    kept = fresh.ensure(claim("a", current=16, current_pool="marks"))
+    assert kept.reason == conditions.FIREWALL_MARK_RETAINED

@@ -76,3 +76,22 @@ def test_a_pool_of_firewall_marks_reports_marks_in_use_and_never_exhausts() -> N
     assert (st["allocated"], st["available"]) == (0, 0)
     st = pools.status(views["both"], 1, [], marks_in_use=1)
     assert st["conditions"][0]["message"] == "1 of 4 addresses allocated; 1 firewall mark(s) in use"
+
+
+def test_a_pool_that_is_not_ready_says_what_its_holders_keep() -> None:
+    views = pools.judge(
+        [
+            body("old", ["192.0.2.0/28"]),
+            body("young", ["192.0.2.8/29"], created="2026-02-01T00:00:00Z"),
+        ]
+    )
+    young = next(v for v in views if v.name == "young")
+    st = pools.status(young, 3, [], marks_in_use=1)
+    ready = st["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", pools.OVERLAP)
+    assert ready["message"].endswith(
+        "; 3 addresses and 1 firewall mark in use stay with their holders until it is ready"
+    )
+    assert (st["allocated"], st["available"]) == (3, 0)
+    alone = pools.status(young, 0, [])["conditions"][0]["message"]
+    assert "stay with their holders" not in alone

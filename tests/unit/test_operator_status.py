@@ -186,6 +186,32 @@ def test_an_admitted_firewall_mark_is_in_status_and_announced() -> None:
     ]
 
 
+def test_a_kept_address_stays_ready_and_warns_once() -> None:
+    first = compute({})
+    kept = Address(
+        True,
+        conditions.ADDRESS_RETAINED,
+        "AddressPool p does not exist: keeping 192.0.2.1 until it exists again",
+        ipaddress.ip_address("192.0.2.1"),
+        "p",
+    )
+    held = compute(first, address=kept, at=T1)
+    assert held["address"] == "192.0.2.1" and held["addressPool"] == "p"
+    for type_ in (conditions.ADDRESS_ALLOCATED, conditions.READY):
+        before, after = status.condition(first, type_), status.condition(held, type_)
+        assert after["status"] == "True"
+        assert after["lastTransitionTime"] == before["lastTransitionTime"]
+    assert status.condition(held, conditions.ADDRESS_ALLOCATED)["reason"] == "AddressRetained"
+    assert [(e.type, e.reason) for e in status.events(first, held)] == [
+        ("Warning", conditions.ADDRESS_RETAINED)
+    ]
+    assert status.events(held, compute(held, address=kept, at=T1)) == []
+    back = compute(held, at=T1)
+    assert [(e.type, e.reason) for e in status.events(held, back)] == [
+        ("Normal", "AddressAllocated")
+    ]
+
+
 def test_index_entries_keep_only_what_is_read() -> None:
     node = {
         "metadata": {"name": "node-a", "managedFields": [{"big": True}]},
