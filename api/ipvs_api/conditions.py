@@ -29,6 +29,12 @@ NO_BACKENDS: Final = "NoBackends"
 PENDING: Final = "Pending"
 ALL_PROGRAMMED: Final = "AllProgrammed"
 KERNEL_ERROR: Final = "KernelError"
+#: A firewall-mark VirtualServer: an AddressPool grants the mark to its namespace, or none does.
+FIREWALL_MARK_ADMITTED: Final = "FirewallMarkAdmitted"
+FIREWALL_MARK_NOT_ADMITTED: Final = "FirewallMarkNotAdmitted"
+#: Still held while the pool it came from is missing or not ready (AddressAllocated stays True).
+ADDRESS_RETAINED: Final = "AddressRetained"
+FIREWALL_MARK_RETAINED: Final = "FirewallMarkRetained"
 
 
 def now() -> str:

@@ -21,3 +21,8 @@ LABEL_SERVICE_NAME: Final = "ipvs.io/service-name"
 #: Label on objects the project manages (chart, generated objects).
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "ipvs-operator"
+
+#: The packet-mark bit the node agent sets on NAT traffic to masquerade it (nftables). No
+#: firewall-mark service may use a mark with this bit: IPVS matches fwmark services first, so it
+#: would capture that traffic on every node (AddressPool firewallMarks refuse such ranges).
+MASQUERADE_MARK: Final = 0x2000

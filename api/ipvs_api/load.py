@@ -26,6 +26,7 @@ from ipvs_api.types import (
     IPFamily,
     LabelRequirement,
     LabelSelector,
+    MarkRange,
     Persistence,
     Protocol,
     Scheduler,
@@ -142,7 +143,9 @@ def virtual_server(obj: dict[str, Any]) -> VirtualServer:
     """Validate and build a VirtualServer; raises :class:`InvalidObject` naming each bad field."""
     checked = _check(constants.VIRTUAL_SERVER, obj, namespaced=True)
     meta = checked["metadata"]
-    status_address = (checked.get("status") or {}).get("address")
+    status = checked.get("status") or {}
+    status_address = status.get("address")
+    status_fwmark = status.get("firewallMark")
     return VirtualServer(
         namespace=meta["namespace"],
         name=meta["name"],
@@ -151,6 +154,7 @@ def virtual_server(obj: dict[str, Any]) -> VirtualServer:
         generation=int(meta.get("generation", 0)),
         spec=virtual_server_spec(checked["spec"]),
         status_address=parse_ip(status_address) if status_address else None,
+        status_fwmark=status_fwmark if _is_int(status_fwmark) else None,
     )
 
 
@@ -172,7 +176,7 @@ def address_pool(obj: dict[str, Any]) -> AddressPool:
     spec = checked["spec"]
     ranges: list[AddressRange] = []
     errors: list[FieldError] = []
-    for i, entry in enumerate(spec["addresses"]):
+    for i, entry in enumerate(spec.get("addresses", ())):
         try:
             ranges.append(address_range(entry))
         except ValueError as exc:
@@ -188,7 +192,14 @@ def address_pool(obj: dict[str, Any]) -> AddressPool:
         if "namespaceSelector" in spec
         else None,
         generation=int(checked["metadata"].get("generation", 0)),
+        firewall_marks=tuple(
+            MarkRange(m["first"], m.get("last", m["first"])) for m in spec.get("firewallMarks", ())
+        ),
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_manifests(paths: Iterable[Path | str]) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ipvs_api.constants import MASQUERADE_MARK
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -190,6 +192,21 @@ def _pool_entry_ok(v: str) -> bool:
     return parse_cidr(v) is not None
 
 
+def _grants_something(s: dict[str, Any]) -> bool:
+    return len(s.get("addresses", [])) > 0 or len(s.get("firewallMarks", [])) > 0
+
+
+def _marks_avoid_masquerade_bit(r: dict[str, Any]) -> bool:
+    """No mark in [first, last] has the agent's masquerade bit set.
+
+    CEL has no bitwise operators, so the CRD says it with division; this is the same rule in
+    bits: the lowest mark at or above ``first`` with the bit set lies beyond ``last``.
+    """
+    first, last, bit = r["first"], r.get("last", r["first"]), MASQUERADE_MARK
+    lowest = first if first & bit else (first & ~(2 * bit - 1)) | bit
+    return bool(lowest > last)
+
+
 def _requirement_ok(r: dict[str, Any]) -> bool:
     return (r["operator"] in ("In", "NotIn")) == (len(r.get("values", [])) > 0)
 
@@ -343,6 +360,26 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
         ),
     ),
     ("VirtualServer", "spec.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),
+    ("AddressPool", "spec"): (
+        Rule(
+            "addresses or firewallMarks is required: a pool grants addresses, firewall marks or "
+            "both",
+            _grants_something,
+            "addresses",
+        ),
+    ),
+    ("AddressPool", "spec.firewallMarks[]"): (
+        Rule(
+            "last must not be less than first",
+            lambda r: "last" not in r or r["last"] >= r["first"],
+            "last",
+        ),
+        Rule(
+            "must not contain a mark with bit 0x2000 (8192) set: the agent marks NAT traffic with "
+            "0x2000 (8192) to masquerade it",
+            _marks_avoid_masquerade_bit,
+        ),
+    ),
     ("AddressPool", "spec.addresses[]"): (
         Rule(
             "must be a CIDR without host bits (192.0.2.0/28) or a range of two addresses of one "

@@ -196,6 +196,9 @@ class VirtualServer:
     created: str = ""
     #: The address the operator allocated (status.address), when spec.address is unset.
     status_address: IPAddress | None = None
+    #: The firewall mark the operator admitted (status.firewallMark); only then is spec.fwmark
+    #: programmed in a cluster.
+    status_fwmark: int | None = None
 
     @property
     def key(self) -> str:
@@ -227,6 +230,21 @@ class AddressRange:
 
 
 @dataclass(frozen=True)
+class MarkRange:
+    """An inclusive range of firewall marks."""
+
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def __contains__(self, mark: object) -> bool:
+        return isinstance(mark, int) and self.first <= mark <= self.last
+
+
+@dataclass(frozen=True)
 class AddressPool:
     name: str
     ranges: tuple[AddressRange, ...]
@@ -234,6 +252,12 @@ class AddressPool:
     namespaces: frozenset[str] = frozenset()
     namespace_selector: LabelSelector | None = None
     generation: int = 0
+    #: Firewall marks granted to VirtualServers (spec.fwmark) of the admitted namespaces.
+    firewall_marks: tuple[MarkRange, ...] = ()
+
+    def grants(self, mark: int) -> bool:
+        """Whether the pool lists ``mark`` among its firewall marks."""
+        return any(mark in r for r in self.firewall_marks)
 
     def admits(self, namespace: str, labels: Mapping[str, str]) -> bool:
         """Whether objects in this namespace may take addresses from the pool."""

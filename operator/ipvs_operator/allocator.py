@@ -4,15 +4,24 @@ MetalLB's ``allocator`` is the model. The table lives in memory, but every entry
 written to its object (VirtualServer ``status.address``/``status.addressPool``), so a restarted
 operator rebuilds the same table with :meth:`Allocator.restore` before it allocates anything.
 
-Who wins a contested address is decided by age — ``(creationTimestamp, namespace, name)``,
-the order the node agents use when two VirtualServers claim one IPVS service — so the
-conditions the operator reports match what the data plane does, whatever order events come in.
+Whoever holds an address keeps it: once a holder's status shows the address (it is *live*: the
+agents may be serving it), no other object takes it, however old — the claimant gets
+``AddressConflict``. Age — ``(creationTimestamp, namespace, name)``, the order the node agents
+use when two VirtualServers claim one IPVS service — settles only what has no live holder to
+protect: two statuses that claim one address (:meth:`Allocator.restore` after a restart) and
+claims that arrive together before either was published. Namespaces are the tenancy boundary,
+so a conflict names the holder only to objects of its own namespace.
+
+Pools change without outages: while a holder's pool is missing (deleted, say, by a GitOps prune
+before it is applied again) or not ready (an edit made it invalid or overlapping), the holder
+keeps its address (``AddressRetained``) and nothing new is handed out from that pool. Only a
+usable pool of that name that no longer contains the address (a deliberate edit) takes it away.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ipvs_api import conditions
@@ -42,6 +51,8 @@ class Claim:
     pool: str | None = None
     #: status.address: what the object says it holds, kept when still valid and free.
     current: IPAddress | None = None
+    #: status.addressPool: where ``current`` came from.
+    current_pool: str | None = None
     namespace_labels: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -50,6 +61,13 @@ class Holding:
     claim: Claim
     address: IPAddress
     pool: str
+    #: The holder's status shows the address: the agents may serve it, nobody takes it.
+    live: bool = False
+
+    @property
+    def rank(self) -> tuple[bool, Age]:
+        """Who keeps a contested address: a live holder first, then the older."""
+        return (not self.live, self.claim.age)
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,8 @@ class Outcome:
     message: str
     address: IPAddress | None = None
     pool: str | None = None
-    #: Younger holders that lost the address to this (older) claim; reconcile them again.
+    #: Unpublished (or younger live) holders that lost the address to this claim; reconcile
+    #: them again.
     evicted: tuple[str, ...] = ()
 
     @property
@@ -82,14 +101,34 @@ def shareable(a: Claim, b: Claim) -> bool:
     )
 
 
+def holder_name(claimant_namespace: str, holder_namespace: str, holder_key: str) -> str:
+    """The holder as a claimant may see it: by name in its own namespace, else anonymous.
+
+    Namespaces are the tenancy boundary; a tenant must not learn other namespaces' names.
+    """
+    if claimant_namespace == holder_namespace:
+        return f"VirtualServer {holder_key}"
+    return "an object in another namespace"
+
+
+def retained_because(pool: str, problem: str | None) -> str:
+    """Why a holder keeps what its pool gave it: the pool is not ready, or gone."""
+    if problem is not None:
+        return f"AddressPool {pool} is not ready ({problem})"
+    return f"AddressPool {pool} does not exist"
+
+
 def conflict_message(address: IPAddress, claim: Claim, holder: Claim) -> str:
     common = sorted(claim.ports & holder.ports)
+    same = claim.namespace == holder.namespace
+    who = holder_name(claim.namespace, holder.namespace, holder.key)
     if common:
         proto, port = common[0]
-        return f"{address} port {port}/{proto} is already used by VirtualServer {holder.key}"
+        verb = "is already used by" if same else "is in use by"
+        return f"{address} port {port}/{proto} {verb} {who}"
     return (
-        f"{address} is used by VirtualServer {holder.key}; objects share an address only with "
-        "the same sharingKey in the same namespace"
+        f"{address} is used by {who}; objects share an address only with the same sharingKey "
+        "in the same namespace"
     )
 
 
@@ -150,20 +189,36 @@ class Allocator:
         return len({h.address for h in self._holdings.values() if h.pool == pool})
 
     def _rivals(self, claim: Claim, address: IPAddress) -> list[Holding]:
-        """Holders of ``address`` that cannot share it with ``claim``, oldest first."""
+        """Holders of ``address`` that cannot share it with ``claim``, strongest first."""
         holders = self._by_address.get(address, {})
         return sorted(
             (h for k, h in holders.items() if k != claim.key and not shareable(claim, h.claim)),
-            key=lambda h: h.claim.age,
+            key=lambda h: h.rank,
         )
 
     # -- changes ---------------------------------------------------------------------------
 
+    def _live(self, claim: Claim, address: IPAddress) -> bool:
+        """Whether ``claim``'s status shows ``address`` (or we published it already)."""
+        before = self._holdings.get(claim.key)
+        return claim.current == address or (
+            before is not None and before.live and before.address == address
+        )
+
     def _take(self, claim: Claim, address: IPAddress, pool: str) -> None:
+        live = self._live(claim, address)
         self.release(claim.key)
-        holding = Holding(claim, address, pool)
+        holding = Holding(claim, address, pool, live)
         self._holdings[claim.key] = holding
         self._by_address.setdefault(address, {})[claim.key] = holding
+
+    def published(self, key: str, address: IPAddress) -> None:
+        """``key``'s status now shows ``address``: from here on it is live and kept."""
+        holding = self._holdings.get(key)
+        if holding is not None and holding.address == address and not holding.live:
+            live = replace(holding, live=True)
+            self._holdings[key] = live
+            self._by_address[address][key] = live
 
     def release(self, key: str) -> Holding | None:
         """Forget ``key``'s address; returns what it held."""
@@ -201,13 +256,19 @@ class Allocator:
         return dropped
 
     def _settle(self, claim: Claim, address: IPAddress, pool: str) -> Outcome:
-        """Take ``address`` unless an older rival holds it; younger rivals are evicted."""
+        """Take ``address`` unless a stronger rival holds it; weaker rivals are evicted.
+
+        A live holder is never evicted by a claim that is not live itself; only between two
+        live claims (statuses that both show the address) or two unpublished ones does age
+        decide.
+        """
         rivals = self._rivals(claim, address)
-        older = [h for h in rivals if h.claim.age < claim.age]
-        if older:
+        mine = (not self._live(claim, address), claim.age)
+        stronger = [h for h in rivals if h.rank < mine]
+        if stronger:
             self.release(claim.key)
             return _fail(
-                conditions.ADDRESS_CONFLICT, conflict_message(address, claim, older[0].claim)
+                conditions.ADDRESS_CONFLICT, conflict_message(address, claim, stronger[0].claim)
             )
         for h in rivals:
             self.release(h.claim.key)
@@ -233,6 +294,11 @@ class Allocator:
                 outcome = self._settle(claim, current, home.name)
                 if outcome.ok:
                     return outcome
+            else:
+                from_pool = holding.pool if holding is not None else claim.current_pool
+                retained = self._retain(claim, current, from_pool)
+                if retained is not None:
+                    return retained
         self.release(claim.key)
         pools, problem = self._pools_for(claim, auto=True)
         if problem is not None:
@@ -262,10 +328,20 @@ class Allocator:
         address = claim.requested
         assert address is not None
         pools, problem = self._pools_for(claim, auto=False)
+        home = None if problem is not None else next((p for p in pools if address in p), None)
+        if home is None:
+            holding = self._holdings.get(claim.key)
+            if holding is not None and holding.address == address:
+                retained = self._retain(claim, address, holding.pool)
+            elif claim.current == address:
+                retained = self._retain(claim, address, claim.current_pool)
+            else:
+                retained = None
+            if retained is not None:
+                return retained
         if problem is not None:
             self.release(claim.key)
             return problem
-        home = next((p for p in pools if address in p), None)
         if home is None:
             self.release(claim.key)
             where = (
@@ -275,6 +351,25 @@ class Allocator:
             )
             return _fail(conditions.ADDRESS_NOT_IN_POOL, f"{address} is not in {where}")
         return self._settle(claim, address, home.name)
+
+    def _retain(self, claim: Claim, address: IPAddress, pool: str | None) -> Outcome | None:
+        """Keep ``address`` while its ``pool`` is missing or not ready; None: do not.
+
+        A usable pool of that name that no longer has the address (or no longer admits the
+        namespace) was edited on purpose, and a claim that now names another pool asked to
+        move: neither keeps anything.
+        """
+        if pool is None or pool in self._usable or claim.pool not in (None, pool):
+            return None
+        outcome = self._settle(claim, address, pool)
+        if not outcome.ok:
+            return None
+        return replace(
+            outcome,
+            reason=conditions.ADDRESS_RETAINED,
+            message=f"{retained_because(pool, self._unusable.get(pool))}: keeping {address} "
+            f"until it {'is ready' if pool in self._unusable else 'exists again'}",
+        )
 
     def _shared_address(
         self, claim: Claim, pools: Sequence[AddressPool]

@@ -27,8 +27,9 @@ from ipvs_api.errors import InvalidObject
 from ipvs_api.rules import parse_ip
 from ipvs_api.types import IPAddress, VirtualServer
 from ipvs_operator import backends, kube, pools, status
-from ipvs_operator.allocator import Allocator, Claim, Outcome
+from ipvs_operator.allocator import Allocator, Claim
 from ipvs_operator.events import EventPoster
+from ipvs_operator.marks import MarkClaim, MarkTable
 from ipvs_operator.service_reconciler import ServiceReconciler
 from ipvs_operator.status import Address, DirectorReport
 from ipvs_operator.views import Views
@@ -61,6 +62,7 @@ class Controller:
         self.views = views
         self.writer = Writer(client, poster, leading)
         self.allocator = Allocator()
+        self.marks = MarkTable()
         self.queue: WorkQueue[Key] = WorkQueue()
         self.services = ServiceReconciler(
             settings.default_load_balancer, views, self.writer, self.queue
@@ -196,22 +198,33 @@ class Controller:
     # -- allocation table ------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild the address table from the objects, before any allocation."""
+        """Rebuild the address and mark tables from the objects, before any allocation."""
         self._refresh_pools()
         held: list[tuple[Claim, IPAddress, str]] = []
+        marked: list[tuple[MarkClaim, str]] = []
         for body in self.views.virtual_servers():
             st = body.get("status") or {}
-            address = parse_ip(str(st.get("address") or ""))
             vs = self._load(body)
-            if address is None or vs is None or not st.get("addressPool"):
+            if vs is None or not st.get("addressPool"):
                 continue
-            held.append((self._claim(vs, address), address, str(st["addressPool"])))
-        dropped = self.allocator.restore(held)
+            address = parse_ip(str(st.get("address") or ""))
+            mark = st.get("firewallMark")
+            if address is not None:
+                pool = str(st["addressPool"])
+                held.append((self._claim(vs, address, pool), address, pool))
+            elif vs.spec.fwmark is not None and mark == vs.spec.fwmark:
+                pool = str(st["addressPool"])
+                marked.append((self._mark_claim(vs, mark, pool), pool))
+        dropped = self.allocator.restore(held) + self.marks.restore(marked)
         for key in dropped:
             namespace, _, name = key.partition("/")
             self.queue.add((VS, namespace, name))
         self.restored = True
-        log.info("restored %d address allocation(s) from VirtualServer status", len(held))
+        log.info(
+            "restored %d address allocation(s) and %d firewall mark(s) from VirtualServer status",
+            len(held),
+            len(marked),
+        )
 
     def _refresh_pools(self) -> None:
         bodies = self.views.pools()
@@ -225,12 +238,14 @@ class Controller:
         self._pool_signature = signature
         judged = pools.judge(bodies)
         self._pool_views = {v.name: v for v in judged}
-        self.allocator.set_pools(
-            [v.pool for v in judged if v.usable and v.pool is not None],
-            {v.name: v.problem[1] for v in judged if v.problem is not None},
-        )
+        usable = [v.pool for v in judged if v.usable and v.pool is not None]
+        unusable = {v.name: v.problem[1] for v in judged if v.problem is not None}
+        self.allocator.set_pools(usable, unusable)
+        self.marks.set_pools(usable, unusable)
 
-    def _claim(self, vs: VirtualServer, current: IPAddress | None) -> Claim:
+    def _claim(
+        self, vs: VirtualServer, current: IPAddress | None, current_pool: str | None = None
+    ) -> Claim:
         return Claim(
             key=vs.key,
             namespace=vs.namespace,
@@ -241,35 +256,88 @@ class Controller:
             requested=vs.spec.address,
             pool=vs.spec.address_pool,
             current=current,
+            current_pool=current_pool,
             namespace_labels=self.views.namespace_labels(vs.namespace),
         )
 
-    def _allocate(self, vs: VirtualServer, current: IPAddress | None) -> Outcome:
-        """Allocate for ``vs``, which says it holds ``current`` (status.address)."""
+    def _mark_claim(
+        self, vs: VirtualServer, current: int | None, current_pool: str | None = None
+    ) -> MarkClaim:
+        assert vs.spec.fwmark is not None
+        return MarkClaim(
+            key=vs.key,
+            namespace=vs.namespace,
+            age=(vs.created or "~", vs.namespace, vs.name),
+            family=vs.spec.family,
+            mark=vs.spec.fwmark,
+            current=current,
+            current_pool=current_pool,
+            namespace_labels=self.views.namespace_labels(vs.namespace),
+        )
+
+    def _allocate(self, vs: VirtualServer, old: Mapping[str, Any]) -> Address:
+        """An address (or firewall mark) for ``vs``, whose status is ``old``."""
         key: Key = (VS, vs.namespace, vs.name)
-        before = self.allocator.holding(vs.key)
         if vs.spec.fwmark is not None:
-            self._release(vs.key)
-            return Outcome(status.FIREWALL_MARK, "a firewall-mark service needs no address")
-        outcome = self.allocator.ensure(self._claim(vs, current))
+            self._release_address(vs.key)
+            return self._admit_mark(key, vs, old)
+        self._release_mark(vs.key)
+        before = self.allocator.holding(vs.key)
+        current = parse_ip(str(old.get("address") or ""))
+        pool = old.get("addressPool")
+        claim = self._claim(vs, current, str(pool) if pool else None)
+        outcome = self.allocator.ensure(claim)
         after = self.allocator.holding(vs.key)
-        for evicted in outcome.evicted:
-            namespace, _, name = evicted.partition("/")
-            self.queue.add((VS, namespace, name))
-        if outcome.ok:
-            self._waiting.discard(key)
-        else:
-            self._waiting.add(key)
+        self._settled(key, outcome.ok, outcome.evicted)
         if before != after:
             for holding in (before, after):
                 if holding is not None:
                     self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
             if before is not None and (after is None or after.address != before.address):
                 self._wake_waiters(key)
-        return outcome
+        return Address(outcome.ok, outcome.reason, outcome.message, outcome.address, outcome.pool)
+
+    def _admit_mark(self, key: Key, vs: VirtualServer, old: Mapping[str, Any]) -> Address:
+        before = self.marks.holding(vs.key)
+        current = old.get("firewallMark")
+        shown = current if isinstance(current, int) else None
+        pool = old.get("addressPool")
+        outcome = self.marks.ensure(self._mark_claim(vs, shown, str(pool) if pool else None))
+        after = self.marks.holding(vs.key)
+        self._settled(key, outcome.ok, outcome.evicted)
+        if before != after:
+            for holding in (before, after):
+                if holding is not None:
+                    self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
+            if before is not None and after is None:
+                self._wake_waiters(key)
+        return Address(
+            outcome.ok, outcome.reason, outcome.message, None, outcome.pool, outcome.mark
+        )
+
+    def _settled(self, key: Key, ok: bool, evicted: Iterable[str]) -> None:
+        """Keep track of who waits for an address or mark; reconcile those that lost one."""
+        for lost in evicted:
+            namespace, _, name = lost.partition("/")
+            self.queue.add((VS, namespace, name))
+        if ok:
+            self._waiting.discard(key)
+        else:
+            self._waiting.add(key)
 
     def _release(self, vs_key: str) -> None:
+        self._release_address(vs_key)
+        self._release_mark(vs_key)
+
+    def _release_address(self, vs_key: str) -> None:
         holding = self.allocator.release(vs_key)
+        if holding is not None:
+            namespace, _, name = vs_key.partition("/")
+            self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
+            self._wake_waiters((VS, namespace, name))
+
+    def _release_mark(self, vs_key: str) -> None:
+        holding = self.marks.release(vs_key)
         if holding is not None:
             namespace, _, name = vs_key.partition("/")
             self.queue.add_after((POOL, "", holding.pool), POOL_STATUS_DELAY)
@@ -333,15 +401,8 @@ class Controller:
             counts = backends.Counts()
             desired: set[str] = set(reports)
         else:
-            outcome = self._allocate(vs, parse_ip(str(old.get("address") or "")))
-            address = Address(
-                outcome.ok or outcome.reason == status.FIREWALL_MARK,
-                outcome.reason,
-                outcome.message,
-                outcome.address,
-                outcome.pool,
-            )
-            served = replace(vs, status_address=outcome.address)
+            address = self._allocate(vs, old)
+            served = replace(vs, status_address=address.address)
             counts = backends.count(
                 served, self.views.endpoints(namespace, vs.spec.backends.service or "")
             )
@@ -357,6 +418,11 @@ class Controller:
         if new != old:
             path = kube.vs_path(namespace, name, status=True)
             await self.writer.patch_status(key, body, path, status_patch(old, new), new)
+        if vs is not None and address.address is not None:
+            # Shown in its status now: a live address, which no later claim takes away.
+            self.allocator.published(vs.key, address.address)
+        if vs is not None and address.firewall_mark is not None:
+            self.marks.published(vs.key, address.firewall_mark)
         await self._announce(body, status.events(old, new))
 
     async def _announce(self, body: Mapping[str, Any], found: list[status.Event]) -> None:
@@ -386,7 +452,12 @@ class Controller:
             self.writer.forget(key)
             return
         old = self.writer.current(key, body)
-        new = pools.status(view, self.allocator.allocated_in(name), old.get("conditions") or [])
+        new = pools.status(
+            view,
+            self.allocator.allocated_in(name),
+            old.get("conditions") or [],
+            marks_in_use=self.marks.in_use(name),
+        )
         if new == old:
             return
         path = kube.pool_status_path(name)
@@ -399,7 +470,8 @@ class Controller:
             await self.writer.post(
                 body, "Warning", str(new_ready.get("reason")), str(new_ready.get("message"))
             )
-        if view.usable and new["available"] == 0 and old.get("available", 1) != 0:
+        exhausted = view.pool is not None and view.pool.ranges and new["available"] == 0
+        if view.usable and exhausted and old.get("available", 1) != 0:
             await self.writer.post(
                 body,
                 "Warning",
@@ -417,5 +489,6 @@ _SERVICE_EVENTS: Final = frozenset(
         conditions.ADDRESS_NOT_IN_POOL,
         conditions.POOL_NOT_FOUND,
         conditions.POOL_EXHAUSTED,
+        conditions.ADDRESS_RETAINED,
     }
 )

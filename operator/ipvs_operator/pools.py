@@ -3,7 +3,8 @@
 Overlapping pools would let one address be reached through two pools with different rules, so
 the younger of two overlapping pools is refused (``Overlap``) and the older keeps working — the
 same age rule as for addresses. A range that ends before it starts (which CEL cannot compare)
-is ``InvalidRange``.
+is ``InvalidRange``. A pool that is not usable hands out nothing new, but takes nothing back:
+its holders keep their addresses and marks (:mod:`.allocator`), and its status says how many.
 """
 
 from __future__ import annotations
@@ -109,26 +110,41 @@ def size(pool: AddressPool) -> int:
     return total
 
 
+def _counted(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things in words, or "" for none."""
+    if n == 0:
+        return ""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def status(
     view: PoolView,
     allocated: int,
     old_conditions: Sequence[dict[str, Any]],
     now: str | None = None,
+    *,
+    marks_in_use: int = 0,
 ) -> dict[str, Any]:
-    """The AddressPool ``status`` for ``allocated`` addresses in use."""
+    """The AddressPool ``status`` for ``allocated`` addresses and ``marks_in_use`` in use."""
     if view.usable:
         assert view.pool is not None
         total = size(view.pool)
         available = min(max(total - allocated, 0), MAX_INT64)
-        ready: tuple[bool, str, str] = (
-            True,
-            READY_REASON,
-            f"{allocated} of {total} addresses allocated",
-        )
+        usage: list[str] = []
+        if view.pool.ranges or not view.pool.firewall_marks:
+            usage.append(f"{allocated} of {total} addresses allocated")
+        if view.pool.firewall_marks:
+            usage.append(f"{marks_in_use} firewall mark(s) in use")
+        ready: tuple[bool, str, str] = (True, READY_REASON, "; ".join(usage))
     else:
         assert view.problem is not None
         available = 0
-        ready = (False, view.problem[0], view.problem[1])
+        message = view.problem[1]
+        kept = _counted(allocated, "address", "addresses"), _counted(marks_in_use, "firewall mark")
+        held = " and ".join(k for k in kept if k)
+        if held:
+            message += f"; {held} in use stay with their holders until it is ready"
+        ready = (False, view.problem[0], message)
     conds = conditions.set_condition(
         list(old_conditions), conditions.READY, *ready, view.generation, at=now
     )

@@ -19,7 +19,6 @@ from ipvs_operator.backends import Counts
 NO_DIRECTORS: Final = "NoDirectors"
 PROGRAMMING_FAILED: Final = "ProgrammingFailed"
 SERVING: Final = "Serving"
-FIREWALL_MARK: Final = "FirewallMark"
 #: Nodes named in a condition message; the rest are counted.
 _NAMED_NODES: Final = 5
 
@@ -37,13 +36,14 @@ class DirectorReport:
 
 @dataclass(frozen=True)
 class Address:
-    """The allocation as status sees it: an address, or why there is none."""
+    """The allocation as status sees it: an address (or firewall mark), or why there is none."""
 
     ok: bool
     reason: str
     message: str
     address: IPAddress | None = None
     pool: str | None = None
+    firewall_mark: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,11 @@ def compute(
     elif counts.ready == 0:
         ready = (False, conditions.NO_BACKENDS, f"no ready real server ({counts.summary})")
     else:
-        where = f"on {address.address}" if address.address is not None else "by firewall mark"
+        where = (
+            f"on {address.address}"
+            if address.address is not None
+            else f"firewall mark {address.firewall_mark}"
+        )
         ready = (True, SERVING, f"serving {where} to {counts.ready} real server(s)")
     conds = conditions.set_condition(conds, conditions.READY, *ready, generation, at=now)
     order = {conditions.ADDRESS_ALLOCATED: 0, conditions.PROGRAMMED: 1, conditions.READY: 2}
@@ -151,6 +155,8 @@ def compute(
         status["address"] = str(address.address)
     if address.pool is not None:
         status["addressPool"] = address.pool
+    if address.firewall_mark is not None:
+        status["firewallMark"] = address.firewall_mark
     status["conditions"] = conds
     wanted = len(desired)
     status["nodes"] = {"desired": wanted, "programmed": done, "summary": f"{done}/{wanted}"}
@@ -160,6 +166,17 @@ def compute(
         "summary": counts.summary,
     }
     return status
+
+
+#: AddressAllocated reasons that deserve a Normal Event, and the Event's reason.
+_GRANTED: Final = {
+    conditions.ALLOCATED: "AddressAllocated",
+    conditions.FIREWALL_MARK_ADMITTED: conditions.FIREWALL_MARK_ADMITTED,
+}
+
+
+#: AddressAllocated reasons of a holder kept while its pool is missing or not ready.
+_RETAINED: Final = frozenset({conditions.ADDRESS_RETAINED, conditions.FIREWALL_MARK_RETAINED})
 
 
 def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
@@ -184,8 +201,13 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
                     f"address changed from {old['address']} to {new_addr.get('message')}",
                 )
             )
-        elif old_addr.get("status") != "True" and new_addr.get("reason") == conditions.ALLOCATED:
-            out.append(Event("Normal", "AddressAllocated", str(new_addr.get("message"))))
+        elif new_addr.get("reason") in _RETAINED and _changed(old_addr, new_addr):
+            out.append(Event("Warning", str(new_addr.get("reason")), str(new_addr.get("message"))))
+        elif new_addr.get("reason") in _GRANTED and (
+            old_addr.get("status") != "True" or old_addr.get("reason") in _RETAINED
+        ):
+            reason = _GRANTED[str(new_addr.get("reason"))]
+            out.append(Event("Normal", reason, str(new_addr.get("message"))))
     elif new_addr and _changed(old_addr, new_addr):
         out.append(Event("Warning", str(new_addr.get("reason")), str(new_addr.get("message"))))
     old_prog = condition(old, conditions.PROGRAMMED)

@@ -12,6 +12,7 @@ import itertools
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,13 @@ def _operator_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
         print(f"--- operator log ({op.log}) ---\n{op.tail(120)}")
 
 
-@pytest.fixture
-def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+@contextmanager
+def _namespace(admin: Any, base: str) -> Iterator[str]:
     """A fresh namespace; its Services, VirtualServers and EndpointSlices are deleted after.
 
     Deleted explicitly because nothing garbage-collects here, and a VirtualServer left behind
     would keep its address in the next test's operator.
     """
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{base}-{secrets.token_hex(3)}"
     core = harness.core(admin)
     core.create_namespace({"metadata": {"name": name}})
@@ -152,6 +152,38 @@ def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     core.delete_namespace(name)
 
 
+def _base_name(request: pytest.FixtureRequest, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:length].strip("-")
+
+
+@pytest.fixture
+def ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for the test, cleaned up after it."""
+    with _namespace(admin, _base_name(request)) as name:
+        yield name
+
+
+@pytest.fixture
+def other_ns(admin: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second namespace (another tenant), cleaned up after the test."""
+    with _namespace(admin, "other-" + _base_name(request, 30)) as name:
+        yield name
+
+
+@pytest.fixture
+def record() -> Iterator[Callable[..., harness.Recorder]]:
+    """Start Recorders (watches) that end with the test, whatever happens."""
+    made: list[harness.Recorder] = []
+
+    def make(lister: Callable[..., Any], *args: Any) -> harness.Recorder:
+        made.append(harness.Recorder(lister, *args))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.close()
+
+
 PoolFactory = Callable[..., tuple[str, list[str]]]
 
 
@@ -164,6 +196,7 @@ def pool(admin: Any, ns: str) -> Iterator[PoolFactory]:
     def make(
         size: int = 16, *, v6: bool = False, name: str | None = None, **spec: Any
     ) -> tuple[str, list[str]]:
+        """A pool of ``size`` fresh addresses (``addresses=None``: none, marks only)."""
         n = next(_ranges)
         assert n < 250 and size <= 256
         addresses = [f"10.77.{n}.0-10.77.{n}.{size - 1}"]
@@ -174,7 +207,7 @@ def pool(admin: Any, ns: str) -> Iterator[PoolFactory]:
         body = harness.address_pool(pool_name, spec.pop("addresses", addresses), **spec)
         custom.create_cluster_custom_object(harness.GROUP, harness.VERSION, "addresspools", body)
         made.append(pool_name)
-        return pool_name, body["spec"]["addresses"]
+        return pool_name, body["spec"].get("addresses", [])
 
     yield make
     for name in made:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.apiserver.cluster import REPO_ROOT, LocalApiServer
@@ -211,6 +212,63 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+class Recorder:
+    """Every change to the objects one list call returns, from a resourceVersion on.
+
+    A watch that resumes from the last version it saw, so no write is missed; ``stop`` ends it
+    within one short server-side timeout.
+    """
+
+    def __init__(self, lister: Callable[..., Any], *args: Any) -> None:
+        self._lister = lister
+        self._args = args
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        listed = lister(*args)
+        self._version = _version_of(listed)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                stream = watch.Watch().stream(
+                    self._lister,
+                    *self._args,
+                    resource_version=self._version,
+                    timeout_seconds=1,
+                    allow_watch_bookmarks=False,
+                )
+                for event in stream:
+                    obj = event["object"]
+                    if not isinstance(obj, dict):
+                        obj = obj.to_dict()
+                        obj["metadata"]["resourceVersion"] = obj["metadata"]["resource_version"]
+                    self.seen.append((event["type"], obj))
+                    self._version = obj["metadata"]["resourceVersion"]
+        except BaseException as exc:  # reported by stop(), never swallowed
+            self.error = exc
+
+    def stop(self) -> list[tuple[str, dict[str, Any]]]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the watch did not stop"
+        if self.error is not None:
+            raise self.error
+        return self.seen
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _version_of(listed: Any) -> str:
+    if isinstance(listed, dict):
+        return str(listed["metadata"]["resourceVersion"])
+    return str(listed.metadata.resource_version)
+
+
 def lease_holder(api: Any) -> str:
     try:
         lease: Any = client.CoordinationV1Api(api).read_namespaced_lease(LEASE, OPERATOR_NAMESPACE)
@@ -336,10 +394,11 @@ def virtual_server(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def address_pool(name: str, addresses: list[str], **spec: Any) -> dict[str, Any]:
+def address_pool(name: str, addresses: list[str] | None, **spec: Any) -> dict[str, Any]:
+    """An AddressPool; ``addresses`` None for a pool of firewall marks only."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AddressPool",
         "metadata": {"name": name},
-        "spec": {"addresses": addresses, **spec},
+        "spec": {**({} if addresses is None else {"addresses": addresses}), **spec},
     }

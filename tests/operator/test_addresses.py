@@ -173,3 +173,55 @@ def test_address_pool_status_reports_overlap_and_invalid_ranges(
     vs = wait_for("an address", lambda: settled(admin, ns, "vs"))
     assert vs["status"]["addressPool"] == good
     wait_for("allocated 1", lambda: pool_status(admin, good).get("allocated") == 1)
+
+
+def test_an_older_claimant_never_takes_a_live_address_from_another_namespace(
+    admin: Any, ns: str, other_ns: str, pool: PoolFactory, operator: harness.Operator
+) -> None:
+    """Whoever holds an address keeps it; the claimant is told so without learning who holds it.
+
+    The claimant is made first (so it is the older object), settles on an address of its own,
+    and only then asks for the address a Service in another namespace holds.
+    """
+    pool(8, name=f"{other_ns}-shared", namespaces=[ns, other_ns])  # no name of ns in it
+    create_vs(admin, other_ns, "claimant")
+    wait_for("the claimant's own address", lambda: settled(admin, other_ns, "claimant"))
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    (held,) = wait_for("the Service's address", lambda: ingress(admin, ns, "web"))
+    holder = wait_for("the holder to settle", lambda: settled(admin, ns, "web"))
+    assert holder["status"]["address"] == held["ip"]
+    harness.custom(admin).patch_namespaced_custom_object(
+        harness.GROUP,
+        harness.VERSION,
+        other_ns,
+        "virtualservers",
+        "claimant",
+        {"spec": {"address": held["ip"]}},
+    )
+    claimant = wait_for(
+        "the claimant to be judged on its request",
+        lambda: (
+            (vs := settled(admin, other_ns, "claimant"))
+            and vs["metadata"]["generation"] == 2
+            and vs
+        ),
+    )
+    cond = condition(claimant, "AddressAllocated")
+    assert (cond["status"], cond["reason"]) == ("False", "AddressConflict")
+    assert cond["message"] == (
+        f"{held['ip']} port 80/TCP is in use by an object in another namespace"
+    )
+    assert "address" not in claimant["status"]
+    # The holder keeps its address, its status and its Service's ingress.
+    assert harness.get_vs(admin, ns, "web") == holder
+    assert ingress(admin, ns, "web") == [held]
+    wait_for(
+        "the AddressConflict Event",
+        lambda: (
+            ("Warning", "AddressConflict")
+            in [e[:2] for e in harness.events(admin, other_ns, name="claimant")]
+        ),
+    )
+    told = harness.events(admin, other_ns)
+    assert not [e for e in told if ns in (e[2] or "")], f"{ns} named to another tenant: {told}"
+    assert ("Warning", "AddressChanged") not in [e[:2] for e in harness.events(admin, ns)]

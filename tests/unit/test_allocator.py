@@ -172,12 +172,29 @@ def test_requesting_a_shared_address_needs_the_key_and_free_ports() -> None:
     assert nokey.reason == conditions.ADDRESS_CONFLICT and "sharingKey" in nokey.message
 
 
-def test_the_older_object_wins_a_conflict_whatever_the_order() -> None:
+def test_a_live_holder_keeps_its_address_against_an_older_claimant() -> None:
+    old = claim("old", requested="192.0.2.5", created="2026-01-01T00:00:00Z")
+    new = claim("new", requested="192.0.2.5", created="2026-02-01T00:00:00Z")
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    assert a.ensure(new).ok
+    a.published("shop/new", ip("192.0.2.5"))  # its status shows it: the agents may serve it
+    lost = a.ensure(old)
+    assert lost.reason == conditions.ADDRESS_CONFLICT and lost.address is None
+    assert "port 80/TCP is already used by VirtualServer shop/new" in lost.message
+    assert a.ensure(new).ok  # and it stays with its holder
+    # A holder whose status already showed the address when it was read is live as well.
+    b = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    assert b.ensure(replace(new, current=ip("192.0.2.5"))).ok
+    assert b.ensure(old).reason == conditions.ADDRESS_CONFLICT
+
+
+def test_simultaneous_first_claims_go_to_the_older_object_whatever_the_order() -> None:
+    """Before either status shows the address, age decides, as the agents would."""
     old = claim("old", requested="192.0.2.5", created="2026-01-01T00:00:00Z")
     new = claim("new", requested="192.0.2.5", created="2026-02-01T00:00:00Z")
     a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     assert a.ensure(new).ok  # alone, the newer one gets it ...
-    took = a.ensure(old)  # ... until the older one asks: the agents program the older one too
+    took = a.ensure(old)  # ... but it was never published, so the older one takes it
     assert took.ok and took.evicted == ("shop/new",)
     lost = a.ensure(new)
     assert lost.reason == conditions.ADDRESS_CONFLICT and "shop/old" in lost.message
@@ -186,12 +203,30 @@ def test_the_older_object_wins_a_conflict_whatever_the_order() -> None:
     assert b.ensure(new).reason == conditions.ADDRESS_CONFLICT
 
 
-def test_an_evicted_automatic_holder_moves_to_another_address() -> None:
+def test_a_conflict_names_the_holder_only_inside_its_namespace() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    holder = claim("web", ns="tenant-a", requested="192.0.2.5", created="2026-02-01T00:00:00Z")
+    assert a.ensure(holder).ok
+    a.published("tenant-a/web", ip("192.0.2.5"))
+    far = a.ensure(claim("x", ns="tenant-b", requested="192.0.2.5"))
+    assert far.message == "192.0.2.5 port 80/TCP is in use by an object in another namespace"
+    unshared = a.ensure(claim("y", ns="tenant-b", ports=(("TCP", 81),), requested="192.0.2.5"))
+    assert "tenant-a" not in unshared.message and "web" not in unshared.message
+    assert "another namespace" in unshared.message
+    near = a.ensure(claim("z", ns="tenant-a", requested="192.0.2.5"))
+    assert "VirtualServer tenant-a/web" in near.message
+
+
+def test_an_unpublished_automatic_holder_moves_a_live_one_stays() -> None:
     a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     auto = claim("auto", created="2026-02-01T00:00:00Z")
     assert str(a.ensure(auto).address) == "192.0.2.0"
     asked = a.ensure(claim("asked", requested="192.0.2.0", created="2026-01-01T00:00:00Z"))
     assert asked.evicted == ("shop/auto",)
+    assert str(a.ensure(auto).address) == "192.0.2.1"
+    a.published("shop/auto", ip("192.0.2.1"))
+    again = a.ensure(claim("late", requested="192.0.2.1", created="2025-01-01T00:00:00Z"))
+    assert again.reason == conditions.ADDRESS_CONFLICT
     assert str(a.ensure(auto).address) == "192.0.2.1"
 
 
@@ -235,7 +270,7 @@ def test_large_ipv6_pool_allocates_quickly_and_saturates_nothing() -> None:
     st.lists(
         st.tuples(
             st.integers(0, 11),  # object
-            st.sampled_from(["ensure", "release", "request"]),
+            st.sampled_from(["ensure", "release", "request", "publish"]),
             st.integers(0, 5),  # requested address offset
             st.sampled_from([None, "k"]),
             st.integers(1, 3),  # port
@@ -252,7 +287,14 @@ def test_no_address_is_ever_held_twice_on_one_port(
         if op == "release":
             a.release(f"shop/{name}")
             continue
+        if op == "publish":
+            held = a.holding(f"shop/{name}")
+            if held is not None:
+                a.published(held.claim.key, held.address)
+            continue
         requested = f"192.0.2.{offset}" if op == "request" else None
+        live = {h.claim.key: h.address for h in a.holdings() if h.live}
+        live.pop(f"shop/{name}", None)
         a.ensure(
             claim(
                 name,
@@ -262,6 +304,8 @@ def test_no_address_is_ever_held_twice_on_one_port(
                 requested=requested,
             )
         )
+        after = {h.claim.key: h.address for h in a.holdings()}
+        assert {k: after.get(k) for k in live} == live, "a live holder lost its address"
         seen = Counter((h.address, p) for h in a.holdings() for p in h.claim.ports)
         assert max(seen.values(), default=1) == 1
         by_address: dict[object, list[Claim]] = {}
@@ -284,11 +328,99 @@ def test_an_address_the_object_already_shows_is_kept_when_free() -> None:
     a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     shown = replace(claim("late", created="2026-01-01T00:00:00Z"), current=ip("192.0.2.7"))
     assert str(a.ensure(shown).address) == "192.0.2.7"
-    # Held by an older object: the younger one moves instead.
+    # Live in an older object's status too: the older keeps it, as restore() would decide.
     b = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     b.ensure(claim("old", requested="192.0.2.7", created="2025-01-01T00:00:00Z"))
+    b.published("shop/old", ip("192.0.2.7"))
     assert str(b.ensure(shown).address) == "192.0.2.0"
+    # Only asked for by the older object, never published: the status that shows it wins.
+    d = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    d.ensure(claim("old", requested="192.0.2.7", created="2025-01-01T00:00:00Z"))
+    assert str(d.ensure(shown).address) == "192.0.2.7"
+    assert d.ensure(claim("old", requested="192.0.2.7", created="2025-01-01T00:00:00Z")).reason == (
+        conditions.ADDRESS_CONFLICT
+    )
     # Outside every pool it may use: ignored.
     c = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     stray = replace(claim("stray"), current=ip("198.51.100.1"))
     assert str(c.ensure(stray).address) == "192.0.2.0"
+
+
+def test_a_missing_pool_keeps_its_addresses_with_their_holders() -> None:
+    """Deleted and applied again (a GitOps prune): the same addresses, never released."""
+    p = pool("p", "192.0.2.0-192.0.2.9")
+    a = allocator(p)
+    auto, asked = claim("auto"), claim("asked", requested="192.0.2.5")
+    assert str(a.ensure(auto).address) == "192.0.2.0"
+    assert a.ensure(asked).ok
+    a.set_pools([], {})
+    for c, address in ((auto, "192.0.2.0"), (asked, "192.0.2.5")):
+        out = a.ensure(c)
+        assert (out.ok, out.reason, str(out.address), out.pool) == (
+            True,
+            conditions.ADDRESS_RETAINED,
+            address,
+            "p",
+        )
+        assert (
+            out.message == f"AddressPool p does not exist: keeping {address} until it exists again"
+        )
+    assert a.ensure(claim("new")).reason == conditions.POOL_NOT_FOUND  # nothing new from it
+    a.set_pools([p], {})
+    assert (a.ensure(auto).reason, str(a.ensure(auto).address)) == (
+        conditions.ALLOCATED,
+        "192.0.2.0",
+    )
+    assert str(a.ensure(asked).address) == "192.0.2.5"
+    assert str(a.ensure(claim("new")).address) == "192.0.2.1"
+
+
+def test_a_pool_that_is_not_ready_hands_out_nothing_but_takes_nothing_back() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    named = claim("named", pool_name="p")
+    assert str(a.ensure(named).address) == "192.0.2.0"
+    a.published("shop/named", ip("192.0.2.0"))
+    a.set_pools([], {"p": "192.0.2.0-192.0.2.9 overlaps 192.0.2.8/29 of AddressPool q"})
+    kept = a.ensure(named)
+    assert (kept.reason, str(kept.address)) == (conditions.ADDRESS_RETAINED, "192.0.2.0")
+    assert kept.message == (
+        "AddressPool p is not ready (192.0.2.0-192.0.2.9 overlaps 192.0.2.8/29 of AddressPool q): "
+        "keeping 192.0.2.0 until it is ready"
+    )
+    assert a.allocated_in("p") == 1
+    other = a.ensure(claim("other", pool_name="p"))
+    assert other.reason == conditions.POOL_NOT_FOUND and "not ready" in other.message
+    # Nobody else gets the kept address meanwhile, even from a pool that has it.
+    a.set_pools([pool("q", "192.0.2.0-192.0.2.1")], {"p": "overlap"})
+    assert a.ensure(claim("grab", requested="192.0.2.0")).reason == conditions.ADDRESS_CONFLICT
+    assert str(a.ensure(claim("auto")).address) == "192.0.2.1"
+
+
+def test_a_deliberate_edit_or_another_pool_takes_the_address_away() -> None:
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    held = claim("held")
+    assert str(a.ensure(held).address) == "192.0.2.0"
+    a.set_pools([pool("p", "192.0.2.5-192.0.2.9")], {})  # p still usable, without 192.0.2.0
+    assert (a.ensure(held).reason, str(a.ensure(held).address)) == (
+        conditions.ALLOCATED,
+        "192.0.2.5",
+    )
+    # Asking for another pool while the old one is gone moves the address, too.
+    a.set_pools([pool("q", "198.51.100.0-198.51.100.9")], {})
+    moved = a.ensure(replace(held, pool="q"))
+    assert (moved.reason, str(moved.address)) == (conditions.ALLOCATED, "198.51.100.0")
+
+
+def test_after_a_restart_a_missing_pool_still_keeps_what_status_shows() -> None:
+    a = allocator()
+    shown = replace(claim("web"), current=ip("192.0.2.7"), current_pool="p")
+    assert a.restore([(shown, ip("192.0.2.7"), "p")]) == []
+    out = a.ensure(shown)
+    assert (out.reason, str(out.address), out.pool) == (
+        conditions.ADDRESS_RETAINED,
+        "192.0.2.7",
+        "p",
+    )
+    # Missed by the rebuild, shown in status all the same: kept too.
+    b = allocator()
+    assert b.ensure(shown).reason == conditions.ADDRESS_RETAINED

@@ -63,3 +63,35 @@ def test_transition_time_moves_only_when_ready_changes() -> None:
     later = pools.status(view, 2, first["conditions"], now="2026-01-02T00:00:00Z")
     assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert later["conditions"][0]["type"] == conditions.READY
+
+
+def test_a_pool_of_firewall_marks_reports_marks_in_use_and_never_exhausts() -> None:
+    marks = {**body("marks", []), "spec": {"firewallMarks": [{"first": 16, "last": 31}]}}
+    both = body("both", ["192.0.2.0/30"], created="2026-01-02T00:00:00Z")
+    both["spec"]["firewallMarks"] = [{"first": 100}]
+    views = {v.name: v for v in pools.judge([marks, both])}
+    assert views["marks"].usable and views["both"].usable
+    st = pools.status(views["marks"], 0, [], marks_in_use=2)
+    assert st["conditions"][0]["message"] == "2 firewall mark(s) in use"
+    assert (st["allocated"], st["available"]) == (0, 0)
+    st = pools.status(views["both"], 1, [], marks_in_use=1)
+    assert st["conditions"][0]["message"] == "1 of 4 addresses allocated; 1 firewall mark(s) in use"
+
+
+def test_a_pool_that_is_not_ready_says_what_its_holders_keep() -> None:
+    views = pools.judge(
+        [
+            body("old", ["192.0.2.0/28"]),
+            body("young", ["192.0.2.8/29"], created="2026-02-01T00:00:00Z"),
+        ]
+    )
+    young = next(v for v in views if v.name == "young")
+    st = pools.status(young, 3, [], marks_in_use=1)
+    ready = st["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", pools.OVERLAP)
+    assert ready["message"].endswith(
+        "; 3 addresses and 1 firewall mark in use stay with their holders until it is ready"
+    )
+    assert (st["allocated"], st["available"]) == (3, 0)
+    alone = pools.status(young, 0, [])["conditions"][0]["message"]
+    assert "stay with their holders" not in alone

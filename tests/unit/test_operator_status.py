@@ -159,6 +159,59 @@ def conflict_address() -> Address:
     return Address(False, conditions.ADDRESS_CONFLICT, "taken")
 
 
+def test_an_admitted_firewall_mark_is_in_status_and_announced() -> None:
+    marked = Address(
+        True,
+        conditions.FIREWALL_MARK_ADMITTED,
+        "firewall mark 16 (0x10) granted by AddressPool marks",
+        pool="marks",
+        firewall_mark=16,
+    )
+    st = compute({}, address=marked)
+    assert (st["firewallMark"], st["addressPool"]) == (16, "marks")
+    assert "address" not in st
+    ready = status.condition(st, conditions.READY)
+    assert ready["message"] == "serving firewall mark 16 to 1 real server(s)"
+    assert [(e.type, e.reason) for e in status.events({}, st)] == [
+        ("Normal", conditions.FIREWALL_MARK_ADMITTED),
+        ("Normal", "Ready"),
+    ]
+    refused = compute(
+        st, address=Address(False, conditions.FIREWALL_MARK_NOT_ADMITTED, "no AddressPool ...")
+    )
+    assert "firewallMark" not in refused and "addressPool" not in refused
+    assert [(e.type, e.reason) for e in status.events(st, refused)] == [
+        ("Warning", conditions.FIREWALL_MARK_NOT_ADMITTED),
+        ("Warning", "NotReady"),
+    ]
+
+
+def test_a_kept_address_stays_ready_and_warns_once() -> None:
+    first = compute({})
+    kept = Address(
+        True,
+        conditions.ADDRESS_RETAINED,
+        "AddressPool p does not exist: keeping 192.0.2.1 until it exists again",
+        ipaddress.ip_address("192.0.2.1"),
+        "p",
+    )
+    held = compute(first, address=kept, at=T1)
+    assert held["address"] == "192.0.2.1" and held["addressPool"] == "p"
+    for type_ in (conditions.ADDRESS_ALLOCATED, conditions.READY):
+        before, after = status.condition(first, type_), status.condition(held, type_)
+        assert after["status"] == "True"
+        assert after["lastTransitionTime"] == before["lastTransitionTime"]
+    assert status.condition(held, conditions.ADDRESS_ALLOCATED)["reason"] == "AddressRetained"
+    assert [(e.type, e.reason) for e in status.events(first, held)] == [
+        ("Warning", conditions.ADDRESS_RETAINED)
+    ]
+    assert status.events(held, compute(held, address=kept, at=T1)) == []
+    back = compute(held, at=T1)
+    assert [(e.type, e.reason) for e in status.events(held, back)] == [
+        ("Normal", "AddressAllocated")
+    ]
+
+
 def test_index_entries_keep_only_what_is_read() -> None:
     node = {
         "metadata": {"name": "node-a", "managedFields": [{"big": True}]},

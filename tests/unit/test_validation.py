@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from ipvs_api import InvalidObject, constants, load, schema
 from ipvs_api.rules import RULES
@@ -239,3 +241,53 @@ def test_readme_virtual_servers_are_valid_and_cover_every_method() -> None:
         obj["metadata"]["namespace"] = "default"
         methods.add(load.virtual_server(obj).spec.forwarding.method)
     assert methods == set(ForwardingMethod), "one README example per forwarding method"
+
+
+def _cel_marks_rule(first: int, last: int) -> bool:
+    """The CRD's CEL rule for a firewall-mark range, in Python integer arithmetic."""
+    return first // 16384 == last // 16384 and (last // 8192) % 2 == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), st.integers(0, 40000))
+@example(8191, 0)
+@example(8191, 1)
+@example(16383, 1)
+@example(16384, 8191)
+@example(16384, 8192)
+@example(2**32 - 8193, 0)
+def test_the_cel_mark_rule_is_exactly_no_masquerade_bit_in_the_range(first: int, span: int) -> None:
+    """CEL has no bitwise operators: its division form refuses exactly the ranges with 0x2000."""
+    last = min(first + span, 2**32 - 1)
+    mirror = RULES[("AddressPool", "spec.firewallMarks[]")][1]
+    has_bit = any(m & constants.MASQUERADE_MARK for m in range(first, min(last, first + 16384) + 1))
+    assert _cel_marks_rule(first, last) == (not has_bit)
+    assert mirror.check({"first": first, "last": last}) == (not has_bit)
+    assert mirror.check({"first": first}) == (not first & constants.MASQUERADE_MARK)
+
+
+def test_address_pool_with_firewall_marks_only() -> None:
+    pool = load.address_pool(
+        {
+            "apiVersion": constants.API_VERSION,
+            "kind": constants.ADDRESS_POOL,
+            "metadata": {"name": "marks"},
+            "spec": {"firewallMarks": [{"first": 16}, {"first": 100, "last": 199}]},
+        }
+    )
+    assert pool.ranges == () and [r.size for r in pool.firewall_marks] == [1, 100]
+    assert pool.grants(16) and pool.grants(150) and not pool.grants(17)
+
+
+def test_virtual_server_status_firewall_mark_is_read() -> None:
+    obj = {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.VIRTUAL_SERVER,
+        "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {"fwmark": 16, "backends": {"static": [{"address": "198.51.100.1"}]}},
+        "status": {"firewallMark": 16, "addressPool": "marks"},
+    }
+    vs = load.virtual_server(obj)
+    assert vs.spec.fwmark == 16 and vs.status_fwmark == 16
+    del obj["status"]
+    assert load.virtual_server(obj).status_fwmark is None

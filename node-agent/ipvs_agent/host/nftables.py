@@ -53,11 +53,12 @@ from typing import Any
 
 from ipvs_agent.host._netns import HostError, run
 from ipvs_agent.model import AddressFamily, IPAddress, ServiceKey
+from ipvs_api.constants import MASQUERADE_MARK
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "ipvs-operator"
 ARP_FAMILY = "arp"
-DEFAULT_MARK = 0x2000
+DEFAULT_MARK = MASQUERADE_MARK
 #: The postrouting masquerade rule carries this comment with a digest of the rendered text.
 DIGEST_PREFIX = "ipvs-operator render "
 
