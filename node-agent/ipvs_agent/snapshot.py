@@ -134,9 +134,14 @@ def node_from(
     )
 
 
-def unadmitted(vs: VirtualServer) -> bool:
-    """A requested address the operator has not (or not yet) confirmed in ``status.address``."""
-    return vs.spec.address is not None and vs.status_address != vs.spec.address
+def unadmitted(vs: VirtualServer) -> str | None:
+    """What the operator has not (or not yet) confirmed: a requested address (in
+    ``status.address``) or a firewall mark (in ``status.firewallMark``, granted by a pool)."""
+    if vs.spec.address is not None and vs.status_address != vs.spec.address:
+        return f"address {vs.spec.address}"
+    if vs.spec.fwmark is not None and vs.status_fwmark != vs.spec.fwmark:
+        return f"firewall mark {vs.spec.fwmark}"
+    return None
 
 
 def take(
@@ -151,21 +156,24 @@ def take(
 
     In a cluster the operator decides who may use an address (pools that admit the namespace,
     conflicts between objects) and confirms a requested ``spec.address`` by copying it to
-    ``status.address``. The in-cluster agent programs only confirmed addresses, so a pool's
-    namespace rule cannot be bypassed by writing the address into the spec. Without a cluster
+    ``status.address``; likewise a firewall mark, which only an AddressPool can grant, in
+    ``status.firewallMark``. The in-cluster agent programs only what was confirmed, so neither
+    a pool's namespace rule nor a cluster admin's grant of marks can be bypassed by writing
+    into the spec. Without a cluster
     (``ipvs-agent plan/apply -f``) there is no operator and the spec is taken as it is.
     """
     good, bad = read_virtual_servers(virtual_servers, cache)
     if admitted_only:
         admitted: list[VirtualServer] = []
         for vs in good:
-            if not unadmitted(vs):
+            waiting = unadmitted(vs)
+            if waiting is None:
                 admitted.append(vs)
             elif vs.spec.node_selector.matches(node.labels):
                 bad[vs.key] = Outcome(
                     State.PENDING,
                     "AddressNotAdmitted",
-                    f"waiting for the operator to confirm address {vs.spec.address} "
+                    f"waiting for the operator to confirm {waiting} "
                     "(see the VirtualServer's conditions)",
                     frozenset({Role.DIRECTOR}),
                     vs.generation,

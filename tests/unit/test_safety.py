@@ -333,3 +333,19 @@ def test_the_metrics_server_serves_a_bounded_number_of_clients() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_firewall_mark_is_programmed_only_once_a_pool_granted_it() -> None:
+    """The operator confirms a mark an AddressPool grants in status.firewallMark; until then
+    the in-cluster agent programs nothing for it (a tenant cannot grant itself a mark)."""
+    body = vs_obj("marked", VIP)
+    spec = {k: v for k, v in body["spec"].items() if k not in ("address", "ports")}
+    body = {**body, "spec": {**spec, "fwmark": 256}, "status": {}}
+    snap = take([body], [], NODE, admitted_only=True)
+    assert snap.virtual_servers == ()
+    assert snap.rejected["ns/marked"].reason == "AddressNotAdmitted"
+    assert "firewall mark 256" in snap.rejected["ns/marked"].message
+    granted = {**body, "status": {"firewallMark": 256}}
+    assert [vs.key for vs in take([granted], [], NODE, admitted_only=True).virtual_servers] == [
+        "ns/marked"
+    ]
