@@ -26,6 +26,7 @@ from ipvs_api.types import (
     IPFamily,
     LabelRequirement,
     LabelSelector,
+    Layer2,
     MarkRange,
     Persistence,
     Protocol,
@@ -155,6 +156,7 @@ def virtual_server(obj: dict[str, Any]) -> VirtualServer:
         spec=virtual_server_spec(checked["spec"]),
         status_address=parse_ip(status_address) if status_address else None,
         status_fwmark=status_fwmark if _is_int(status_fwmark) else None,
+        status_pool=str(status["addressPool"]) if status.get("addressPool") else None,
     )
 
 
@@ -195,6 +197,15 @@ def address_pool(obj: dict[str, Any]) -> AddressPool:
         firewall_marks=tuple(
             MarkRange(m["first"], m.get("last", m["first"])) for m in spec.get("firewallMarks", ())
         ),
+        layer2=_layer2(spec["layer2"]) if "layer2" in spec else None,
+    )
+
+
+def _layer2(raw: dict[str, Any]) -> Layer2:
+    selector = raw.get("nodeSelector")
+    return Layer2(
+        node_selector=label_selector(selector) if selector else LabelSelector(),
+        interfaces=tuple(raw.get("interfaces", ())),
     )
 
 

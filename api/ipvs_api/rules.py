@@ -388,4 +388,5 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
         ),
     ),
     ("AddressPool", "spec.namespaceSelector.matchExpressions[]"): (_REQUIREMENT,),
+    ("AddressPool", "spec.layer2.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),
 }

@@ -199,6 +199,8 @@ class VirtualServer:
     #: The firewall mark the operator admitted (status.firewallMark); only then is spec.fwmark
     #: programmed in a cluster.
     status_fwmark: int | None = None
+    #: The AddressPool the address came from (status.addressPool).
+    status_pool: str | None = None
 
     @property
     def key(self) -> str:
@@ -245,6 +247,16 @@ class MarkRange:
 
 
 @dataclass(frozen=True)
+class Layer2:
+    """Where a pool's addresses are announced on the local network (ARP, NDP)."""
+
+    #: Nodes that may announce (the VirtualServer's own nodeSelector applies too).
+    node_selector: LabelSelector = field(default_factory=LabelSelector)
+    #: Interface names or * patterns; empty: the interfaces whose subnet holds the address.
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AddressPool:
     name: str
     ranges: tuple[AddressRange, ...]
@@ -254,6 +266,8 @@ class AddressPool:
     generation: int = 0
     #: Firewall marks granted to VirtualServers (spec.fwmark) of the admitted namespaces.
     firewall_marks: tuple[MarkRange, ...] = ()
+    #: Announce the addresses on layer 2 (None: not announced by the agents on layer 2).
+    layer2: Layer2 | None = None
 
     def grants(self, mark: int) -> bool:
         """Whether the pool lists ``mark`` among its firewall marks."""

@@ -35,6 +35,7 @@ from ipvs_api import InvalidObject, constants, load
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import Mirror
     from ipvs_agent.host.podnetns import PodNamespaces
     from ipvs_agent.system import LinuxHost
@@ -238,6 +239,16 @@ def run_command(args: argparse.Namespace) -> int:
         threading.Thread(target=own.run, args=(own_stop,), name="mirror-ds", daemon=True).start()
     outbox = Outbox(NodeReporter(api, args.node_name).report)
     outbox.start(own_stop)
+    speaker = _speaker(args, api, own_stop)
+    if speaker is not None:
+        # On SIGTERM hand the VIPs over at once (stop answering, give the Lease up), from a
+        # thread of its own: the main thread may be inside a pass.
+        def stopping(*_: object) -> None:
+            stop.set()
+            threading.Thread(target=speaker.leave, name="handover", daemon=True).start()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stopping)
     with IPVSKernel() as kernel:
         info = kernel.info()
         timeouts = Timeouts(*args.timeouts)
@@ -255,10 +266,16 @@ def run_command(args: argparse.Namespace) -> int:
             mirrors(api, args.node_name, changed),
             changed,
             report=outbox.put,
+            speaker=speaker,
         )
+        if speaker is not None:
+            speaker.on_change = agent.send_report
+            agent.metrics.watch_speaker(speaker)
         server = serve_http(agent, args.metrics_port, args.metrics_address)
         log.info("ipvs-agent %s on node %s (IPVS %s)", __version__, args.node_name, info.version)
         agent.run(stop)
+        if speaker is not None:
+            speaker.leave()  # done already by the signal's thread, unless stopped otherwise
         server.shutdown()
         if own is not None and _uninstalling(own):
             log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)
@@ -266,6 +283,42 @@ def run_command(args: argparse.Namespace) -> int:
     own_stop.set()
     # Otherwise the kernel table is left as it is: traffic keeps flowing while the agent restarts.
     return 0
+
+
+def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) -> Speaker | None:
+    """The layer-2 speaker and its threads (None: layer 2 off, or no namespace for Leases)."""
+    from kubernetes import client
+
+    from ipvs_agent.announce.members import LeaseKeeper
+    from ipvs_agent.announce.responder import Responder
+    from ipvs_agent.announce.speaker import Speaker
+    from ipvs_agent.cluster import lease_mirror
+
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE", "")
+    if not args.layer2:
+        return None
+    if not namespace:
+        log.warning("layer-2 announcement off: no namespace for Leases (--lease-namespace)")
+        return None
+    wake = threading.Event()
+    leases = lease_mirror(api, namespace, wake)
+    keeper = LeaseKeeper(
+        client.CustomObjectsApi(api),
+        namespace,
+        args.node_name,
+        duration=args.lease_seconds,
+        renew=args.renew_seconds,
+    )
+    responder = Responder()
+    speaker = Speaker(args.node_name, keeper, leases, responder, wake)
+    for name, body in (
+        ("mirror-leases", leases.run),
+        ("lease", keeper.run),
+        ("responder", responder.run),
+        ("speaker", speaker.run),
+    ):
+        threading.Thread(target=body, args=(stop,), name=name, daemon=True).start()
+    return speaker
 
 
 def _ports(text: str) -> list[int]:
@@ -366,6 +419,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--metrics-address",
         default=os.environ.get("NODE_IP") or "127.0.0.1",
         help="address for /metrics, /healthz and /readyz (default: $NODE_IP, else 127.0.0.1)",
+    )
+    run.add_argument(
+        "--layer2",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer ARP/NDP for the VIPs of pools with layer2 this node is elected for "
+        "(needs CAP_NET_RAW)",
+    )
+    run.add_argument(
+        "--lease-namespace",
+        default="",
+        help="namespace of the agents' Leases (default: $POD_NAMESPACE)",
+    )
+    run.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=2.0,
+        help="an agent whose Lease is this old is gone: its VIPs move (default %(default)s)",
+    )
+    run.add_argument(
+        "--renew-seconds",
+        type=float,
+        default=0.5,
+        help="how often an agent renews its Lease (default %(default)s)",
     )
     run.add_argument(
         "--daemonset",

@@ -15,14 +15,16 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipvs_agent import __version__
+from ipvs_agent.announce.speaker import Speaker, layer2_inputs
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
 from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
-from ipvs_agent.snapshot import ReadCache, node_from, take
+from ipvs_agent.snapshot import PoolCache, ReadCache, node_from, take
 from ipvs_agent.status import node_status
 from ipvs_api import conditions
+from ipvs_api.types import VirtualServer
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,10 @@ class Agent:
         report: Callable[[dict[str, Any], str], object] | None = None,
         metrics: AgentMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        speaker: Speaker | None = None,
     ) -> None:
         self.settings = settings
+        self.speaker = speaker
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -87,13 +91,18 @@ class Agent:
         self.passes = 0
         self.last_pass_at = 0.0
         self._conditions: list[dict[str, Any]] = []
+        self._report_lock = threading.Lock()
+        self._node_uid = ""
+        self._pools = PoolCache()
+        self._virtual_servers: tuple[VirtualServer, ...] = ()
 
     @property
     def synced(self) -> bool:
         return all(m.synced.is_set() for m in self.mirrors)
 
     def _objects(self, name: str) -> list[dict[str, Any]]:
-        return next(m for m in self.mirrors if m.name == name).items()
+        found = [m for m in self.mirrors if m.name == name]
+        return found[0].items() if found else []
 
     def run_once(self, cause: str) -> PassResult:
         """One pass from the mirrors' current contents (never before they synced)."""
@@ -120,23 +129,56 @@ class Agent:
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
-        if self.report is not None:
+        self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
+        self._virtual_servers = snap.virtual_servers
+        if self.speaker is not None:
+            nics: Mapping[str, Any] = getattr(self.host, "interfaces", dict)()
+            self.speaker.update(
+                layer2_inputs(
+                    snap.virtual_servers,
+                    snap.endpoints,
+                    self._pools.read(self._objects("addresspools")),
+                    result.outcomes,
+                    node.labels,
+                    nics,
+                    ready=self.synced,
+                )
+            )
+        self.send_report()
+        return result
+
+    def send_report(self) -> None:
+        """Report the last pass's outcomes (and what this node announces now) in IPVSNode."""
+        if self.report is None or self.last is None:
+            return
+        with self._report_lock:
             changes: Mapping[str, tuple[str, str]] = getattr(self.host, "node_changes", dict)()
             status = node_status(
-                result.outcomes,
+                self.last.outcomes,
                 self.kernel_info,
                 __version__,
                 conditions.now(),
                 self._conditions,
                 node_settings=changes,
+                announcements=self._announcements(),
             )
             self._conditions = status["conditions"]
-            uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
             try:
-                self.report(status, uid)
+                self.report(status, self._node_uid)
             except Exception as e:  # reporting must never stop programming
                 log.warning("could not report IPVSNode status: %s", e)
-        return result
+
+    def _announcements(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """VirtualServer key -> (mode, interfaces) for the addresses this node announces."""
+        if self.speaker is None or self.last is None:
+            return {}
+        announced = self.speaker.responder.announced()
+        self.metrics.l2_announced.set(len(announced))
+        out: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for vs in self._virtual_servers:
+            if vs.address in announced:
+                out[vs.key] = ("Layer2", announced[vs.address])
+        return out
 
     def _account(
         self, result: PassResult, cause: str, draining: set[tuple[ServiceKey, DestKey]]

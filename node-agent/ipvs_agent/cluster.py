@@ -171,7 +171,7 @@ def _short(error: Exception) -> str:
 def mirrors(
     api: client.ApiClient, node_name: str, changed: threading.Event, retry_seconds: float = 2.0
 ) -> list[Mirror]:
-    """The agent's three mirrors: VirtualServers, EndpointSlices and its own Node."""
+    """The agent's mirrors: VirtualServers, EndpointSlices, its own Node, AddressPools."""
     custom = client.CustomObjectsApi(api)
     discovery = client.DiscoveryV1Api(api)
     core = client.CoreV1Api(api)
@@ -179,6 +179,11 @@ def mirrors(
     def list_virtual_servers(**kw: Any) -> Any:
         return custom.list_cluster_custom_object(
             constants.GROUP, constants.VERSION, constants.VIRTUAL_SERVERS, **kw
+        )
+
+    def list_pools(**kw: Any) -> Any:
+        return custom.list_cluster_custom_object(
+            constants.GROUP, constants.VERSION, constants.ADDRESS_POOLS, **kw
         )
 
     return [
@@ -198,6 +203,7 @@ def mirrors(
             retry_seconds,
             field_selector=f"metadata.name={node_name}",
         ),
+        Mirror("addresspools", list_pools, api, changed, retry_seconds),
     ]
 
 
@@ -212,4 +218,24 @@ def daemon_set_mirror(
 
     return Mirror(
         "daemonset", list_daemon_sets, api, changed, field_selector=f"metadata.name={name}"
+    )
+
+
+def lease_mirror(api: client.ApiClient, namespace: str, changed: threading.Event) -> Mirror:
+    """A mirror of the agents' Leases (layer-2 membership); its changes wake the speaker only,
+    never a reconcile pass."""
+    custom = client.CustomObjectsApi(api)
+
+    def list_leases(**kw: Any) -> Any:
+        return custom.list_namespaced_custom_object(
+            "coordination.k8s.io", "v1", namespace, "leases", **kw
+        )
+
+    return Mirror(
+        "leases",
+        list_leases,
+        api,
+        changed,
+        retry_seconds=0.5,
+        label_selector="app.kubernetes.io/component=agent-lease",
     )

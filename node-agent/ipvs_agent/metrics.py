@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -115,6 +116,41 @@ class TableCollector(Collector):
         yield from gauges.values()
 
 
+class SpeakerCollector(Collector):
+    """Layer-2 announcement counters, read from the speaker and its responder at scrape time."""
+
+    def __init__(self, speaker: Any) -> None:
+        self.speaker = speaker
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        responder = self.speaker.responder
+        for name, doc, value in (
+            (
+                "ipvs_agent_l2_elections",
+                "Elections that changed which addresses this node answers for.",
+                self.speaker.elections,
+            ),
+            (
+                "ipvs_agent_l2_replies",
+                "ARP replies and neighbour advertisements sent in answer.",
+                getattr(responder, "replies", 0),
+            ),
+            (
+                "ipvs_agent_l2_announcements",
+                "Gratuitous ARPs and unsolicited neighbour advertisements sent.",
+                getattr(responder, "announcements", 0),
+            ),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+        members = GaugeMetricFamily(
+            "ipvs_agent_l2_members", "Agents with a fresh Lease, as this node sees them."
+        )
+        members.add_metric([], len(self.speaker.members))
+        yield members
+
+
 class AgentMetrics:
     """The agent's own metrics, in a registry of their own (no process-global state)."""
 
@@ -149,9 +185,18 @@ class AgentMetrics:
             ["what"],
             registry=self.registry,
         )
+        self.l2_announced = Gauge(
+            "ipvs_agent_l2_announced_addresses",
+            "Virtual addresses this node answers for on layer 2 (ARP, neighbour discovery).",
+            registry=self.registry,
+        )
         self.programmed = Gauge(
             "ipvs_agent_virtual_servers",
             "VirtualServers on this node by state.",
             ["state"],
             registry=self.registry,
         )
+
+    def watch_speaker(self, speaker: Any) -> None:
+        """Export the layer-2 speaker's counters too."""
+        self.registry.register(SpeakerCollector(speaker))

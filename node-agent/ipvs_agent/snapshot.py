@@ -17,7 +17,7 @@ from ipvs_agent.model import KernelInfo
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
 from ipvs_api.rules import parse_ip
-from ipvs_api.types import IPAddress, VirtualServer
+from ipvs_api.types import AddressPool, IPAddress, VirtualServer
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,33 @@ class ReadCache:
 
     def replace(self, kept: dict[tuple[str, str], VirtualServer | Outcome]) -> None:
         self._entries = kept
+
+
+class PoolCache:
+    """AddressPools by name, validated once per resourceVersion (invalid ones left out: the
+    operator reports them)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], AddressPool | None] = {}
+
+    def read(self, objects: Iterable[Mapping[str, Any]]) -> dict[str, AddressPool]:
+        kept: dict[tuple[str, str], AddressPool | None] = {}
+        pools: dict[str, AddressPool] = {}
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            key = (str(meta.get("name", "")), str(meta.get("resourceVersion", "")))
+            if key in self._entries:
+                pool = self._entries[key]
+            else:
+                try:
+                    pool = load.address_pool(dict(obj))
+                except (InvalidObject, ValueError, TypeError, KeyError):
+                    pool = None
+            kept[key] = pool
+            if pool is not None:
+                pools[pool.name] = pool
+        self._entries = kept
+        return pools
 
 
 def read_virtual_servers(

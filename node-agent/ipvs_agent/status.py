@@ -23,7 +23,9 @@ def kernel_status(info: KernelInfo) -> dict[str, Any]:
     }
 
 
-def entry(key: str, outcome: Outcome) -> dict[str, Any]:
+def entry(
+    key: str, outcome: Outcome, announcement: tuple[str, tuple[str, ...]] | None = None
+) -> dict[str, Any]:
     namespace, _, name = key.partition("/")
     out: dict[str, Any] = {
         "namespace": namespace,
@@ -38,6 +40,9 @@ def entry(key: str, outcome: Outcome) -> dict[str, Any]:
         out["reason"] = outcome.reason
     if outcome.message:
         out["message"] = outcome.message[:4096]
+    if announcement is not None:
+        mode, interfaces = announcement
+        out["announcement"] = {"mode": mode, "interfaces": list(interfaces)}
     return out
 
 
@@ -49,6 +54,7 @@ def node_status(
     previous_conditions: Sequence[dict[str, Any]] = (),
     kernel_error: str = "",
     node_settings: Mapping[str, tuple[str, str]] | None = None,
+    announcements: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of this node's IPVSNode."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
@@ -74,7 +80,9 @@ def node_status(
     status: dict[str, Any] = {
         "agentVersion": agent_version,
         "lastSyncTime": synced_at,
-        "virtualServers": [entry(k, outcomes[k]) for k in sorted(outcomes)][:MAX_ENTRIES],
+        "virtualServers": [
+            entry(k, outcomes[k], (announcements or {}).get(k)) for k in sorted(outcomes)
+        ][:MAX_ENTRIES],
         "conditions": conds,
     }
     if kernel is not None:

@@ -222,7 +222,11 @@ def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in (
         agent["env"]
     )
-    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # NET_RAW: the layer-2 responder's raw sockets (agent.layer2.enabled, the default).
+    assert agent["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "NET_RAW"],
+    }
     assert modules["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_MODULE"]}
     for c in (agent, modules):
         assert "privileged" not in c["securityContext"]
@@ -267,6 +271,8 @@ def test_agent_args_follow_values(helm: Helm) -> None:
         "--timeouts=1000000,120,300",
         "--protected-ports=22,6443",
         "--state-dir=/run/ipvs-agent",
+        "--lease-seconds=3",
+        "--renew-seconds=1",
         "--netns-dir=/var/run/netns",
         "--proc=",
         "--sysctl-root=/host/proc/sys",
@@ -326,7 +332,7 @@ def test_pod_real_servers_add_sys_admin_and_the_nodes_namespaces(helm: Helm) -> 
     assert "netns" not in {m["name"] for m in default["volumeMounts"]}
     pod = agent_pod(helm, "full.yaml")
     agent = container(pod, "agent")
-    assert agent["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "SYS_ADMIN"]
+    assert agent["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]
     mount = {m["name"]: m for m in agent["volumeMounts"]}["netns"]
     assert mount == {
         "name": "netns",

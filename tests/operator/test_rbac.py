@@ -81,6 +81,12 @@ AGENT_ALLOWED: list[Check] = [
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "get", "patch")],
     *[(v, "ipvs.io", "ipvsnodes", "status", "", "n1") for v in ("get", "patch")],
     *[(v, "apps", "daemonsets", "", SYSTEM, "ipvs-agent") for v in ("get", "list", "watch")],
+    *[(v, "ipvs.io", "addresspools", "", "", "") for v in ("list", "watch")],
+    *[(v, "coordination.k8s.io", "leases", "", SYSTEM, "") for v in ("list", "watch", "create")],
+    *[
+        (v, "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1")
+        for v in ("get", "update", "delete")
+    ],
 ]
 
 AGENT_DENIED: list[Check] = [
@@ -93,13 +99,17 @@ AGENT_DENIED: list[Check] = [
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("update", "delete")],
     ("list", "ipvs.io", "ipvsnodes", "", "", ""),
     ("update", "ipvs.io", "ipvsnodes", "status", "", "n1"),
-    ("list", "ipvs.io", "addresspools", "", "", ""),
+    *[(v, "ipvs.io", "addresspools", "", "", "default") for v in ("create", "patch", "delete")],
+    ("list", "coordination.k8s.io", "leases", "", "kube-system", ""),
     *[(v, "", "services", "", "", "") for v in ("get", "list")],
     ("patch", "", "nodes", "", "", "n1"),
     ("get", "", "secrets", "", "shop", ""),
     ("list", "", "pods", "", "", ""),
     ("create", "", "events", "", "shop", ""),
-    ("get", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-operator"),
+    # Leases of the release namespace are the agents' own for layer-2 announcement; RBAC cannot
+    # limit them to ipvs-agent-*, so the operator's Lease there is not protected from them
+    # (as Cilium's agents may write kube-system's leader Leases; docs/operations.md).
+    ("patch", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1"),
 ]
 
 

@@ -1,0 +1,262 @@
+"""Answering for the announced VIPs on raw sockets, and announcing each new one (the shell).
+
+The kernel must not answer for a VIP: it sits on the agent's dummy device, the agent's nftables
+``arp`` table drops ARP requests for it, and IPv6 neighbour discovery answers only for addresses
+of the interface asked. So the node that won a VIP's election answers from user space, like
+MetalLB's speaker, on ``AF_PACKET`` sockets (``CAP_NET_RAW``): ARP requests and neighbour
+solicitations — to the solicited-node group and unicast (neighbour unreachability detection,
+which a switch or router sends to the VIP itself) — for exactly the VIPs it announces on each
+interface. A VIP it starts announcing is announced at once and again a few times over five
+seconds (gratuitous ARP as request and reply, unsolicited neighbour advertisement with the
+override flag), so switches and routers move at once and a lost frame does not strand them.
+
+When the agent dies its sockets close with it: a node whose agent is gone never answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import heapq
+import ipaddress
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from ipvs_agent.announce import packets
+from ipvs_agent.host._netns import entered
+from ipvs_agent.model import IPAddress
+
+log = logging.getLogger(__name__)
+
+#: Seconds after a takeover at which the VIP is announced (again).
+BURST = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_DROP_MEMBERSHIP = 2
+PACKET_MR_MULTICAST = 0
+PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+
+
+class _Filter(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _attach(sock: socket.socket, program: bytes) -> None:
+    buffer = ctypes.create_string_buffer(program)
+    fprog = _Filter(len(program) // 8, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
+
+
+def _membership(sock: socket.socket, index: int, mac: bytes, add: bool) -> None:
+    mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, mac + b"\x00\x00")
+    option = PACKET_ADD_MEMBERSHIP if add else PACKET_DROP_MEMBERSHIP
+    sock.setsockopt(SOL_PACKET, option, mreq)
+
+
+def link_local(ifname: str) -> ipaddress.IPv6Address | None:
+    """The interface's IPv6 link-local address (the source of our advertisements)."""
+    try:
+        with open("/proc/thread-self/net/if_inet6") as table:
+            for line in table:
+                address, _, _, scope, _, name = line.split()
+                if name == ifname and int(scope, 16) == 0x20:
+                    return ipaddress.IPv6Address(bytes.fromhex(address))
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class _Interface:
+    """The sockets of one interface and the VIPs announced on it."""
+
+    name: str
+    arp: socket.socket
+    ndp: socket.socket
+    mac: bytes
+    index: int
+    source6: ipaddress.IPv6Address | None
+    vips: set[IPAddress] = field(default_factory=set)
+
+    def close(self) -> None:
+        self.arp.close()
+        self.ndp.close()
+
+
+class Responder:
+    """Answers for the VIPs it is given (:meth:`set`), on the interfaces given for each.
+
+    ``netns`` selects the network namespace the sockets are opened in (None: the agent's own).
+    Thread body: :meth:`run`. Counters for metrics: ``replies``, ``announcements``.
+    """
+
+    def __init__(self, netns: str | None = None, burst: tuple[float, ...] = BURST) -> None:
+        self.netns = netns
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._interfaces: dict[str, _Interface] = {}
+        self._pending: list[tuple[float, IPAddress, str]] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.replies = 0
+        self.announcements = 0
+        self.errors: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- what to answer for
+
+    def announced(self) -> dict[IPAddress, tuple[str, ...]]:
+        with self._lock:
+            found: dict[IPAddress, list[str]] = {}
+            for name, iface in self._interfaces.items():
+                for vip in iface.vips:
+                    found.setdefault(vip, []).append(name)
+        return {vip: tuple(sorted(names)) for vip, names in found.items()}
+
+    def set(self, wanted: Mapping[IPAddress, tuple[str, ...]], now: float | None = None) -> None:
+        """Answer for exactly these VIPs, each on its interfaces; announce the new ones."""
+        now = time.monotonic() if now is None else now
+        by_interface: dict[str, set[IPAddress]] = {}
+        for vip, names in wanted.items():
+            for name in names:
+                by_interface.setdefault(name, set()).add(vip)
+        with self._lock:
+            for name in sorted(set(self._interfaces) - set(by_interface)):
+                self._interfaces.pop(name).close()
+            for name, vips in sorted(by_interface.items()):
+                iface = self._interfaces.get(name)
+                if iface is None:
+                    try:
+                        iface = self._open(name)
+                    except OSError as error:
+                        self.errors[name] = str(error)
+                        log.warning("cannot answer on %s: %s", name, error)
+                        continue
+                    self.errors.pop(name, None)
+                    self._interfaces[name] = iface
+                for vip in sorted(iface.vips - vips, key=str):
+                    if isinstance(vip, ipaddress.IPv6Address):
+                        self._join(iface, vip, False)
+                    log.info("no longer announcing %s on %s", vip, name)
+                for vip in sorted(vips - iface.vips, key=str):
+                    if isinstance(vip, ipaddress.IPv6Address):
+                        self._join(iface, vip, True)
+                    log.info("announcing %s on %s", vip, name)
+                    for delay in self.burst:
+                        heapq.heappush(self._pending, (now + delay, vip, name))
+                iface.vips = set(vips)
+        os.write(self._wake_w, b"x")
+
+    def _open(self, name: str) -> _Interface:
+        with entered(self.netns):
+            arp = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(packets.ETH_P_ARP))
+            ndp = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(packets.ETH_P_IPV6))
+            source6 = link_local(name)
+            index = socket.if_nametoindex(name)
+        try:
+            _attach(ndp, packets.bpf_neighbour_solicitations())
+            arp.bind((name, packets.ETH_P_ARP))
+            ndp.bind((name, packets.ETH_P_IPV6))
+        except OSError:
+            arp.close()
+            ndp.close()
+            raise
+        for sock in (arp, ndp):
+            sock.setblocking(False)
+        mac = arp.getsockname()[4]
+        return _Interface(name, arp, ndp, mac, index, source6)
+
+    def _join(self, iface: _Interface, vip: ipaddress.IPv6Address, add: bool) -> None:
+        group = packets.multicast_mac(packets.solicited_node(vip))
+        try:
+            _membership(iface.ndp, iface.index, group, add)
+        except OSError as error:
+            if add or error.errno != errno.EADDRNOTAVAIL:
+                log.warning("solicited-node group of %s on %s: %s", vip, iface.name, error)
+
+    # ---------------------------------------------------------------- answering
+
+    def _send(self, iface: _Interface, frame: bytes) -> None:
+        try:
+            (iface.arp if frame[12:14] == b"\x08\x06" else iface.ndp).send(frame)
+        except OSError as error:
+            log.warning("sending on %s: %s", iface.name, error)
+
+    def _announce(self, vip: IPAddress, name: str) -> None:
+        iface = self._interfaces.get(name)
+        if iface is None or vip not in iface.vips:
+            return  # given up meanwhile
+        if isinstance(vip, ipaddress.IPv4Address):
+            frames = packets.gratuitous_arp(vip, iface.mac)
+        else:
+            frames = [packets.unsolicited_advertisement(vip, iface.mac, iface.source6 or vip)]
+        for frame in frames:
+            self._send(iface, frame)
+        self.announcements += 1
+
+    def _read(self, iface: _Interface, sock: socket.socket) -> None:
+        for _ in range(64):  # a bounded batch, then look at the others again
+            try:
+                frame, address = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            if address[2] == PACKET_OUTGOING:
+                continue
+            if sock is iface.arp:
+                request = packets.parse_arp(frame)
+                if (
+                    request is not None
+                    and request.op == packets.ARP_REQUEST
+                    and request.target_ip in iface.vips
+                    and request.sender_ip != request.target_ip  # another node's gratuitous ARP
+                ):
+                    self._send(iface, packets.arp_reply(request, iface.mac))
+                    self.replies += 1
+            else:
+                asked = packets.parse_solicitation(frame)
+                if asked is not None and asked.target in iface.vips:
+                    source = iface.source6 or asked.target
+                    self._send(iface, packets.answer(asked, iface.mac, source))
+                    self.replies += 1
+
+    def _sockets(self) -> Iterator[tuple[_Interface, socket.socket]]:
+        for iface in self._interfaces.values():
+            yield iface, iface.arp
+            yield iface, iface.ndp
+
+    def run(self, stop: threading.Event) -> None:
+        """Thread body: answer and announce until ``stop``."""
+        while not stop.is_set():
+            with self._lock:
+                owners = {sock.fileno(): (iface, sock) for iface, sock in self._sockets()}
+                wait = 1.0
+                if self._pending:
+                    wait = max(0.0, min(wait, self._pending[0][0] - time.monotonic()))
+            ready, _, _ = select.select([self._wake_r, *owners], [], [], wait)
+            with self._lock:
+                if self._wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                for fd in ready:
+                    if fd in owners and owners[fd][0].name in self._interfaces:
+                        self._read(*owners[fd])
+                now = time.monotonic()
+                while self._pending and self._pending[0][0] <= now:
+                    _, vip, name = heapq.heappop(self._pending)
+                    self._announce(vip, name)
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for iface in self._interfaces.values():
+                iface.close()
+            self._interfaces.clear()
+            self._pending.clear()

@@ -1,0 +1,227 @@
+"""Layer-2 announcement for one node: the pass says what exists, the Leases say who is alive,
+the election says what this node answers for.
+
+:func:`layer2_inputs` (pure) turns one reconcile pass — VirtualServers, endpoints, pools, this
+node's outcomes — into what the election needs: every VIP to announce with its node selectors
+(the same list on every node), and the VIPs this node cannot serve. :class:`Speaker` (the
+shell) re-elects whenever a Lease changes or goes stale and whenever a pass brings new inputs,
+without waiting for the next reconcile pass: a takeover costs one watch event (planned) or one
+Lease duration (crash), then the responder's gratuitous ARP.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from ipvs_agent.announce.election import Member, Wanted, mine
+from ipvs_agent.announce.members import LeaseKeeper, Liveness, read_lease
+from ipvs_agent.desired import EndpointIndex, Outcome, State
+from ipvs_agent.model import IPAddress
+from ipvs_api.types import AddressPool, LabelSelector, TrafficPolicy, VirtualServer
+
+log = logging.getLogger(__name__)
+
+#: Devices never answered on: loopback and the agent's own dummies.
+NOT_INTERFACES = frozenset({"lo", "ipvs0", "ipvs-rs0"})
+Nics = Mapping[str, Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What one pass tells the speaker."""
+
+    #: The agent has synced and reconciled: it may hold a Lease.
+    ready: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    #: Every VIP announced on layer 2, the same list on every node.
+    wanted: tuple[Wanted, ...] = ()
+    #: VIPs this node would be eligible for but cannot serve (not programmed here).
+    unready: frozenset[IPAddress] = frozenset()
+    #: This node's interfaces and their addresses.
+    nics: Nics = field(default_factory=dict)
+
+
+def interfaces_for(vip: IPAddress, patterns: Sequence[str], nics: Nics) -> tuple[str, ...]:
+    """Where to answer for ``vip``: the named (or matching) interfaces, else every interface
+    holding an address in a subnet that contains the VIP (the LAN it belongs to)."""
+    names = [n for n in sorted(nics) if n not in NOT_INTERFACES]
+    if patterns:
+        return tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    return tuple(
+        n
+        for n in names
+        if any(
+            a.version == vip.version and vip in a.network and a.network.prefixlen < a.max_prefixlen
+            for a in nics[n]
+        )
+    )
+
+
+def _selected(selectors: Iterable[LabelSelector], labels: Mapping[str, str]) -> bool:
+    return all(s.matches(labels) for s in selectors)
+
+
+def layer2_inputs(
+    virtual_servers: Iterable[VirtualServer],
+    endpoints: EndpointIndex,
+    pools: Mapping[str, AddressPool],
+    outcomes: Mapping[str, Outcome],
+    labels: Mapping[str, str],
+    nics: Nics,
+    ready: bool,
+) -> Inputs:
+    """The election's inputs from one pass: each VirtualServer's address is announced as its
+    pool says (``status.addressPool``, written by the operator)."""
+    by_vip: dict[IPAddress, list[tuple[VirtualServer, AddressPool]]] = {}
+    for vs in virtual_servers:
+        pool = pools.get(vs.status_pool or "")
+        if vs.address is None or vs.spec.fwmark is not None or pool is None:
+            continue
+        if pool.layer2 is None:
+            continue
+        by_vip.setdefault(vs.address, []).append((vs, pool))
+    wanted: list[Wanted] = []
+    unready: set[IPAddress] = set()
+    for vip in sorted(by_vip, key=lambda a: (a.version, int(a))):
+        users = by_vip[vip]
+        selectors: list[LabelSelector] = []
+        local: frozenset[str] | None = None
+        patterns: list[str] = []
+        for vs, pool in users:
+            assert pool.layer2 is not None
+            selectors += [vs.spec.node_selector, pool.layer2.node_selector]
+            patterns += pool.layer2.interfaces
+            if vs.spec.traffic_policy is TrafficPolicy.LOCAL:
+                nodes = frozenset(
+                    ep.node_name or ""
+                    for ep in endpoints.get((vs.namespace, vs.spec.backends.service or ""), ())
+                    if ep.ready
+                )
+                local = nodes if local is None else local & nodes
+        item = Wanted(vip, tuple(selectors), local, tuple(dict.fromkeys(patterns)))
+        wanted.append(item)
+        programmed = all(
+            (o := outcomes.get(vs.key)) is not None and o.state is State.PROGRAMMED
+            for vs, _ in users
+        )
+        if _selected(item.selectors, labels) and (
+            not programmed or not interfaces_for(vip, item.interfaces, nics)
+        ):
+            unready.add(vip)
+    return Inputs(ready, dict(labels), tuple(wanted), frozenset(unready), nics)
+
+
+class Answering(Protocol):
+    def set(self, wanted: Mapping[IPAddress, tuple[str, ...]]) -> None: ...
+
+    def announced(self) -> dict[IPAddress, tuple[str, ...]]: ...
+
+
+class LeaseSource(Protocol):
+    synced: threading.Event
+
+    def items(self) -> list[dict[str, Any]]: ...
+
+
+class Speaker:
+    """Keeps the responder answering for this node's share of the VIPs.
+
+    ``leases``: a mirror of the agents' Leases whose changes set ``wake``; ``keeper`` keeps this
+    node's own Lease; ``on_change`` is called when the announced set changes (to report it).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        keeper: LeaseKeeper | None,
+        leases: LeaseSource,
+        responder: Answering,
+        wake: threading.Event,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.keeper = keeper
+        self.leases = leases
+        self.responder = responder
+        self.wake = wake
+        self.on_change = on_change
+        self.clock = clock
+        self.liveness = Liveness()
+        self._inputs = Inputs()
+        self._lock = threading.Lock()
+        self.elections = 0
+        self.members: list[Member] = []
+        self._left = False
+
+    def update(self, inputs: Inputs) -> None:
+        """New facts from a pass; the Lease carries them from its next renewal on.
+
+        An interface the responder cannot answer on (no ``CAP_NET_RAW``, gone) does not count:
+        a VIP left without one is reported unready, so another node is elected for it.
+        """
+        broken = set(getattr(self.responder, "errors", {}))
+        if broken:
+            nics = {n: a for n, a in inputs.nics.items() if n not in broken}
+            lost = {
+                w.vip
+                for w in inputs.wanted
+                if _selected(w.selectors, inputs.labels)
+                and not interfaces_for(w.vip, w.interfaces, nics)
+            }
+            inputs = replace(inputs, nics=nics, unready=inputs.unready | lost)
+        with self._lock:
+            self._inputs = inputs
+        if self.keeper is not None:
+            self.keeper.want(inputs.ready and bool(inputs.wanted), inputs.labels, inputs.unready)
+        self.wake.set()
+
+    def elect(self) -> dict[IPAddress, tuple[str, ...]]:
+        """This node's VIPs now, each with the interfaces to answer on."""
+        with self._lock:
+            inputs = self._inputs
+        records = [r for r in map(read_lease, self.leases.items()) if r is not None]
+        now = self.clock()
+        self.liveness.observe(records, now)
+        self.members = self.liveness.alive(now)
+        if self._left or not inputs.ready or not self.leases.synced.is_set():
+            return {}
+        chosen = mine(self.node, inputs.wanted, self.members)
+        out: dict[IPAddress, tuple[str, ...]] = {}
+        for vip, wanted in chosen.items():
+            names = interfaces_for(vip, wanted.interfaces, inputs.nics)
+            if names:
+                out[vip] = names
+        return out
+
+    def step(self) -> None:
+        before = self.responder.announced()
+        wanted = self.elect()
+        if wanted != before:
+            self.elections += 1
+            self.responder.set(wanted)
+            self.on_change()
+
+    def run(self, stop: threading.Event) -> None:
+        """Thread body: re-elect on every Lease change, stale Lease and new input."""
+        while not stop.is_set():
+            self.step()
+            expiry = self.liveness.next_expiry(self.clock())
+            timeout = 1.0 if expiry is None else max(0.01, min(1.0, expiry - self.clock()))
+            self.wake.wait(timeout)
+            self.wake.clear()
+
+    def leave(self) -> None:
+        """Stop answering first, then give the Lease up: never two nodes answering."""
+        self._left = True
+        self.responder.set({})
+        if self.keeper is not None:
+            self.keeper.want(False, {}, ())
+            self.keeper.release()
