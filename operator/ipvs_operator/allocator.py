@@ -286,7 +286,12 @@ class Allocator:
         if claim.requested is not None:
             return self._ensure_requested(claim)
         holding = self._holdings.get(claim.key)
-        current = holding.address if holding is not None else claim.current
+        # What the object's status shows comes first: that is the address in use. A holding
+        # its status does not show was never published (a write that failed, say).
+        current = claim.current
+        from_pool = claim.current_pool
+        if holding is not None and (current is None or current == holding.address):
+            current, from_pool = holding.address, holding.pool
         if current is not None and current.version == _version(claim.family):
             pools, problem = self._pools_for(claim, auto=False)
             home = next((p for p in pools if current in p), None)
@@ -295,7 +300,6 @@ class Allocator:
                 if outcome.ok:
                     return outcome
             else:
-                from_pool = holding.pool if holding is not None else claim.current_pool
                 retained = self._retain(claim, current, from_pool)
                 if retained is not None:
                     return retained

@@ -34,7 +34,7 @@ from ipvs_operator.service_reconciler import ServiceReconciler
 from ipvs_operator.status import Address, DirectorReport
 from ipvs_operator.views import Views
 from ipvs_operator.workqueue import POOL, SVC, VS, Key, WorkQueue
-from ipvs_operator.writer import NotLeading, Writer, status_patch
+from ipvs_operator.writer import NotLeading, Writer, always_leading, status_patch
 from ipvs_operator.writer import meta as _meta
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,11 @@ class Controller:
         views: Views,
         client: kube.Kube,
         poster: EventPoster,
-        leading: Callable[[], bool] = lambda: True,
+        time_left: Callable[[], float] = always_leading,
     ) -> None:
         self.settings = settings
         self.views = views
-        self.writer = Writer(client, poster, leading)
+        self.writer = Writer(client, poster, time_left)
         self.allocator = Allocator()
         self.marks = MarkTable()
         self.queue: WorkQueue[Key] = WorkQueue()
@@ -173,7 +173,10 @@ class Controller:
             except asyncio.CancelledError:
                 raise
             except NotLeading:
-                log.warning("not leading any more: %s left alone", key)
+                # Too little of the Lease left to write: a renewal may yet come (then the key
+                # must not be lost), or the process exits as a standby shortly.
+                delay = self.queue.retry(key)
+                log.warning("too little of the Lease left: %s again in %.1fs", "/".join(key), delay)
             except Exception as exc:  # one object's failure must not stop the others
                 delay = self.queue.retry(key)
                 if isinstance(exc, kube.ApiError | OSError | TimeoutError):

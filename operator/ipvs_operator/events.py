@@ -55,9 +55,17 @@ class EventPoster:
         self._kube = client
         self._instance = instance
 
-    async def post(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post(
+        self,
+        obj: Mapping[str, Any],
+        type_: str,
+        reason: str,
+        message: str,
+        timeout: float | None = None,
+    ) -> None:
         body = event_body(obj, type_, reason, message, self._instance)
+        path = kube.events_path(body["metadata"]["namespace"])
         try:
-            await self._kube.request("POST", kube.events_path(body["metadata"]["namespace"]), body)
+            await self._kube.request("POST", path, body, timeout=timeout)
         except (kube.ApiError, OSError, TimeoutError) as exc:
             log.warning("could not post Event %s for %s: %s", reason, body["involvedObject"], exc)

@@ -35,14 +35,15 @@ class App:
         settings: Settings,
         client: kube.Kube,
         poster: EventPoster,
-        leading: Callable[[], bool],
+        time_left: Callable[[], float],
         stopped: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self._stopped = stopped
         self.kube = client
         self.poster = poster
-        self.leading = leading
+        #: Seconds this replica may still act as the leader (bounds every write).
+        self.time_left = time_left
         self._controller: Controller | None = None
 
     @property
@@ -52,7 +53,7 @@ class App:
 
     def start(self, indices: Mapping[str, Any]) -> None:
         self._controller = Controller(
-            self.settings, views.IndexViews(indices), self.kube, self.poster, self.leading
+            self.settings, views.IndexViews(indices), self.kube, self.poster, self.time_left
         )
         self._controller.start()
 

@@ -9,6 +9,7 @@ which picks up a rotated service-account token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -68,6 +69,8 @@ class Kube:
     def __init__(self, login: Login, *, limit: int = 16, timeout: float = 30.0) -> None:
         self._login = login
         self._limit = limit
+        #: The longest any request may take (seconds).
+        self.timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
@@ -99,8 +102,24 @@ class Kube:
         *,
         content_type: str = JSON,
         params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Send one request and return the decoded answer; raises :class:`ApiError`."""
+        """Send one request and return the decoded answer; raises :class:`ApiError`.
+
+        ``timeout`` (seconds) bounds the whole request, retry after a fresh login included;
+        :class:`TimeoutError` when it runs out.
+        """
+        async with asyncio.timeout(timeout):
+            return await self._request(method, path, body, content_type, params)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        content_type: str,
+        params: Mapping[str, str] | None,
+    ) -> dict[str, Any]:
         for attempt in (1, 2):
             if self._session is None:
                 self._session = self._connect()

@@ -52,10 +52,11 @@ class LeaderElector:
 
     def leading(self) -> bool:
         """True while the last successful renewal is recent enough to be sure of the Lease."""
-        return (
-            self._renewed_at is not None
-            and self._clock() - self._renewed_at < self.settings.renew_deadline
-        )
+        return self.time_left() > 0
+
+    def time_left(self) -> float:
+        """Seconds until :meth:`leading` turns false unless the Lease is renewed meanwhile."""
+        return lease.time_left(self._renewed_at, self._clock(), self.settings.renew_deadline)
 
     def _observe(self, spec: dict[str, Any]) -> None:
         if spec != self._observed:

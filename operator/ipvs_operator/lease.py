@@ -5,6 +5,11 @@ it, when it holds it already, or when the holder has not renewed it for ``leaseD
 as measured on *this* replica's clock from the moment it last saw the record change — so no two
 clocks are ever compared. Writes carry the resourceVersion that was read, so two replicas racing
 for an expired Lease cannot both win.
+
+Fencing. A leader acts only until ``renew_deadline`` after its last renewal, which is shorter
+than the Lease's duration, so it stops before anyone else may take over. A write in flight must
+stop by then too: every write gets a client timeout no longer than the time left
+(:func:`write_timeout`), and none is sent when too little is left to finish one.
 """
 
 from __future__ import annotations
@@ -62,3 +67,22 @@ def lease(namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace},
         "spec": dict(spec),
     }
+
+
+def time_left(renewed_at: float | None, now: float, renew_deadline: float) -> float:
+    """Seconds a leader that last renewed at ``renewed_at`` may still act (0: no longer)."""
+    if renewed_at is None:
+        return 0.0
+    return max(0.0, renewed_at + renew_deadline - now)
+
+
+def write_timeout(left: float, *, cap: float, floor: float) -> float | None:
+    """The client timeout for one write with ``left`` seconds of leadership; None: don't send.
+
+    A write is cut off when leadership ends, so none lands after another replica may have
+    taken over; below ``floor`` a write could not finish anyway. ``cap`` is the client's own
+    limit.
+    """
+    if left < floor:
+        return None
+    return min(left, cap)

@@ -21,6 +21,7 @@ from ipvs_operator.config import Config
 from ipvs_operator.controller import Settings
 from ipvs_operator.events import EventPoster
 from ipvs_operator.leader import LeaderElector, LeaseSettings
+from ipvs_operator.writer import always_leading
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ async def serve(config: Config) -> int:
         )
         elector = LeaderElector(client, lease)
     leading = elector.leading if elector is not None else (lambda: True)
+    time_left = elector.time_left if elector is not None else always_leading
     runner = None
     if config.health_port:
         runner = await _health(config.health_port, lambda: "leader" if leading() else "standby")
@@ -85,7 +87,7 @@ async def serve(config: Config) -> int:
             Settings(default_load_balancer=config.default_load_balancer, workers=config.workers),
             client,
             EventPoster(client, config.identity),
-            leading,
+            time_left,
             stopped=stop.set,
         )
         await kopf.operator(

@@ -424,3 +424,14 @@ def test_after_a_restart_a_missing_pool_still_keeps_what_status_shows() -> None:
     # Missed by the rebuild, shown in status all the same: kept too.
     b = allocator()
     assert b.ensure(shown).reason == conditions.ADDRESS_RETAINED
+
+
+def test_the_address_a_status_shows_beats_one_never_published() -> None:
+    """A write refused (409) because a previous leader wrote another address meanwhile: the
+    retry keeps the address that is in use, not the one this replica failed to publish."""
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    web = claim("web")
+    assert str(a.ensure(web).address) == "192.0.2.0"  # computed from a stale view, not written
+    shown = replace(web, current=ip("192.0.2.3"), current_pool="p")
+    assert str(a.ensure(shown).address) == "192.0.2.3"
+    assert [str(h.address) for h in a.holdings()] == ["192.0.2.3"]

@@ -120,3 +120,36 @@ def test_takes_a_free_or_stale_lease(holder: str) -> None:
             assert await b.try_acquire_or_renew()
 
     asyncio.run(scenario())
+
+
+def test_time_left_runs_down_from_the_last_renewal() -> None:
+    assert lease.time_left(None, now=5, renew_deadline=10) == 0
+    assert lease.time_left(100, now=104, renew_deadline=10) == 6
+    assert lease.time_left(100, now=110, renew_deadline=10) == 0
+    assert lease.time_left(100, now=130, renew_deadline=10) == 0
+
+
+def test_a_write_gets_the_time_left_capped_by_the_client_and_none_below_the_floor() -> None:
+    assert lease.write_timeout(6, cap=30, floor=0.5) == 6
+    assert lease.write_timeout(45, cap=30, floor=0.5) == 30
+    assert lease.write_timeout(float("inf"), cap=30, floor=0.5) == 30
+    assert lease.write_timeout(0.5, cap=30, floor=0.5) == 0.5
+    assert lease.write_timeout(0.49, cap=30, floor=0.5) is None
+    assert lease.write_timeout(0, cap=30, floor=0.5) is None
+
+
+def test_the_elector_knows_how_long_it_may_still_act() -> None:
+    async def scenario() -> None:
+        api, clock = FakeLeases(), Clock()
+        a = elector(api, "a", clock)
+        assert a.time_left() == 0 and not a.leading()
+        assert await a.try_acquire_or_renew()
+        assert a.time_left() == 10
+        clock.now += 7.5
+        assert a.time_left() == 2.5 and a.leading()
+        assert await a.try_acquire_or_renew()
+        assert a.time_left() == 10  # renewed
+        clock.now += 10
+        assert a.time_left() == 0 and not a.leading()
+
+    asyncio.run(scenario())
