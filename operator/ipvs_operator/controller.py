@@ -493,5 +493,7 @@ _SERVICE_EVENTS: Final = frozenset(
         conditions.POOL_NOT_FOUND,
         conditions.POOL_EXHAUSTED,
         conditions.ADDRESS_RETAINED,
+        "Announced",
+        "NotAnnounced",
     }
 )

@@ -154,6 +154,7 @@ def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorRepor
             generation=int(generation) if generation is not None else None,
             reason=str(entry.get("reason") or ""),
             message=str(entry.get("message") or ""),
+            announcement=str((entry.get("announcement") or {}).get("mode") or "") or None,
         )
     return out
 
