@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -290,7 +290,7 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     from kubernetes import client
 
     from ipvs_agent.announce.members import LeaseKeeper
-    from ipvs_agent.announce.responder import Responder
+    from ipvs_agent.announce.responder import Responder, read_nics
     from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import lease_mirror
 
@@ -310,7 +310,16 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
         renew=args.renew_seconds,
     )
     responder = Responder()
-    speaker = Speaker(args.node_name, keeper, leases, responder, wake)
+    rtnl: list[Any] = []
+
+    def nics() -> Any:  # the speaker thread's own rtnetlink socket
+        if not rtnl:
+            from pyroute2 import IPRoute
+
+            rtnl.append(IPRoute())
+        return read_nics(rtnl[0])
+
+    speaker = Speaker(args.node_name, keeper, leases, responder, wake, nics=nics)
     for name, body in (
         ("mirror-leases", leases.run),
         ("lease", keeper.run),

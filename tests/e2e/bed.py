@@ -125,8 +125,14 @@ class LabBed:
         *,
         resync_seconds: float = 30.0,
         vm_timeout: float | None = None,
+        guest: str = "tests.e2e.guest",
+        nodes: tuple[str, ...] = (NODE_NAME,),
     ) -> None:
-        """``vm_timeout``: the VM's whole life (default IPVS_VM_TIMEOUT, 1800 s)."""
+        """``vm_timeout``: the VM's whole life (default IPVS_VM_TIMEOUT, 1800 s); ``guest``: the
+        module the VM runs (the one-node lab, or tests.e2e.l2guest's several directors) and
+        ``nodes`` the Node objects it needs (one agent each)."""
+        self.guest_module = guest
+        self.nodes = nodes
         self.log = log
         self.vm_timeout = vm_timeout
         self.resync_seconds = resync_seconds
@@ -183,9 +189,9 @@ class LabBed:
         self._start_control_plane(binaries)
         self._boot_vm()
         t = time.monotonic()
-        self.log("waiting for the agent to report its IPVSNode (it imports slowly under TCG)")
-        wait_for("the agent's first IPVSNode report", self._agent_reported, 300, 1.0)
-        self._step("agent running and reporting", t)
+        self.log("waiting for the agents to report their IPVSNodes (they import slowly under TCG)")
+        wait_for("the agents' first IPVSNode reports", self._agent_reported, 600, 1.0)
+        self._step("agents running and reporting", t)
         self.timings["total"] = time.monotonic() - began
         self.log(f"lab up in {self.timings['total']:.0f}s")
 
@@ -217,9 +223,10 @@ class LabBed:
             harness.OPERATOR_NAMESPACE, AGENT_DAEMONSET
         )
         # No kubelet registers the VM: the lab does, so nodeSelector and IPVSNode owners work.
-        harness.core(self.admin).create_node(
-            {"metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}}}
-        )
+        for node in self.nodes:
+            harness.core(self.admin).create_node(
+                {"metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}}}
+            )
         self._step(f"kube-apiserver up at {self.api.url}", t)
         t = time.monotonic()
         kubeconfig = harness.service_account_kubeconfig(
@@ -266,7 +273,7 @@ class LabBed:
             server=f"https://{address}:{GUEST_API_PORT}",
         )
         argv = [
-            sys.executable, "-m", "tests.e2e.guest",
+            sys.executable, "-m", self.guest_module,
             "--control", f"{address}:{GUEST_CONTROL_PORT}",
             "--kubeconfig", f"{SHARE_IN_VM}/agent.kubeconfig",
             "--node-name", NODE_NAME,
@@ -320,17 +327,27 @@ class LabBed:
         return "no outcome"
 
     def _agent_reported(self) -> bool:
-        if self.guest is not None and not self.guest.call("agent_alive"):
-            raise LabError(f"the agent exited:\n{self.agent_log_tail()}")
-        try:
-            node = harness.custom(self.admin).get_cluster_custom_object(
-                harness.GROUP, harness.VERSION, "ipvsnodes", NODE_NAME
+        if self.guest is not None:
+            alive = (
+                self.guest.call("agents_alive")
+                if self.guest_module != "tests.e2e.guest"
+                else {NODE_NAME: self.guest.call("agent_alive")}
             )
-        except ApiException as exc:
-            if exc.status == 404:
+            dead = [node for node, up in alive.items() if not up]
+            if dead:
+                raise LabError(f"the agent of {dead[0]} exited:\n{self.agent_log_tail(dead[0])}")
+        for name in self.nodes:
+            try:
+                node = harness.custom(self.admin).get_cluster_custom_object(
+                    harness.GROUP, harness.VERSION, "ipvsnodes", name
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            if not node.get("status"):
                 return False
-            raise
-        return bool(node.get("status"))
+        return True
 
     # -- use --------------------------------------------------------------------------
 
@@ -346,15 +363,15 @@ class LabBed:
             raise LabError(f"ipvsadm failed: {out['stderr']}")
         return [line for line in out["stdout"].splitlines() if line.strip()]
 
-    def agent_log_tail(self, lines: int = 60) -> str:
-        path = self.share / "agent.log"
+    def agent_log_tail(self, node: str = "", lines: int = 60) -> str:
+        path = self.share / (f"agent-{node}.log" if node and len(self.nodes) > 1 else "agent.log")
         if not path.exists():
             return "(no agent log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def diagnostics(self) -> str:
         """Logs' tails for a failure report."""
-        parts = [f"--- agent log ({self.share / 'agent.log'}) ---\n{self.agent_log_tail()}"]
+        parts = [f"--- agent log of {node} ---\n{self.agent_log_tail(node)}" for node in self.nodes]
         if self.operator is not None:
             parts.append(f"--- operator log ({self.operator.log}) ---\n{self.operator.tail()}")
         if self.guest is not None:

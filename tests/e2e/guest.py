@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,18 @@ class Node:
         ]  # fmt: skip
         self.agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The requests the host may send."""
+        return {
+            "agent_alive": lambda: self.agent is not None and self.agent.poll() is None,
+            "stop_agent": self.stop_agent,
+            "tcp": self.tcp,
+            "hold": self.hold,
+            "held_alive": self.held_alive,
+            "release": self.release,
+            "run": self.run,
+        }
 
     def stop_agent(self, timeout: float = 120.0) -> int | None:
         """SIGTERM, as the kubelet stops a pod; the agent's exit status (None: still running)."""
@@ -232,17 +244,10 @@ def _connect_home(address: str, port: int, timeout: float) -> socket.socket:
             time.sleep(0.2)
 
 
-def serve(node: Node, conn: socket.socket, hello: dict[str, Any]) -> None:
+def serve(
+    handlers: Mapping[str, Callable[..., Any]], conn: socket.socket, hello: dict[str, Any]
+) -> None:
     """Answer requests until ``shutdown`` or end of file."""
-    handlers: dict[str, Callable[..., Any]] = {
-        "agent_alive": lambda: node.agent is not None and node.agent.poll() is None,
-        "stop_agent": node.stop_agent,
-        "tcp": node.tcp,
-        "hold": node.hold,
-        "held_alive": node.held_alive,
-        "release": node.release,
-        "run": node.run,
-    }
     reader = conn.makefile("r", encoding="utf-8")
     send = conn.makefile("w", encoding="utf-8")
     send.write(json.dumps({"hello": hello}) + "\n")
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with contextlib.closing(_connect_home(address, int(port), CONNECT_TIMEOUT)) as conn:
             conn.settimeout(None)
-            serve(node, conn, hello)
+            serve(node.handlers(), conn, hello)
     finally:
         node.close()
     return 0

@@ -20,6 +20,7 @@ import ctypes
 import errno
 import heapq
 import ipaddress
+import itertools
 import logging
 import os
 import select
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ipvs_agent.announce import packets
 from ipvs_agent.host._netns import entered
@@ -60,6 +62,27 @@ def _membership(sock: socket.socket, index: int, mac: bytes, add: bool) -> None:
     mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, mac + b"\x00\x00")
     option = PACKET_ADD_MEMBERSHIP if add else PACKET_DROP_MEMBERSHIP
     sock.setsockopt(SOL_PACKET, option, mreq)
+
+
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+
+
+def read_nics(rtnl: Any) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    """The interfaces that are up and have carrier, with their addresses (pyroute2 ``rtnl``)."""
+    names: dict[int, str] = {}
+    for link in rtnl.link("dump"):
+        if link["flags"] & IFF_UP and link["flags"] & IFF_LOWER_UP:
+            names[int(link["index"])] = str(link.get_attr("IFLA_IFNAME"))
+    found: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
+        name: [] for name in names.values()
+    }
+    for msg in rtnl.addr("dump"):
+        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        name = names.get(int(msg["index"]))
+        if raw is not None and name is not None:
+            found[name].append(ipaddress.ip_interface(f"{raw}/{msg['prefixlen']}"))
+    return found
 
 
 def link_local(ifname: str) -> ipaddress.IPv6Address | None:
@@ -104,7 +127,8 @@ class Responder:
         self.burst = burst
         self._lock = threading.Lock()
         self._interfaces: dict[str, _Interface] = {}
-        self._pending: list[tuple[float, IPAddress, str]] = []
+        self._pending: list[tuple[float, int, IPAddress, str]] = []
+        self._order = itertools.count()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.replies = 0
@@ -151,7 +175,7 @@ class Responder:
                         self._join(iface, vip, True)
                     log.info("announcing %s on %s", vip, name)
                     for delay in self.burst:
-                        heapq.heappush(self._pending, (now + delay, vip, name))
+                        heapq.heappush(self._pending, (now + delay, next(self._order), vip, name))
                 iface.vips = set(vips)
         os.write(self._wake_w, b"x")
 
@@ -250,7 +274,7 @@ class Responder:
                         self._read(*owners[fd])
                 now = time.monotonic()
                 while self._pending and self._pending[0][0] <= now:
-                    _, vip, name = heapq.heappop(self._pending)
+                    _, _, vip, name = heapq.heappop(self._pending)
                     self._announce(vip, name)
         self.close()
 

@@ -134,7 +134,9 @@ class Speaker:
     """Keeps the responder answering for this node's share of the VIPs.
 
     ``leases``: a mirror of the agents' Leases whose changes set ``wake``; ``keeper`` keeps this
-    node's own Lease; ``on_change`` is called when the announced set changes (to report it).
+    node's own Lease; ``on_change`` is called when the announced set changes (to report it);
+    ``nics`` reads the interfaces that are up, polled every second so a link going down hands
+    its VIPs over without waiting for a pass.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Speaker:
         wake: threading.Event,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        nics: Callable[[], Nics] | None = None,
     ) -> None:
         self.node = node
         self.keeper = keeper
@@ -155,33 +158,40 @@ class Speaker:
         self.on_change = on_change
         self.clock = clock
         self.liveness = Liveness()
+        self._given = Inputs()
         self._inputs = Inputs()
+        self.nics = nics
         self._lock = threading.Lock()
         self.elections = 0
         self.members: list[Member] = []
         self._left = False
 
     def update(self, inputs: Inputs) -> None:
-        """New facts from a pass; the Lease carries them from its next renewal on.
+        """New facts from a pass; the Lease carries them from its next renewal on."""
+        with self._lock:
+            self._given = inputs
+        self._settle(inputs.nics)
+        self.wake.set()
 
-        An interface the responder cannot answer on (no ``CAP_NET_RAW``, gone) does not count:
-        a VIP left without one is reported unready, so another node is elected for it.
-        """
+    def _settle(self, nics: Nics) -> None:
+        """The inputs with the interfaces as they are now: one that is down, or that the
+        responder cannot answer on (no ``CAP_NET_RAW``, gone), does not count, and a VIP left
+        without an interface is reported unready, so another node is elected for it."""
         broken = set(getattr(self.responder, "errors", {}))
-        if broken:
-            nics = {n: a for n, a in inputs.nics.items() if n not in broken}
+        with self._lock:
+            given = self._given
+            usable = {n: a for n, a in nics.items() if n not in broken}
             lost = {
                 w.vip
-                for w in inputs.wanted
-                if _selected(w.selectors, inputs.labels)
-                and not interfaces_for(w.vip, w.interfaces, nics)
+                for w in given.wanted
+                if _selected(w.selectors, given.labels)
+                and not interfaces_for(w.vip, w.interfaces, usable)
             }
-            inputs = replace(inputs, nics=nics, unready=inputs.unready | lost)
-        with self._lock:
+            inputs = replace(given, nics=usable, unready=given.unready | lost)
+            changed = inputs != self._inputs
             self._inputs = inputs
-        if self.keeper is not None:
+        if changed and self.keeper is not None:
             self.keeper.want(inputs.ready and bool(inputs.wanted), inputs.labels, inputs.unready)
-        self.wake.set()
 
     def elect(self) -> dict[IPAddress, tuple[str, ...]]:
         """This node's VIPs now, each with the interfaces to answer on."""
@@ -212,6 +222,11 @@ class Speaker:
     def run(self, stop: threading.Event) -> None:
         """Thread body: re-elect on every Lease change, stale Lease and new input."""
         while not stop.is_set():
+            if self.nics is not None:  # a link that went down moves its VIPs within a second
+                try:
+                    self._settle(self.nics())
+                except OSError as error:
+                    log.warning("cannot read the interfaces: %s", error)
             self.step()
             expiry = self.liveness.next_expiry(self.clock())
             timeout = 1.0 if expiry is None else max(0.01, min(1.0, expiry - self.clock()))
