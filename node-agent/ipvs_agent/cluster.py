@@ -163,6 +163,46 @@ class Mirror:
             self._watch.stop()
 
 
+#: Keyword arguments of a list or watch, and their query parameters.
+_QUERY = (
+    ("field_selector", "fieldSelector"),
+    ("label_selector", "labelSelector"),
+    ("resource_version", "resourceVersion"),
+    ("timeout_seconds", "timeoutSeconds"),
+    ("allow_watch_bookmarks", "allowWatchBookmarks"),
+    ("watch", "watch"),
+)
+
+
+def path_lister(api: client.ApiClient, path: str) -> ListFn:
+    """List (or, with ``watch=True``, watch) the objects at an API path, as plain dicts.
+
+    Without the typed client's class for the group: building ``CoreV1Api`` costs seconds on a
+    loaded host and about 90 s under the test VM's emulation (it wraps hundreds of methods),
+    all for the one list the agent makes of its own Node.
+    """
+
+    def list_fn(**kw: Any) -> Any:
+        query = [(name, kw[key]) for key, name in _QUERY if kw.get(key) is not None]
+        request = api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        return api._call_with_legacy_options(  # the typed clients' own call, shared
+            request,
+            {"200": "object", "401": None},
+            False,
+            kw.get("_preload_content", True),
+            kw.get("_request_timeout"),
+            True,
+        )
+
+    return list_fn
+
+
 def _short(error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:300]
@@ -173,8 +213,6 @@ def mirrors(
 ) -> list[Mirror]:
     """The agent's mirrors: VirtualServers, EndpointSlices, its own Node, AddressPools."""
     custom = client.CustomObjectsApi(api)
-    discovery = client.DiscoveryV1Api(api)
-    core = client.CoreV1Api(api)
 
     def list_virtual_servers(**kw: Any) -> Any:
         return custom.list_cluster_custom_object(
@@ -190,14 +228,14 @@ def mirrors(
         Mirror("virtualservers", list_virtual_servers, api, changed, retry_seconds),
         Mirror(
             "endpointslices",
-            discovery.list_endpoint_slice_for_all_namespaces,
+            path_lister(api, "/apis/discovery.k8s.io/v1/endpointslices"),
             api,
             changed,
             retry_seconds,
         ),
         Mirror(
             "node",
-            core.list_node,
+            path_lister(api, "/api/v1/nodes"),
             api,
             changed,
             retry_seconds,
