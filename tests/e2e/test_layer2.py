@@ -31,15 +31,22 @@ def check(bed: LabBed, seen: list[sc.Seen], new: str, old: str | None, what: str
     for s in seen:
         took = s.first_answer_from(macs[new])
         assert took is not None, f"{what}: {new} never answered for {s.vip}"
-        # After the handover, only the new node answers: never two at once.
-        assert s.macs_after(took + 0.5) == {macs[new]}, (what, s.vip, s.answers[-10:])
-        assert s.failures_after(took + 1.0) == 0, f"{what}: failures after the handover"
-        assert s.tcp_gap < BOUND and s.udp_gap < BOUND, (what, s.tcp_gap, s.udp_gap)
+        failed = [
+            (kind, round(t - s.at, 2))
+            for kind, samples in (("tcp", s.tcp), ("udp", s.udp))
+            for t, who in samples
+            if not who and t >= s.at - 1.0
+        ]
         print(
             f"{what} {s.vip}: TCP gap {s.tcp_gap:.2f}s, UDP gap {s.udp_gap:.2f}s, "
             f"new MAC {took - s.at:.2f}s after the event"
             + (f" (old MAC last {last_answer(s, macs[old]) - s.at:.2f}s)" if old else "")
+            + f"; failed at {failed}"
         )
+        # After the handover, only the new node answers: never two at once.
+        assert s.macs_after(took + 0.5) == {macs[new]}, (what, s.vip, s.answers[-10:])
+        assert s.failures_after(took + 1.0) == 0, (what, s.vip, took - s.at, failed)
+        assert s.tcp_gap < BOUND and s.udp_gap < BOUND, (what, s.tcp_gap, s.udp_gap)
 
 
 def last_answer(s: sc.Seen, mac: str) -> float:

@@ -184,6 +184,7 @@ class LeaseKeeper:
         self._current: dict[str, Any] | None = None
         self.writes = 0
         self.failures = 0
+        self._released = False
 
     def want(self, ready: bool, labels: Mapping[str, str], unready: Iterable[IPAddress]) -> None:
         """Hold the Lease (or not) with these facts from the next renewal on."""
@@ -208,6 +209,7 @@ class LeaseKeeper:
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
+        self._released = False
         try:
             if self._current is None:
                 try:
@@ -228,17 +230,32 @@ class LeaseKeeper:
             log.warning("could not renew Lease %s: %s", lease_name(self.node), error.reason)
         except Exception as error:  # API server away: the Lease goes stale, others take over
             self.failures += 1
-            log.warning("could not renew Lease %s: %s", lease_name(self.node), error)
+            log.warning("could not renew Lease %s: %s", lease_name(self.node), _short(error))
 
     def release(self) -> None:
         """Delete the Lease, so the others take over at once (a planned handover)."""
+        from kubernetes.client.exceptions import ApiException
+
+        if self._released:
+            return
         self._current = None
         try:
             self._call("delete_namespaced_custom_object", lease_name(self.node))
-        except Exception as error:  # gone already, or the API is away: it goes stale
-            log.info("could not delete Lease %s: %s", lease_name(self.node), error)
+            self._released = True
+            log.info("released Lease %s", lease_name(self.node))
+        except ApiException as error:
+            self._released = error.status == 404
+            if error.status != 404:
+                log.warning("could not release Lease %s: %s", lease_name(self.node), error.reason)
+        except Exception as error:  # the API is away: the Lease goes stale instead
+            log.warning("could not release Lease %s: %s", lease_name(self.node), error)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.renew_once()
             stop.wait(self.renew)
+
+
+def _short(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]

@@ -154,7 +154,10 @@ class Responder:
                 by_interface.setdefault(name, set()).add(vip)
         with self._lock:
             for name in sorted(set(self._interfaces) - set(by_interface)):
-                self._interfaces.pop(name).close()
+                gone = self._interfaces.pop(name)
+                gone.close()
+                for vip in sorted(gone.vips, key=str):
+                    log.info("no longer announcing %s on %s", vip, name)
             for name, vips in sorted(by_interface.items()):
                 iface = self._interfaces.get(name)
                 if iface is None:
