@@ -303,7 +303,7 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     wake = threading.Event()
     leases = lease_mirror(api, namespace, wake)
     keeper = LeaseKeeper(
-        client.CustomObjectsApi(api),
+        client.CustomObjectsApi(_api_client()),  # its own connection: writes never queue
         namespace,
         args.node_name,
         duration=args.lease_seconds,

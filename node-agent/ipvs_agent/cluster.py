@@ -60,9 +60,13 @@ class Mirror:
         retry_seconds: float = 2.0,
         *,
         watch_seconds: int = WATCH_SECONDS,
+        fingerprint: Callable[[dict[str, Any]], Any] | None = None,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        #: What of an object the agent acts on; an update that leaves it alone (the operator
+        #: writing a condition, a Node's heartbeat) is kept but wakes no reconcile pass.
+        self.fingerprint = fingerprint
         self.retry_seconds = retry_seconds
         self.watch_seconds = watch_seconds
         self._list_fn = list_fn
@@ -140,10 +144,18 @@ class Mirror:
                     with self._lock:
                         if kind == "DELETED":
                             self._items.pop(self._key(raw), None)
+                            news = True
                         else:
+                            before = self._items.get(self._key(raw))
                             self._items[self._key(raw)] = raw
                             self.seen = True
-                    self._changed.set()
+                            news = (
+                                before is None
+                                or self.fingerprint is None
+                                or self.fingerprint(before) != self.fingerprint(raw)
+                            )
+                    if news:
+                        self._changed.set()
             except Exception as e:  # the API server is away or silent: keep the cache, retry
                 self.connected = False
                 self.errors += 1
@@ -208,6 +220,36 @@ def _short(error: Exception) -> str:
     return text[:300]
 
 
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = obj.get("metadata") or {}
+    return meta
+
+
+def virtual_server_fingerprint(obj: dict[str, Any]) -> Any:
+    """What the agent reads of a VirtualServer: its spec (by generation) and what the operator
+    confirmed in status — not the conditions, nodes and counts the operator writes after
+    every report, which would otherwise wake every agent for each other agent's report."""
+    status = obj.get("status") or {}
+    return (
+        _meta(obj).get("generation"),
+        _meta(obj).get("deletionTimestamp"),
+        status.get("address"),
+        status.get("addressPool"),
+        status.get("firewallMark"),
+    )
+
+
+def node_fingerprint(obj: dict[str, Any]) -> Any:
+    """What the agent reads of its Node: labels and addresses, not heartbeats and conditions."""
+    addresses = ((obj.get("status") or {}).get("addresses")) or []
+    return (repr(sorted((_meta(obj).get("labels") or {}).items())), repr(addresses))
+
+
+def spec_fingerprint(obj: dict[str, Any]) -> Any:
+    """An object whose status the agent never reads (AddressPools): its generation."""
+    return _meta(obj).get("generation")
+
+
 def mirrors(
     api: client.ApiClient, node_name: str, changed: threading.Event, retry_seconds: float = 2.0
 ) -> list[Mirror]:
@@ -225,7 +267,14 @@ def mirrors(
         )
 
     return [
-        Mirror("virtualservers", list_virtual_servers, api, changed, retry_seconds),
+        Mirror(
+            "virtualservers",
+            list_virtual_servers,
+            api,
+            changed,
+            retry_seconds,
+            fingerprint=virtual_server_fingerprint,
+        ),
         Mirror(
             "endpointslices",
             path_lister(api, "/apis/discovery.k8s.io/v1/endpointslices"),
@@ -239,9 +288,12 @@ def mirrors(
             api,
             changed,
             retry_seconds,
+            fingerprint=node_fingerprint,
             field_selector=f"metadata.name={node_name}",
         ),
-        Mirror("addresspools", list_pools, api, changed, retry_seconds),
+        Mirror(
+            "addresspools", list_pools, api, changed, retry_seconds, fingerprint=spec_fingerprint
+        ),
     ]
 
 

@@ -156,7 +156,10 @@ class LeaseKeeper:
     """Keeps this node's Lease: created once the agent is ready, renewed every ``renew``
     seconds, deleted when the agent stops (thread body :meth:`run`).
 
-    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (plain dicts, no models).
+    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (plain dicts, no models), best on an
+    API client of its own: every write then reuses the keeper's one warm connection, and the
+    delete of a planned handover costs no new TLS handshake. Only the keeper's thread writes;
+    :meth:`leave` asks it to delete the Lease and waits for that.
     """
 
     def __init__(
@@ -185,6 +188,9 @@ class LeaseKeeper:
         self.writes = 0
         self.failures = 0
         self._released = False
+        self._wake = threading.Event()
+        self._gone = threading.Event()
+        self._leaving = False
 
     def want(self, ready: bool, labels: Mapping[str, str], unready: Iterable[IPAddress]) -> None:
         """Hold the Lease (or not) with these facts from the next renewal on."""
@@ -202,7 +208,7 @@ class LeaseKeeper:
         with self._lock:
             wanted, labels, unready = self._wanted, self._labels, self._unready
         if not wanted:
-            if self._current is not None:
+            if self._current is not None or self._leaving:
                 self.release()
             return
         body = lease_body(self.namespace, self.node, self.duration, labels, unready, self._clock())
@@ -250,10 +256,21 @@ class LeaseKeeper:
         except Exception as error:  # the API is away: the Lease goes stale instead
             log.warning("could not release Lease %s: %s", lease_name(self.node), error)
 
+    def leave(self, timeout: float = 10.0) -> bool:
+        """Give the Lease up now (the keeper's thread deletes it); True once it is gone."""
+        with self._lock:
+            self._wanted = False
+            self._leaving = True
+        self._wake.set()
+        return self._gone.wait(timeout)
+
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.renew_once()
-            stop.wait(self.renew)
+            if self._leaving and self._current is None:
+                self._gone.set()
+            self._wake.wait(self.renew)
+            self._wake.clear()
 
 
 def _short(error: Exception) -> str:

@@ -238,5 +238,4 @@ class Speaker:
         self._left = True
         self.responder.set({})
         if self.keeper is not None:
-            self.keeper.want(False, {}, ())
-            self.keeper.release()
+            self.keeper.leave()
