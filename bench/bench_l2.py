@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ipvs_agent.announce.election import Wanted  # noqa: E402
-from ipvs_agent.announce.members import LeaseKeeper  # noqa: E402
+from ipvs_agent.announce.members import DURATION, RENEW, LeaseKeeper  # noqa: E402
 from ipvs_agent.announce.speaker import Inputs, Speaker  # noqa: E402
 from ipvs_agent.cluster import lease_mirror  # noqa: E402
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
@@ -63,6 +63,9 @@ class Answering:
 
     def announced(self) -> dict[Any, tuple[str, ...]]:
         return dict(self.current)
+
+    def claims(self) -> dict[Any, int]:
+        return {}
 
 
 def lease_writes(admin: Any) -> dict[str, float]:
@@ -238,8 +241,8 @@ def main() -> int:
     api.add_argument("--nodes", type=int, default=3)
     api.add_argument("--vips", type=int, default=1000)
     api.add_argument("--seconds", type=float, default=30.0)
-    api.add_argument("--lease-seconds", type=float, default=2.0)
-    api.add_argument("--renew-seconds", type=float, default=0.5)
+    api.add_argument("--lease-seconds", type=float, default=DURATION)
+    api.add_argument("--renew-seconds", type=float, default=RENEW)
     lab = sub.add_parser("lab")
     lab.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

@@ -55,10 +55,15 @@ def node_addresses(index: int) -> tuple[str, str]:
     return f"192.0.2.{index}", f"2001:db8:1::{index}"
 
 
+#: Seconds a connection or datagram may take (the VM is emulated and shares a busy machine).
+SAMPLE_TIMEOUT = 2.0
+
+
 class Stream:
     """From the client: a new TCP connection and a UDP datagram every ``interval``, and an
-    ARP request / neighbour solicitation for the VIP every ``probe`` seconds, all timestamped
-    (monotonic seconds of this VM), until stopped or ``limit`` seconds passed."""
+    ARP request / neighbour solicitation for the VIP every ``probe`` seconds, each recorded
+    when its outcome is known (monotonic seconds of this VM), until stopped or ``limit``
+    seconds passed. A UDP datagram whose answer is lost is retried by the next one."""
 
     def __init__(self, client: Netns, vip: str, interval: float, probe: float, limit: float):
         self.client, self.vip = client, ipaddress.ip_address(vip)
@@ -97,20 +102,20 @@ class Stream:
                 sock = socket.socket(self.family, socket.SOCK_STREAM)
             who = ""
             with sock:
-                sock.settimeout(0.5)
+                sock.settimeout(SAMPLE_TIMEOUT)
                 try:
                     sock.connect((str(self.vip), PORT))
                     who = sock.recv(64).decode().strip()
                 except OSError:
                     pass
-            self.tcp.append((started, who))
+            self.tcp.append((time.monotonic(), who))
             self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def _datagrams(self) -> None:
         with self.client.entered():
             sock = socket.socket(self.family, socket.SOCK_DGRAM)
         with sock:
-            sock.settimeout(0.5)
+            sock.settimeout(SAMPLE_TIMEOUT)
             while self._running():
                 started = time.monotonic()
                 who = ""
@@ -119,7 +124,7 @@ class Stream:
                     who = sock.recv(64).decode().strip()
                 except OSError:
                     pass
-                self.udp.append((started, who))
+                self.udp.append((time.monotonic(), who))
                 self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def _probes(self) -> None:

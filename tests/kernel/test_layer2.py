@@ -141,3 +141,26 @@ def test_ipv6_solicitations_and_unicast_probes_are_answered(
     client.run("ip", "-6", "neigh", "change", VIP6, "lladdr", mac, "dev", "eth0", "nud", "probe")
     wait_for(lambda: "REACHABLE" in client.run("ip", "-6", "neigh", "show", VIP6).stdout,
              "the unicast probe answered", timeout=10)  # fmt: skip
+
+
+def test_another_hosts_announcement_shows_as_a_claim(
+    answering: tuple[Topology, NodeAgent, Responder],
+) -> None:
+    """A node cut off from the API server keeps its VIPs until another host claims them: the
+    claim is the other node's gratuitous ARP and unsolicited advertisement, read here through
+    the kernel's packet sockets and the neighbour-discovery filter."""
+    topology, _, responder = answering
+    vips = {ipaddress.ip_address(VIP4): ("eth0",), ipaddress.ip_address(VIP6): ("eth0",)}
+    responder.set(vips)
+    wait_for(lambda: responder.announcements >= 4, "own announcements sent", timeout=10)
+    assert responder.claims() == {}, "its own frames are no claim"
+    other = Responder(netns=topology.client.ns.path, burst=(0.0, 0.5))
+    stop = threading.Event()
+    thread = threading.Thread(target=other.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        other.set(vips)
+        wait_for(lambda: set(responder.claims()) == set(vips), "both VIPs claimed", timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)

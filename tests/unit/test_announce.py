@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 import threading
 from collections import Counter
 from pathlib import Path
@@ -184,12 +185,16 @@ class FakeResponder:
     def __init__(self) -> None:
         self.current: dict[Any, tuple[str, ...]] = {}
         self.errors: dict[str, str] = {}
+        self.claimed: Counter[Any] = Counter()
 
     def set(self, wanted: Any) -> None:
         self.current = dict(wanted)
 
     def announced(self) -> dict[Any, tuple[str, ...]]:
         return dict(self.current)
+
+    def claims(self) -> dict[Any, int]:
+        return dict(self.claimed)
 
 
 class FakeLeases:
@@ -225,10 +230,90 @@ def test_the_speaker_answers_for_its_share_and_hands_over_when_a_lease_goes() ->
     leases._items = leases._items[:1]
     speakers["node-a"].step()
     assert set(speakers["node-a"].responder.announced()) == a | b
-    # node-a's Lease is not renewed (a crash elsewhere): stale after 2 s, nobody answers.
-    clock[0] += 2.5
+    # node-a's Lease goes: its VIPs go with it (another node elects without it).
+    leases._items = []
     speakers["node-a"].step()
     assert speakers["node-a"].responder.announced() == {}
+
+
+def renewed(leases: FakeLeases, nodes: tuple[str, ...], at: str) -> None:
+    leases._items = [lease_body("s", n, 2.0, {}, (), at) for n in nodes]
+
+
+def test_a_node_that_cannot_see_its_own_lease_keeps_its_vips_until_another_claims_them() -> None:
+    """An API outage leaves every node blind at once: nobody may drop its VIPs. A node cut
+    off alone yields each VIP as soon as the node that took it over announces it."""
+    clock = [100.0]
+    pools = {"l2": pool("l2", {})}
+    vss = [vs(f"v{i}", f"192.0.2.{60 + i}", "l2") for i in range(12)]
+    outcomes = {v.key: Outcome(State.PROGRAMMED) for v in vss}
+    seen_by = {"node-a": FakeLeases([]), "node-b": FakeLeases([])}
+    speakers = {}
+    for node, leases in seen_by.items():
+        renewed(leases, ("node-a", "node-b"), "t1")
+        speaker = Speaker(
+            node, None, leases, FakeResponder(), threading.Event(), clock=lambda: clock[0]
+        )
+        speaker.update(layer2_inputs(vss, {}, pools, outcomes, {}, NICS, ready=True))
+        speaker.step()
+        speakers[node] = speaker
+    a = speakers["node-a"].responder
+    b = speakers["node-b"].responder
+    share_a, share_b = set(a.announced()), set(b.announced())
+    # The API server is away: no Lease changes anywhere; both keep answering, for minutes.
+    for _ in range(100):
+        clock[0] += 3.0
+        for speaker in speakers.values():
+            speaker.step()
+    assert (set(a.announced()), set(b.announced())) == (share_a, share_b)
+    # It is back and both renew (each sees the other's renewal within one duration).
+    clock[0] += 0.5
+    seen_by["node-a"]._items[0] = lease_body("s", "node-a", 2.0, {}, (), "t2")  # its own first
+    speakers["node-a"].step()
+    assert set(a.announced()) == share_a  # node-b gets a duration to show its renewal
+    renewed(seen_by["node-a"], ("node-a", "node-b"), "t2")
+    renewed(seen_by["node-b"], ("node-a", "node-b"), "t2")
+    clock[0] += 1.0
+    for speaker in speakers.values():
+        speaker.step()
+    assert (set(a.announced()), set(b.announced())) == (share_a, share_b)
+    # Only node-a is cut off: node-b sees node-a's Lease go stale and takes everything...
+    clock[0] += 2.5
+    renewed(seen_by["node-b"], ("node-a", "node-b"), "t2")
+    seen_by["node-b"]._items[1] = lease_body("s", "node-b", 2.0, {}, (), "t3")
+    speakers["node-b"].step()
+    speakers["node-a"].step()
+    assert set(b.announced()) == share_a | share_b
+    assert set(a.announced()) == share_a  # node-a cannot know yet
+    # ...and announces it; node-a hears the gratuitous ARP for each VIP and yields it.
+    first = sorted(share_a)[0]
+    a.claimed[first] += 1
+    speakers["node-a"].step()
+    assert set(a.announced()) == share_a - {first}
+    a.claimed.update(share_a)
+    speakers["node-a"].step()
+    assert a.announced() == {}
+
+
+def run_bpf(program: bytes, frame: bytes) -> int:
+    """A classic BPF interpreter for the instructions our filters use (ld abs, jeq, ret)."""
+    insns = [struct.unpack("HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == 0x28:  # ldh [k]
+            acc = int.from_bytes(frame[k : k + 2], "big") if k + 2 <= len(frame) else -1
+        elif code == 0x30:  # ldb [k]
+            acc = frame[k] if k < len(frame) else -1
+        elif code == 0x15:  # jeq #k
+            pc += jt if acc == k else jf
+        elif code == 0x06:  # ret #k
+            return k
+        else:
+            raise AssertionError(f"instruction {code:#x} not interpreted")
+        if acc == -1:
+            return 0  # a load past the frame ends the program with 0 (the kernel's rule)
+        pc += 1
 
 
 # ------------------------------------------------------------------ frames
@@ -297,6 +382,19 @@ def test_icmpv6_checksums_verify() -> None:
     assert packets._checksum(pseudo + body) == 0  # a correct checksum sums to zero
 
 
-def test_the_ndp_filter_is_classic_bpf_of_eight_instructions() -> None:
-    program = packets.bpf_neighbour_solicitations()
-    assert len(program) == 8 * 8
+def test_the_ndp_filter_passes_solicitations_and_advertisements_only() -> None:
+    program = packets.bpf_neighbour_discovery()
+    source = ip("fe80::c1")
+    solicitation = packets.solicitation(V6, CLIENT_MAC, source)
+    advertisement = packets.unsolicited_advertisement(V6, MAC, ip("fe80::1"))
+    assert run_bpf(program, solicitation) > 0
+    assert run_bpf(program, advertisement) > 0
+    echo = bytearray(solicitation)
+    echo[54] = 128  # an echo request: same headers, another ICMPv6 type
+    assert run_bpf(program, bytes(echo)) == 0
+    udp = bytearray(solicitation)
+    udp[20] = 17
+    assert run_bpf(program, bytes(udp)) == 0
+    arp = packets.gratuitous_arp(V4, MAC)[0]
+    assert run_bpf(program, arp) == 0
+    assert run_bpf(program, solicitation[:40]) == 0

@@ -34,7 +34,9 @@ COMPONENT: Final = "agent-lease"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 ANNOTATION_LABELS: Final = "ipvs.io/node-labels"
 ANNOTATION_UNREADY: Final = "ipvs.io/unready"
-#: Defaults: a crashed announcer is replaced within about 2 s of its last renewal.
+#: Defaults: a crashed announcer is replaced about 2 s after its last renewal (the goal: a
+#: client-visible gap of at most 3 s); three renewals in a row may fail or be late before
+#: anyone moves a VIP. A slower API server needs a longer duration (chart values).
 DURATION: Final = 2.0
 RENEW: Final = 0.5
 
@@ -101,6 +103,10 @@ class Liveness:
             if before is None or before[0] != record.renewed:
                 self._seen[node] = (record.renewed, now)
         self._records = current
+
+    def refresh(self, now: float) -> None:
+        """Count every Lease as renewed ``now`` (after this node could not see them)."""
+        self._seen = {node: (renewed, now) for node, (renewed, _) in self._seen.items()}
 
     def alive(self, now: float) -> list[Member]:
         members = []

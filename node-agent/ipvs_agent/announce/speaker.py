@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ipvs_agent.announce.election import Member, Wanted, mine
-from ipvs_agent.announce.members import LeaseKeeper, Liveness, read_lease
+from ipvs_agent.announce.members import LeaseKeeper, Liveness, lease_name, read_lease
 from ipvs_agent.desired import EndpointIndex, Outcome, State
 from ipvs_agent.model import IPAddress
 from ipvs_api.types import AddressPool, LabelSelector, TrafficPolicy, VirtualServer
@@ -123,6 +123,8 @@ class Answering(Protocol):
 
     def announced(self) -> dict[IPAddress, tuple[str, ...]]: ...
 
+    def claims(self) -> dict[IPAddress, int]: ...
+
 
 class LeaseSource(Protocol):
     synced: threading.Event
@@ -165,6 +167,8 @@ class Speaker:
         self.elections = 0
         self.members: list[Member] = []
         self._left = False
+        #: Claims seen when this node lost sight of its own Lease (None: it sees it).
+        self._blind: dict[IPAddress, int] | None = None
 
     def update(self, inputs: Inputs) -> None:
         """New facts from a pass; the Lease carries them from its next renewal on."""
@@ -202,7 +206,18 @@ class Speaker:
         self.liveness.observe(records, now)
         self.members = self.liveness.alive(now)
         if self._left or not inputs.ready or not self.leases.synced.is_set():
+            self._blind = None
             return {}
+        sighted = any(m.node == self.node for m in self.members)
+        if not sighted and any(r.node == self.node for r in records):
+            return self._blindly(inputs)
+        if self._blind is not None:
+            # Sight is back: every Lease gets one duration from now to show a renewal (the
+            # others could not renew either), so nobody is declared gone by the outage itself.
+            log.info("Lease %s is current again: electing", lease_name(self.node))
+            self._blind = None
+            self.liveness.refresh(now)
+            self.members = self.liveness.alive(now)
         chosen = mine(self.node, inputs.wanted, self.members)
         out: dict[IPAddress, tuple[str, ...]] = {}
         for vip, wanted in chosen.items():
@@ -210,6 +225,37 @@ class Speaker:
             if names:
                 out[vip] = names
         return out
+
+    @property
+    def blind(self) -> bool:
+        """This node cannot see its own Lease renewed: it keeps the VIPs it answers for."""
+        return self._blind is not None
+
+    def _blindly(self, inputs: Inputs) -> dict[IPAddress, tuple[str, ...]]:
+        """This node's own Lease is stale in its own view: its renewals fail, or its watch
+        brings nothing. It cannot tell an API outage (where every node is in the same state)
+        from its own isolation, so it keeps answering what it answers — an API outage never
+        takes the VIPs off the LAN — and yields each VIP another host claims meanwhile (the
+        takeover of a node that still sees the Leases shows as its gratuitous ARP or
+        unsolicited advertisement)."""
+        current = self.responder.announced()
+        claims = self.responder.claims()
+        if self._blind is None:
+            log.warning(
+                "Lease %s is stale in this node's view (API server unreachable?): keeping %d "
+                "VIPs until another node claims them",
+                lease_name(self.node),
+                len(current),
+            )
+            self._blind = claims
+        wanted = {w.vip for w in inputs.wanted}
+        kept = {}
+        for vip, names in current.items():
+            if claims.get(vip, 0) > self._blind.get(vip, 0):
+                log.warning("%s is claimed by another node: no longer answering for it", vip)
+            elif vip in wanted:
+                kept[vip] = names
+        return kept
 
     def step(self) -> None:
         before = self.responder.announced()
