@@ -248,7 +248,7 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     return out
 
 
-def _describe_announcement(announcement: Mapping[str, Any]) -> str:
+def describe_announcement(announcement: Mapping[str, Any]) -> str:
     mode = {"Layer2": "on layer 2", "BGP": "over BGP"}.get(str(announcement.get("mode")), "")
     return f"{mode} by {', '.join(announcement.get('nodes') or ())}"
 
@@ -265,10 +265,10 @@ def _announcement_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
             Event(
                 "Warning",
                 "NotAnnounced",
-                f"no node announces {address} any more (was {_describe_announcement(before)})",
+                f"no node announces {address} any more (was {describe_announcement(before)})",
             )
         ]
-    message = f"{address} announced {_describe_announcement(after)}"
+    message = f"{address} announced {describe_announcement(after)}"
     if before is not None:
-        message += f" (was {_describe_announcement(before)})"
+        message += f" (was {describe_announcement(before)})"
     return [Event("Normal", "Announced", message)]

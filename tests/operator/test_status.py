@@ -183,3 +183,47 @@ def test_status_aggregates_slices_and_agent_reports(
         "a NotReady Event",
         lambda: ("Warning", "NotReady") in [e[:2] for e in harness.events(admin, ns, name="web")],
     )
+
+
+def test_the_service_names_the_nodes_that_announce_its_address(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """Layer-2 announcement as the agents report it: the VirtualServer's status and the
+    Service's condition name the announcing node, and every move is an Event on both."""
+    pool(4)
+    core = harness.core(admin)
+    core.create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    address = status_of(admin, ns)["address"]
+    first, second = nodes.add("a", {}), nodes.add("b", {})
+    announced = {"mode": "Layer2", "interfaces": ["eth0"]}
+
+    def service_condition() -> dict[str, Any]:
+        found = core.read_namespaced_service_status("web", ns).to_dict()["status"]
+        return condition({"status": {"conditions": found.get("conditions") or []}},
+                         "ipvs.io/Announced")  # fmt: skip
+
+    nodes.report(first, [entry(ns, 1, announcement=announced)])
+    nodes.report(second, [entry(ns, 1)])
+    wait_for("announced by a", lambda: service_condition().get("status") == "True")
+    assert status_of(admin, ns)["announcement"] == {"mode": "Layer2", "nodes": [first]}
+    assert service_condition()["message"] == f"{address} on layer 2 by {first}"
+    nodes.report(second, [entry(ns, 1, announcement=announced)])
+    nodes.report(first, [entry(ns, 1)])
+    wait_for(
+        "announced by b",
+        lambda: service_condition().get("message") == f"{address} on layer 2 by {second}",
+    )
+    # The operator may see both reports at once or one after the other (by a and b, then b):
+    # either way the last move names b alone.
+    moved = f"{address} announced on layer 2 by {second} (was on layer 2 by "
+    for kind in ("VirtualServer", "Service"):
+        wait_for(
+            f"the move as an Event on the {kind}",
+            lambda k=kind: any(
+                e[1] == "Announced" and moved in e[2]
+                for e in harness.events(admin, ns, name="web", kind=k)
+            ),
+        )
+    nodes.report(second, [entry(ns, 1)])
+    wait_for("not announced", lambda: service_condition().get("reason") == "NotAnnounced")
