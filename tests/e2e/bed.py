@@ -292,8 +292,8 @@ class LabBed:
                 self.vm_error = error
 
         self.log(
-            "booting the VM (qemu TCG, restricted user network); in it the agent starts and "
-            "the demo network is built (3 real servers, 2 clients)"
+            "booting the VM (qemu TCG, restricted user network); in it "
+            f"{self.guest_module} builds its network and starts the agents"
         )
         self._vm_thread = threading.Thread(target=boot, name="lab-vm", daemon=True)
         self._vm_thread.start()

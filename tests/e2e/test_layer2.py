@@ -90,7 +90,7 @@ def test_a_returning_agent_takes_its_addresses_back(
 ) -> None:
     bed, v4, v6, order = l2lab
     bed.call("start_agent", node=order[0])
-    handles = sc.watch(bed, [v4, v6])
+    handles = sc.watch(bed, [v4, v6], limit=900.0)  # its start-up takes minutes under TCG
     at = float(bed.call("now"))
     sc.wait_announced(bed, order[0], timeout=600)  # its start-up takes minutes under TCG
     sc.settle(bed, 3.0)

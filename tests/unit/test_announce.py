@@ -108,6 +108,27 @@ def test_a_lease_is_alive_until_its_duration_passed_since_this_node_saw_it_chang
     assert [m.node for m in live.alive(102.2)] == ["a"]
 
 
+def test_a_lagging_observer_declares_nobody_dead_before_it_sees_its_own_later_renewal() -> None:
+    """A watch delivers in commit order: a renewal of this node's own written after another
+    Lease's deadline proves that the other did not renew in time. Until then (a throttled
+    CPU, a lagging watch) the other stays alive, and this node renews at once to find out."""
+    written = {"a1": 99.9, "a2": 101.4, "a3": 101.9, "a4": 102.3}  # when node a wrote each
+    live = Liveness(me="a")
+    live.observe([record("a", "a1"), record("b", "b1")], now=100.0, written=written.get)
+    live.observe([record("a", "a2"), record("b", "b1")], now=101.5, written=written.get)
+    assert [m.node for m in live.alive(102.5)] == ["a", "b"]  # b past 102.0, unproven
+    assert live.awaiting_proof(102.5)
+    # Seen late: written before b's deadline, it proves nothing.
+    live.observe([record("a", "a3"), record("b", "b1")], now=102.6, written=written.get)
+    assert [m.node for m in live.alive(102.6)] == ["a", "b"]
+    # Written after b's deadline: had b renewed in time, that would have come first.
+    live.observe([record("a", "a4"), record("b", "b1")], now=102.7, written=written.get)
+    assert [m.node for m in live.alive(102.7)] == ["a"]
+    assert not live.awaiting_proof(102.7)
+    # This node's own Lease goes stale on its own clock alone (it is then blind).
+    assert [m.node for m in live.alive(104.8)] == []
+
+
 def test_the_lease_carries_labels_and_unready_vips_and_reads_back() -> None:
     body = lease_body("ipvs-system", "node-a", 2.0, {"zone": "x"}, {V6, V4}, "2026-12-03T00:00Z")
     assert body["metadata"]["annotations"][ANNOTATION_UNREADY] == "192.0.2.50,2001:db8::50"

@@ -9,8 +9,13 @@ and the VIPs it cannot serve (not programmed there).
 
 Liveness is judged as client-go judges a Lease: the holder is alive until ``duration`` has
 passed since *this* node last saw its record change, so no two clocks are ever compared
-(:class:`Liveness`, pure). An agent that stops deletes its Lease first (a planned handover is
-as fast as a watch event); one that dies is replaced once its Lease is stale.
+(:class:`Liveness`, pure). One more condition keeps a slow observer from declaring others
+dead: a Lease is stale only once this node has seen one of its *own* renewals that it wrote
+after the other's deadline. The watch delivers events in commit order, so by then any renewal
+the other made in time has been seen; an observer whose watch lags (a throttled CPU, a long
+pause) waits for it instead of taking over VIPs that are still answered. An agent that stops
+deletes its Lease first (a planned handover is as fast as a watch event); one that dies is
+replaced once its Lease is stale.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -88,12 +94,22 @@ class Liveness:
     """The agents alive as this node sees them: a Lease is fresh until its duration has passed
     since this node last saw its ``renewTime`` change. Pure: the caller passes the clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, me: str | None = None) -> None:
+        #: This node: its own renewals, once seen, are the proof that the view is current.
+        self.me = me
         self._seen: dict[str, tuple[str, float]] = {}
         self._records: dict[str, LeaseRecord] = {}
+        self._proof = float("-inf")
 
-    def observe(self, records: Iterable[LeaseRecord], now: float) -> None:
-        """The Leases as they are now (a Lease that is gone is gone at once)."""
+    def observe(
+        self,
+        records: Iterable[LeaseRecord],
+        now: float,
+        written: Callable[[str], float | None] = lambda renewed: None,
+    ) -> None:
+        """The Leases as they are now (a Lease that is gone is gone at once). ``written``
+        gives the time this node wrote one of its own ``renewTime`` values (None: unknown,
+        then the time it is seen counts)."""
         current = {r.node: r for r in records}
         for node in list(self._seen):
             if node not in current:
@@ -102,19 +118,37 @@ class Liveness:
             before = self._seen.get(node)
             if before is None or before[0] != record.renewed:
                 self._seen[node] = (record.renewed, now)
+                if node == self.me:
+                    at = written(record.renewed)
+                    self._proof = max(self._proof, now if at is None else at)
         self._records = current
+
+    def _alive(self, node: str, record: LeaseRecord, now: float) -> bool:
+        deadline = self._seen[node][1] + record.duration
+        if now < deadline:
+            return True
+        # Past its deadline: stale once this node saw a renewal of its own written after it.
+        return self.me is not None and node != self.me and self._proof < deadline
+
+    def awaiting_proof(self, now: float) -> bool:
+        """Some Lease is past its deadline, but this node has not yet seen a renewal of its
+        own written after it: renewing at once settles it."""
+        return any(
+            node != self.me and now >= self._seen[node][1] + record.duration
+            and self._alive(node, record, now)
+            for node, record in self._records.items()
+        )  # fmt: skip
 
     def refresh(self, now: float) -> None:
         """Count every Lease as renewed ``now`` (after this node could not see them)."""
         self._seen = {node: (renewed, now) for node, (renewed, _) in self._seen.items()}
 
     def alive(self, now: float) -> list[Member]:
-        members = []
-        for node, record in sorted(self._records.items()):
-            observed = self._seen[node][1]
-            if now < observed + record.duration:
-                members.append(Member(node, record.labels, record.unready))
-        return members
+        return [
+            Member(node, record.labels, record.unready)
+            for node, record in sorted(self._records.items())
+            if self._alive(node, record, now)
+        ]
 
     def next_expiry(self, now: float) -> float | None:
         """When the next alive Lease goes stale, to re-elect right then."""
@@ -197,6 +231,8 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._gone = threading.Event()
         self._leaving = False
+        #: renewTime values this keeper wrote, with the monotonic time each was written at.
+        self._written: dict[str, float] = {}
 
     def want(self, ready: bool, labels: Mapping[str, str], unready: Iterable[IPAddress]) -> None:
         """Hold the Lease (or not) with these facts from the next renewal on."""
@@ -218,6 +254,7 @@ class LeaseKeeper:
                 self.release()
             return
         body = lease_body(self.namespace, self.node, self.duration, labels, unready, self._clock())
+        self._remember(body["spec"]["renewTime"])
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
@@ -243,6 +280,19 @@ class LeaseKeeper:
         except Exception as error:  # API server away: the Lease goes stale, others take over
             self.failures += 1
             log.warning("could not renew Lease %s: %s", lease_name(self.node), _short(error))
+
+    def _remember(self, renewed: str) -> None:
+        self._written[renewed] = time.monotonic()
+        while len(self._written) > 64:  # only the latest few are ever looked up
+            del self._written[next(iter(self._written))]
+
+    def written(self, renewed: str) -> float | None:
+        """When this keeper wrote ``renewed`` (monotonic seconds), if it did."""
+        return self._written.get(renewed)
+
+    def renew_now(self) -> None:
+        """Renew at once rather than at the next period (to prove this node's view)."""
+        self._wake.set()
 
     def release(self) -> None:
         """Delete the Lease, so the others take over at once (a planned handover)."""

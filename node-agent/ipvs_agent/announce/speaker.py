@@ -159,7 +159,7 @@ class Speaker:
         self.wake = wake
         self.on_change = on_change
         self.clock = clock
-        self.liveness = Liveness()
+        self.liveness = Liveness(node)
         self._given = Inputs()
         self._inputs = Inputs()
         self.nics = nics
@@ -203,7 +203,12 @@ class Speaker:
             inputs = self._inputs
         records = [r for r in map(read_lease, self.leases.items()) if r is not None]
         now = self.clock()
-        self.liveness.observe(records, now)
+        if self.keeper is not None:
+            self.liveness.observe(records, now, self.keeper.written)
+            if self.liveness.awaiting_proof(now):
+                self.keeper.renew_now()
+        else:
+            self.liveness.observe(records, now)
         self.members = self.liveness.alive(now)
         if self._left or not inputs.ready or not self.leases.synced.is_set():
             self._blind = None
