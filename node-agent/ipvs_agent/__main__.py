@@ -281,6 +281,10 @@ def run_command(args: argparse.Namespace) -> int:
         agent.run(stop)
         if speaker is not None:
             speaker.leave()  # done already by the signal's thread, unless stopped otherwise
+            # The last report says this node announces nothing: the status must not name a
+            # node that stopped (bounded: the API server may be away).
+            agent.send_report()
+            outbox.flush(3.0)
         server.shutdown()
         if own is not None and _uninstalling(own):
             log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)

@@ -285,8 +285,10 @@ class Speaker:
             self.wake.clear()
 
     def leave(self) -> None:
-        """Stop answering first, then give the Lease up: never two nodes answering."""
+        """Stop answering first, then give the Lease up: never two nodes answering. The
+        report that this node no longer announces is queued at once."""
         self._left = True
         self.responder.set({})
+        self.on_change()
         if self.keeper is not None:
             self.keeper.leave()
