@@ -3,7 +3,8 @@
 #
 #   build.sh [apiserver]   kube-apiserver, plus a check that Debian's etcd is installed
 #   build.sh helm          helm
-#   build.sh all           both
+#   build.sh syft          syft (the image's SBOM, tests/image/build.sh)
+#   build.sh all           kube-apiserver and helm
 #
 # kube-apiserver is built from the Go module proxy through the wrapper module in go/
 # (k8s.io/kubernetes cannot be `go install`ed directly: see go/go.mod). Binaries carry the
@@ -17,6 +18,8 @@
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
+# The SBOM generator of the image (tests/image/build.sh): anchore's syft, from the Go module proxy.
+SYFT_VERSION=v1.57.2
 ETCD_MIN_VERSION=3.4
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -162,10 +165,37 @@ build_helm() {
     printf 'helm\t%s\n' "$out"
 }
 
+build_syft() {
+    local out=$bin/syft-$SYFT_VERSION start
+    if [[ -x $out ]]; then
+        log "syft $SYFT_VERSION: cached at $out"
+        printf 'syft\t%s\n' "$out"
+        return
+    fi
+    lock
+    if [[ -x $out ]]; then
+        printf 'syft\t%s\n' "$out"
+        return
+    fi
+    local go tmp
+    go=$(find_go)
+    go_env
+    start=$SECONDS
+    tmp=$(mktemp -d "$bin/.syft.XXXXXX")
+    log "syft $SYFT_VERSION: downloading and compiling (cold: ~6 minutes on 2 cores) ..."
+    (cd "$tmp" && GOBIN=$tmp "$go" install -trimpath -ldflags "-s -w -X main.version=$SYFT_VERSION" \
+        "github.com/anchore/syft/cmd/syft@$SYFT_VERSION") || { rm -rf "$tmp"; die "go install failed"; }
+    mv -f "$tmp/syft" "$out"
+    rm -rf "$tmp"
+    log "syft $SYFT_VERSION: built $out in $((SECONDS - start))s"
+    printf 'syft\t%s\n' "$out"
+}
+
 case ${1:-apiserver} in
     apiserver) check_etcd; build_apiserver ;;
     helm) build_helm ;;
+    syft) build_syft ;;
     all) check_etcd; build_apiserver; build_helm ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown target '$1' (apiserver, helm, all)" ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown target '$1' (apiserver, helm, syft, all)" ;;
 esac
