@@ -39,13 +39,18 @@ FROM base
 # ipvs_agent/host/realserver.py; modprobe also loads ip_vs in the chart's init container, with
 # the base's sh). IPVS, addresses and links go over netlink (pyroute2), with no CLI. Pinned to
 # Debian 12's current versions: a Debian point release that drops one fails the build, on purpose.
+# The operator's user 65532 gets a name: kopf asks for it (getpass.getuser) and, without an
+# entry in /etc/passwd, the operator stopped at start (found by tests/image/test_programs.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         python3=3.11.2-1+b1 \
         nftables=1.0.6-2+deb12u2 \
         iproute2=6.1.0-3 \
         kmod=30+20221128-1 \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 nonroot \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin nonroot
 COPY --from=build /opt/ipvs /opt/ipvs
 ENV PATH=/opt/ipvs/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \

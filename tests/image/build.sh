@@ -4,6 +4,7 @@
 #
 #   tests/image/build.sh            base (cached), image, OCI archive, SBOM
 #   tests/image/build.sh base       only the base image
+#   tests/image/build.sh pause      the pod sandbox image of the node test bed (tests/node)
 #
 # 1. Base: the Dockerfile's `FROM debian:bookworm-<date>-slim@sha256:...` cannot be pulled here
 #    (no registry). Debian builds that image from Debian packages (a minbase bootstrap with the
@@ -204,9 +205,30 @@ EOF
     printf '%s\n' "$out/image.json"
 }
 
+# The pod sandbox ("pause") image for the node test bed's containerd: no registry here to pull
+# registry.k8s.io/pause from, so Debian's catatonit in pause mode (podman's own pause process),
+# static, alone in an image. Prints the archive's path.
+pause() {
+    local key out ctr
+    command -v catatonit >/dev/null || die "catatonit is not installed (tests/setup.sh installs it)"
+    key=$(sha256sum "$(command -v catatonit)" | cut -c1-16)
+    out=$cache/artifacts/pause-$key.oci.tar
+    if [[ ! -f $out ]]; then
+        ctr=$(buildah_ from scratch)
+        buildah_ copy "$ctr" "$(command -v catatonit)" /catatonit >/dev/null
+        buildah_ config --entrypoint '["/catatonit", "-P"]' --user 65535:65535 "$ctr"
+        buildah_ commit --quiet --rm "$ctr" localhost/pause:catatonit >/dev/null
+        buildah_ push --quiet localhost/pause:catatonit "oci-archive:$out.tmp:localhost/pause:catatonit"
+        mv -f "$out.tmp" "$out"
+        log "pause: localhost/pause:catatonit exported to $out"
+    fi
+    printf '%s\n' "$out"
+}
+
 case ${1:-all} in
     base) base ;;
+    pause) pause ;;
     all) base; image ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown target '$1' (all, base)" ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown target '$1' (all, base, pause)" ;;
 esac

@@ -32,3 +32,8 @@ def rootfs(image: Image) -> Path:
     except ImageError as error:
         failure = str(error)
     pytest.fail(f"the image could not be unpacked:\n{failure}", False)
+
+
+@pytest.fixture(autouse=True)
+def _apiserver_for_marked_tests() -> None:
+    """Overrides the shared plugin's fixture: these tests bring their own beds."""

@@ -292,7 +292,6 @@ def runtime_spec(
                 "permitted": cap_list,
             },
             "noNewPrivileges": security.get("allowPrivilegeEscalation") is False,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
         },
         "root": {"path": str(rootfs), "readonly": bool(security.get("readOnlyRootFilesystem"))},
         "mounts": _mounts(pod_spec, container, pod),
