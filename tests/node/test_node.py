@@ -38,18 +38,23 @@ API_ENV = json.dumps(
         {"name": "KUBERNETES_SERVICE_PORT", "value": str(GUEST_API_PORT)},
     ]
 )
-#: The bed's own values: the API server's address (no kube-proxy runs), and time to start under
-#: TCG (Python ~40x slower: the agent and the operator take minutes to answer /healthz).
-BED_VALUES = [
-    "--set",
-    "agent.startupProbe.failureThreshold=450",
-    "--set",
-    "operator.startupProbe.failureThreshold=450",
-    "--set-json",
-    f"agent.extraEnv={API_ENV}",
-    "--set-json",
-    f"operator.extraEnv={API_ENV}",
+#: The bed's own values: the API server's address (no kube-proxy runs), and probe and Lease
+#: timings for TCG, where Python runs ~40x slower: a start takes minutes, an answer seconds when
+#: busy, and with the default 10 s renew deadline the leader lost its Lease while kopf started.
+SLOW = [
+    "probes.startup.failureThreshold=450",
+    "probes.liveness.timeoutSeconds=30",
+    "probes.liveness.failureThreshold=6",
+    "probes.readiness.timeoutSeconds=30",
 ]
+BED_VALUES = [
+    *(arg for value in SLOW for arg in ("--set", f"agent.{value}", "--set", f"operator.{value}")),
+    "--set", "operator.leaderElection.leaseDurationSeconds=120",
+    "--set", "operator.leaderElection.renewDeadlineSeconds=90",
+    "--set", "operator.leaderElection.retryPeriodSeconds=10",
+    "--set-json", f"agent.extraEnv={API_ENV}",
+    "--set-json", f"operator.extraEnv={API_ENV}",
+]  # fmt: skip
 ROLLOUT_TIMEOUT = "900s"
 VIP = sc.NAT_VIP  # in the lab's pool of requested addresses (203.0.113.0/27)
 #: Switch on when the agent cleans its node up on DaemonSet deletion (issue 8, "safety").
@@ -141,7 +146,7 @@ def test_a_virtual_server_applied_with_kubectl_is_served_by_the_agent_pod(
         return found is not None and found.scheduler == "wrr" and len(found.dests) == 3
 
     try:
-        node.wait_for(f"{key} in the kernel", programmed, 180)
+        node.wait_for(f"{key} in the kernel", programmed, 600)
     except AssertionError as error:
         vs = node.kubectl("get", "virtualservers", "-A", "-o", "yaml", check=False).stdout
         raise AssertionError(f"{error}\n{vs[-3000:]}\n{node.diagnostics()}") from None
