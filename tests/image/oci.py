@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -111,56 +108,6 @@ def read_layout(archive: Path) -> dict[str, Any]:
         manifest = blob(entry["digest"])
         config = blob(manifest["config"]["digest"])
     return {"index": index, "manifest": manifest, "config": config}
-
-
-def uncompressed(image: Image) -> Path:
-    """The same image with uncompressed layers, as an OCI archive beside the original.
-
-    Same configuration, same diff IDs; only the layer blobs and the manifest differ. The node
-    bed imports it: containerd would otherwise gunzip the layers under TCG, which took most of
-    a 3-5 minute import. (buildah and skopeo reuse the compressed blobs they know of, so the
-    layers are decompressed here.)
-    """
-    target = image.archive.with_name("ipvs-operator.uncompressed.oci.tar")
-    with _locked(image.archive.with_name("uncompressed.lock")):
-        if target.is_file():
-            return target
-        partial = target.with_suffix(".partial")
-        with tarfile.open(image.archive) as source, tarfile.open(partial, "w") as out:
-
-            def put(data: bytes) -> dict[str, Any]:
-                digest = hashlib.sha256(data).hexdigest()
-                info = tarfile.TarInfo(f"blobs/sha256/{digest}")
-                info.size = len(data)
-                out.addfile(info, io.BytesIO(data))
-                return {"digest": f"sha256:{digest}", "size": len(data)}
-
-            def read(name: str) -> bytes:
-                member = source.extractfile(name)
-                assert member is not None
-                return member.read()
-
-            index = json.loads(read("index.json"))
-            (entry,) = index["manifests"]
-            manifest = json.loads(read(f"blobs/sha256/{entry['digest'].split(':', 1)[1]}"))
-            config = manifest["config"]
-            put(read(f"blobs/sha256/{config['digest'].split(':', 1)[1]}"))
-            layers = []
-            for layer in manifest["layers"]:
-                data = gzip.decompress(read(f"blobs/sha256/{layer['digest'].split(':', 1)[1]}"))
-                layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(data)})
-            manifest["layers"] = layers
-            written = put(json.dumps(manifest).encode())
-            index["manifests"] = [{**entry, **written}]
-            for name, data in (
-                ("oci-layout", read("oci-layout")),
-                ("index.json", json.dumps(index).encode()),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                out.addfile(info, io.BytesIO(data))
-        partial.rename(target)
-    return target
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from typing import Any
 
 from tests.apiserver.cluster import LocalApiServer, TestBedError, build_binaries
 from tests.e2e.bed import Guest, LabError, free_port, stderr_progress
-from tests.image.oci import Image, build_image, uncompressed
+from tests.image.oci import Image, build_image
 from tests.vm.image import VMBuildError, ensure_image
 from tests.vm.plugin import _precompile
 from tests.vm.qemu import CHECKOUT, SHARE_IN_VM, GuestForward, UserNetwork, VMRun, run_in_vm
@@ -254,7 +254,7 @@ class NodeBed:
         (node / "kubelet-args").write_text(
             f"--hostname-override={NODE_NAME} --node-ip={NETWORK.guest_address} --v=1\n"
         )
-        (node / "images.txt").write_text(f"{uncompressed(self.image)}\n{self.pause_archive}\n")
+        (node / "images.txt").write_text(f"{self.image.archive}\n{self.pause_archive}\n")
 
     def _boot_vm(self) -> None:
         t = time.monotonic()
