@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from ipvs_agent.host.nftables import TABLE_FAMILY, TABLE_NAME
 from tests.apiserver.cluster import REPO_ROOT
 from tests.e2e import guest as lab
 from tests.e2e import scenario as sc
 from tests.e2e.bed import LabError
+from tests.image.runner import capability_names
 from tests.node.bed import GUEST_API_PORT, IMAGE, NETWORK, NODE_NAME, NodeBed
 
 NAMESPACE = "ipvs-system"
@@ -110,6 +112,19 @@ def test_pods_are_ready_with_the_documented_privileges(installed: NodeBed) -> No
     assert init["state"]["terminated"]["exitCode"] == 0
     (main,) = agent["status"]["containerStatuses"]
     assert main["restartCount"] == 0, node.diagnostics()  # the probes never failed it
+    # What the kernel gives the agent's process under containerd: root, NET_ADMIN alone
+    # (bounding set too), no_new_privs, a read-only root filesystem.
+    script = (
+        'pid=$(pgrep -o -f "ipvs-agent run") && grep -E "^(Uid|CapEff|CapBnd|NoNewPrivs):" '
+        '/proc/$pid/status && awk \'$5 == "/" { print "root", $6 }\' /proc/$pid/mountinfo'
+    )
+    out = node.call("run", argv=["sh", "-c", script])
+    fields = dict(line.split(None, 1) for line in out["stdout"].splitlines())
+    assert fields["Uid:"].split() == ["0"] * 4, out
+    assert capability_names(fields["CapEff:"].strip()) == {"NET_ADMIN"}, out
+    assert capability_names(fields["CapBnd:"].strip()) == {"NET_ADMIN"}, out
+    assert fields["NoNewPrivs:"].strip() == "1", out
+    assert "ro" in fields["root"].split(","), out
     operators = pods(node, "operator")
     assert len(operators) == 2 and all(ready(p) for p in operators), node.diagnostics()
     nodes = json.loads(node.kubectl("get", "ipvsnodes", "-o", "json").stdout)["items"]
@@ -212,7 +227,7 @@ def test_uninstall_leaves_the_node_clean(installed: NodeBed) -> None:
     links = node.call("run", argv=["ip", "-o", "link", "show", "dev", "ipvs0"])
     assert links["code"] != 0, links
     tables = node.call("run", argv=["nft", "list", "tables"])
-    assert "ipvs" not in tables["stdout"], tables
+    assert f"table {TABLE_FAMILY} {TABLE_NAME}" not in tables["stdout"], tables
 
 
 def test_readme_helm_section_is_what_this_test_runs() -> None:
