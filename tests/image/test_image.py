@@ -10,8 +10,10 @@ import json
 import os
 import re
 import tarfile
+import tomllib
 from pathlib import Path
 
+from tests.apiserver.cluster import REPO_ROOT
 from tests.chart.test_image import installed_packages
 from tests.image.lock import LOCK
 from tests.image.oci import Image
@@ -23,6 +25,12 @@ SITE = "opt/ipvs/lib/python3.11/site-packages"
 #: What must never reach the image: installers, compilers, the build machine's settings.
 FORBIDDEN_PACKAGES = {"python3-pip", "python3-venv", "python3-setuptools", "gcc", "gcc-12",
                       "build-essential", "curl", "wget", "ca-certificates"}  # fmt: skip
+
+
+def project_version() -> str:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
+        version: str = tomllib.load(handle)["project"]["version"]
+    return version
 
 
 def dpkg_status(text: str) -> dict[str, dict[str, str]]:
@@ -123,7 +131,7 @@ def test_python_packages_are_the_lock_without_the_installers(rootfs: Path) -> No
             name, version = line.split(" ")[0].split("==")
             locked[name.lower().replace("_", "-")] = version
     del locked["setuptools"]  # the build backend, removed after the build
-    assert found == {**locked, "ipvs-operator": "0.1.0"}
+    assert found == {**locked, "ipvs-operator": project_version()}
     assert not (rootfs / "opt/ipvs/bin/pip").exists()
 
 
@@ -171,6 +179,6 @@ def test_sbom_lists_every_package_with_its_version(image: Image, rootfs: Path) -
     installed = dpkg_status((rootfs / "var/lib/dpkg/status").read_text())
     for name, fields in installed.items():
         assert packages.get(("pkg:deb", name)) == fields["Version"], name
-    assert packages[("pkg:pypi", "ipvs-operator")] == "0.1.0"
+    assert packages[("pkg:pypi", "ipvs-operator")] == project_version()
     assert packages[("pkg:pypi", "kopf")]
     assert packages[("pkg:pypi", "kubernetes")]
