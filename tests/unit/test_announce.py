@@ -20,17 +20,17 @@ from hypothesis import strategies as st
 
 from ipvs_agent.announce import packets
 from ipvs_agent.announce.election import Member, Wanted, assign, elect, mine
-from ipvs_agent.announce.members import (
+from ipvs_agent.announce.members import lease_body
+from ipvs_agent.announce.speaker import Speaker, interfaces_for, layer2_inputs
+from ipvs_agent.desired import Outcome, State
+from ipvs_api import load
+from ipvs_api.leases import (
     ANNOTATION_LABELS,
     ANNOTATION_UNREADY,
     LeaseRecord,
     Liveness,
-    lease_body,
     read_lease,
 )
-from ipvs_agent.announce.speaker import Speaker, interfaces_for, layer2_inputs
-from ipvs_agent.desired import Outcome, State
-from ipvs_api import load
 from ipvs_api.types import LabelSelector
 
 GOLDEN = Path(__file__).parent / "golden" / "l2"

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ipvs_agent.announce.election import Member, Wanted, mine
-from ipvs_agent.announce.members import LeaseKeeper, Liveness, lease_name, read_lease
+from ipvs_agent.announce.members import LeaseKeeper
 from ipvs_agent.desired import EndpointIndex, Outcome, State
 from ipvs_agent.model import IPAddress
+from ipvs_api.leases import LeaseRecord, Liveness, lease_name, read_lease
 from ipvs_api.types import AddressPool, LabelSelector, TrafficPolicy, VirtualServer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ def interfaces_for(vip: IPAddress, patterns: Sequence[str], nics: Nics) -> tuple
             for a in nics[n]
         )
     )
+
+
+def _members(records: Iterable[LeaseRecord]) -> list[Member]:
+    return [Member(r.node, r.labels, r.unready) for r in records]
 
 
 def _selected(selectors: Iterable[LabelSelector], labels: Mapping[str, str]) -> bool:
@@ -209,7 +214,7 @@ class Speaker:
                 self.keeper.renew_now()
         else:
             self.liveness.observe(records, now)
-        self.members = self.liveness.alive(now)
+        self.members = _members(self.liveness.alive(now))
         if self._left or not inputs.ready or not self.leases.synced.is_set():
             self._blind = None
             return {}
@@ -222,7 +227,7 @@ class Speaker:
             log.info("Lease %s is current again: electing", lease_name(self.node))
             self._blind = None
             self.liveness.refresh(now)
-            self.members = self.liveness.alive(now)
+            self.members = _members(self.liveness.alive(now))
         chosen = mine(self.node, inputs.wanted, self.members)
         out: dict[IPAddress, tuple[str, ...]] = {}
         for vip, wanted in chosen.items():
