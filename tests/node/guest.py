@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with contextlib.closing(_connect_home(address, int(port), CONNECT_TIMEOUT)) as conn:
             conn.settimeout(None)
-            serve(node, conn, hello)
+            serve(node.handlers(), conn, hello)
     finally:
         node.close()
     return 0

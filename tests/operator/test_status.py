@@ -70,7 +70,7 @@ class Nodes:
         body = lease_body(
             harness.OPERATOR_NAMESPACE, node, duration, {}, (), renewed or micro_time()
         )
-        coordination = client.CoordinationV1Api(self.api)
+        coordination: Any = client.CoordinationV1Api(self.api)  # plain dicts as bodies
         try:
             current = coordination.read_namespaced_lease(
                 lease_name(node), harness.OPERATOR_NAMESPACE
@@ -252,14 +252,15 @@ def test_the_service_names_the_nodes_that_announce_its_address(
     # The operator may see both reports at once or one after the other (by a and b, then b):
     # either way the last move names b alone.
     moved = f"{address} announced on layer 2 by {second} (was on layer 2 by "
-    for kind in ("VirtualServer", "Service"):
-        wait_for(
-            f"the move as an Event on the {kind}",
-            lambda k=kind: any(
-                e[1] == "Announced" and moved in e[2]
-                for e in harness.events(admin, ns, name="web", kind=k)
-            ),
+
+    def move_posted(kind: str) -> bool:
+        return any(
+            e[1] == "Announced" and moved in e[2]
+            for e in harness.events(admin, ns, name="web", kind=kind)
         )
+
+    wait_for("the move as an Event on the VirtualServer", lambda: move_posted("VirtualServer"))
+    wait_for("the move as an Event on the Service", lambda: move_posted("Service"))
     nodes.report(second, [entry(ns, 1)])
     wait_for("not announced", lambda: service_condition().get("reason") == "NotAnnounced")
 

@@ -269,17 +269,17 @@ def test_a_node_that_cannot_see_its_own_lease_keeps_its_vips_until_another_claim
     vss = [vs(f"v{i}", f"192.0.2.{60 + i}", "l2") for i in range(12)]
     outcomes = {v.key: Outcome(State.PROGRAMMED) for v in vss}
     seen_by = {"node-a": FakeLeases([]), "node-b": FakeLeases([])}
+    responders = {"node-a": FakeResponder(), "node-b": FakeResponder()}
     speakers = {}
     for node, leases in seen_by.items():
         renewed(leases, ("node-a", "node-b"), "t1")
         speaker = Speaker(
-            node, None, leases, FakeResponder(), threading.Event(), clock=lambda: clock[0]
+            node, None, leases, responders[node], threading.Event(), clock=lambda: clock[0]
         )
         speaker.update(layer2_inputs(vss, {}, pools, outcomes, {}, NICS, ready=True))
         speaker.step()
         speakers[node] = speaker
-    a = speakers["node-a"].responder
-    b = speakers["node-b"].responder
+    a, b = responders["node-a"], responders["node-b"]
     share_a, share_b = set(a.announced()), set(b.announced())
     # The API server is away: no Lease changes anywhere; both keep answering, for minutes.
     for _ in range(100):
@@ -329,7 +329,7 @@ def run_bpf(program: bytes, frame: bytes) -> int:
         elif code == 0x15:  # jeq #k
             pc += jt if acc == k else jf
         elif code == 0x06:  # ret #k
-            return k
+            return int(k)
         else:
             raise AssertionError(f"instruction {code:#x} not interpreted")
         if acc == -1:
