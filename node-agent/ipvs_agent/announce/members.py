@@ -112,6 +112,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._gone = threading.Event()
         self._leaving = False
+        self._leave_at: float | None = None
         #: renewTime values this keeper wrote, with the monotonic time each was written at.
         self._written: dict[str, float] = {}
 
@@ -182,10 +183,16 @@ class LeaseKeeper:
         if self._released:
             return
         self._current = None
+        started = time.monotonic()
         try:
             self._call("delete_namespaced_custom_object", lease_name(self.node))
             self._released = True
-            log.info("released Lease %s", lease_name(self.node))
+            log.info(
+                "released Lease %s (%.2f s after the handover began, the delete took %.2f s)",
+                lease_name(self.node),
+                time.monotonic() - (self._leave_at or started),
+                time.monotonic() - started,
+            )
         except ApiException as error:
             self._released = error.status == 404
             if error.status != 404:
@@ -193,12 +200,17 @@ class LeaseKeeper:
         except Exception as error:  # the API is away: the Lease goes stale instead
             log.warning("could not release Lease %s: %s", lease_name(self.node), error)
 
-    def leave(self, timeout: float = 10.0) -> bool:
-        """Give the Lease up now (the keeper's thread deletes it); True once it is gone."""
+    def give_up(self) -> None:
+        """Ask the keeper's thread to delete the Lease now (returns at once)."""
         with self._lock:
             self._wanted = False
             self._leaving = True
+            self._leave_at = self._leave_at or time.monotonic()
         self._wake.set()
+
+    def leave(self, timeout: float = 10.0) -> bool:
+        """Give the Lease up now (the keeper's thread deletes it); True once it is gone."""
+        self.give_up()
         return self._gone.wait(timeout)
 
     def run(self, stop: threading.Event) -> None:

@@ -201,6 +201,7 @@ class Speaker:
             self._inputs = inputs
         if changed and self.keeper is not None:
             self.keeper.want(inputs.ready and bool(inputs.wanted), inputs.labels, inputs.unready)
+            self.keeper.renew_now()  # the others re-elect on the news, not a period later
 
     def elect(self) -> dict[IPAddress, tuple[str, ...]]:
         """This node's VIPs now, each with the interfaces to answer on."""
@@ -294,6 +295,8 @@ class Speaker:
         report that this node no longer announces is queued at once."""
         self._left = True
         self.responder.set({})
+        if self.keeper is not None:
+            self.keeper.give_up()  # first: the others take over once the Lease is gone
         self.on_change()
         if self.keeper is not None:
             self.keeper.leave()
