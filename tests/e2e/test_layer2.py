@@ -67,6 +67,8 @@ def test_one_node_answers_for_each_address(l2lab: tuple[LabBed, str, str, list[s
     seen = sc.seen(bed, [v4, v6], handles, at)
     macs = bed.call("macs")
     for s in seen:
+        # The lab's floor under emulation: what the handover gaps below compare with.
+        print(f"steady state {s.vip}: longest TCP gap {s.tcp_gap:.2f}s, UDP {s.udp_gap:.2f}s")
         assert {mac for _, mac in s.answers} == {macs[order[0]]}, s.answers[:10]
         assert s.tcp and all(who for _, who in s.tcp), "every connection served"
         assert {who for _, who in s.tcp} == set(sc.REAL_SERVERS), "rr over both real servers"
