@@ -43,7 +43,13 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from tests.image.runner import Container, ensure_cgroup2, process_status, root_mount_options
+from tests.image.runner import (
+    Container,
+    create_host_directories,
+    ensure_cgroup2,
+    process_status,
+    root_mount_options,
+)
 from tests.kernel.topology import Lab, Netns, wait_tcp_port
 
 NODE_LAN_CLIENT = "198.51.100.1"
@@ -165,6 +171,7 @@ class Node:
         state = Path("/run/ipvs-lab-runc")
         init = bundles / "load-modules"
         if init.is_dir():
+            create_host_directories(init)
             with (self.share / "agent-init.log").open("ab") as log:
                 proc = subprocess.run(
                     ["runc", "--root", str(state), "run", "--bundle", str(init), "load-modules"],

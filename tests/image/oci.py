@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.apiserver.cluster import REPO_ROOT
+from tests.image.runner import CREATE_ANNOTATION
 
 BUILD = REPO_ROOT / "tests" / "image" / "build.sh"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -304,4 +305,22 @@ def runtime_spec(
     }
     if not pod_spec.get("hostNetwork"):
         spec["hostname"] = pod.name
+    created = _directories_to_create(pod_spec, container)
+    if created:
+        spec["annotations"] = {CREATE_ANNOTATION: json.dumps(created)}
     return spec
+
+
+def _directories_to_create(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> list[str]:
+    """The hostPath directories of type DirectoryOrCreate the container mounts.
+
+    The kubelet creates them on the node before it starts the container; runc does not, so the
+    runner in the guest reads this list (from the spec's annotations) and does the kubelet's part.
+    """
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    paths = []
+    for mount in container.get("volumeMounts", []):
+        host_path = volumes[mount["name"]].get("hostPath", {})
+        if host_path.get("type") == "DirectoryOrCreate":
+            paths.append(host_path["path"])
+    return paths

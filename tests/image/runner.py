@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Spec annotation: hostPath directories (type DirectoryOrCreate) to create before the run.
+CREATE_ANNOTATION = "ipvs-lab.test/create-directories"
+
 
 class ContainerError(AssertionError):
     """runc failed; the message has its output and the container's log tail."""
@@ -23,6 +26,13 @@ def ensure_cgroup2() -> None:
     if Path("/sys/fs/cgroup/cgroup.controllers").exists() or Path("/sys/fs/cgroup/memory").exists():
         return
     subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=True)
+
+
+def create_host_directories(bundle: Path) -> None:
+    """Create the bundle's DirectoryOrCreate hostPaths, as the kubelet does before a start."""
+    spec = json.loads((bundle / "config.json").read_text())
+    for path in json.loads(spec.get("annotations", {}).get(CREATE_ANNOTATION, "[]")):
+        Path(path).mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 class Container:
@@ -45,6 +55,7 @@ class Container:
     def start(self) -> None:
         """``runc run --detach``: the container's stdout and stderr go to the log file."""
         self.state_root.mkdir(parents=True, exist_ok=True)
+        create_host_directories(self.bundle)
         with self.log.open("ab") as out:
             proc = subprocess.run(
                 ["runc", "--root", str(self.state_root), "run", "--detach",
