@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -201,6 +202,21 @@ def container_env(image_env: list[str], container: Mapping[str, Any], pod: PodCo
     return [f"{key}={value}" for key, value in env.items()]
 
 
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """The kubelet's ``$(VAR)`` expansion of command and args (``$$`` escapes; unknown stay)."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        return env.get(name, match.group(0))
+
+    return _REFERENCE.sub(one, text)
+
+
 def _mounts(
     pod_spec: Mapping[str, Any], container: Mapping[str, Any], pod: PodContext
 ) -> list[dict[str, Any]]:
@@ -279,13 +295,14 @@ def runtime_spec(
         namespaces += [{"type": "network"}, {"type": "uts"}]
     if security.get("runAsNonRoot") and uid == "0":
         raise ImageError("runAsNonRoot with uid 0: the kubelet would refuse to start it")
+    env = dict(item.split("=", 1) for item in container_env(config.get("Env", []), container, pod))
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": int(uid), "gid": int(gid)},
-            "args": [*entrypoint, *args],
-            "env": container_env(config.get("Env", []), container, pod),
+            "args": [expand(arg, env) for arg in [*entrypoint, *args]],
+            "env": [f"{key}={value}" for key, value in env.items()],
             "cwd": container.get("workingDir") or config.get("WorkingDir") or "/",
             "capabilities": {
                 "bounding": cap_list,
