@@ -179,7 +179,8 @@ def lab_bench(args: argparse.Namespace) -> dict[str, Any]:
     from tests.e2e.bed import LabBed
 
     figures: list[dict[str, Any]] = []
-    bed = LabBed(resync_seconds=10, guest="tests.e2e.l2guest", nodes=sc.NODES)
+    # An agent restart under emulation takes minutes: the VM may live an hour.
+    bed = LabBed(resync_seconds=10, guest="tests.e2e.l2guest", nodes=sc.NODES, vm_timeout=3600.0)
     v4, v6, order = sc.pick_addresses()
     try:
         bed.start()
