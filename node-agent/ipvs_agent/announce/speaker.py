@@ -290,13 +290,12 @@ class Speaker:
             self.wake.wait(timeout)
             self.wake.clear()
 
-    def leave(self) -> None:
+    def leave(self, timeout: float = 5.0) -> None:
         """Stop answering first, then give the Lease up: never two nodes answering. The
-        report that this node no longer announces is queued at once."""
+        report that this node no longer announces is queued once the Lease is gone (or after
+        ``timeout``): building and sending it would slow the delete the others wait for."""
         self._left = True
         self.responder.set({})
         if self.keeper is not None:
-            self.keeper.give_up()  # first: the others take over once the Lease is gone
+            self.keeper.leave(timeout)  # the others take over once the Lease is gone
         self.on_change()
-        if self.keeper is not None:
-            self.keeper.leave()
