@@ -38,6 +38,7 @@ from ipvs_api import InvalidObject, constants, load
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer
     from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import Mirror
     from ipvs_agent.host.podnetns import PodNamespaces
@@ -245,12 +246,19 @@ def run_command(args: argparse.Namespace) -> int:
     outbox = Outbox(NodeReporter(api, args.node_name).report)
     outbox.start(own_stop)
     speaker = _speaker(args, api, own_stop)
+    bgp = _bgp(args, api, own_stop)
+    leaving: list[Callable[[], None]] = []
     if speaker is not None:
-        # On SIGTERM hand the VIPs over at once (stop answering, give the Lease up), from a
-        # thread of its own: the main thread may be inside a pass.
+        leaving.append(speaker.leave)
+    if bgp is not None:
+        leaving.append(bgp.speaker.leave)
+    if leaving:
+        # On SIGTERM hand the VIPs over at once (stop answering, give the Lease up; withdraw
+        # the BGP routes), from threads of their own: the main thread may be inside a pass.
         def stopping(*_: object) -> None:
             stop.set()
-            threading.Thread(target=speaker.leave, name="handover", daemon=True).start()
+            for leave in leaving:
+                threading.Thread(target=leave, name="handover", daemon=True).start()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stopping)
@@ -268,19 +276,23 @@ def run_command(args: argparse.Namespace) -> int:
             ),
             kernel,
             host,
-            mirrors(api, args.node_name, changed),
+            mirrors(api, args.node_name, changed, bgp=bgp is not None),
             changed,
             report=outbox.put,
             speaker=speaker,
+            bgp=bgp,
         )
         if speaker is not None:
             speaker.on_change = agent.send_report
             agent.metrics.watch_speaker(speaker)
+        if bgp is not None:
+            bgp.speaker.on_change = agent.send_report
+            agent.metrics.watch_bgp(bgp.speaker)
         server = serve_http(agent, args.metrics_port, args.metrics_address)
         log.info("ipvs-agent %s on node %s (IPVS %s)", __version__, args.node_name, info.version)
         agent.run(stop)
-        if speaker is not None:
-            speaker.leave()  # done already by the signal's thread, unless stopped otherwise
+        for leave in leaving:
+            leave()  # done already by the signal's threads, unless stopped otherwise
         server.shutdown()
         if own is not None and _uninstalling(own):
             log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)
@@ -333,6 +345,30 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     ):
         threading.Thread(target=body, args=(stop,), name=name, daemon=True).start()
     return speaker
+
+
+def _bgp(args: argparse.Namespace, api: ApiClient, stop: threading.Event) -> BGPAnnouncer | None:
+    """The BGP speaker and its thread (None: BGP off). ExaBGP itself starts only once this
+    node has a session (a BGPPeer selects it)."""
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, Secrets
+    from ipvs_agent.announce.bgp.speaker import BGPSpeaker, exabgp_factory
+    from ipvs_agent.cluster import secret_reader
+
+    if not args.bgp:
+        return None
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE", "")
+    if namespace:
+        read_secret = secret_reader(api, namespace)
+    else:
+
+        def read_secret(name: str) -> dict[str, str] | None:
+            log.warning("no namespace for BGP password Secrets (--lease-namespace)")
+            return None
+
+    workdir = Path(args.bgp_dir or Path(args.state_dir or "/run/ipvs-agent") / "bgp")
+    speaker = BGPSpeaker(exabgp_factory(workdir))
+    threading.Thread(target=speaker.run, args=(stop,), name="bgp", daemon=True).start()
+    return BGPAnnouncer(speaker, Secrets(read_secret))
 
 
 def _ports(text: str) -> list[int]:
@@ -457,6 +493,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=RENEW,
         help="how often an agent renews its Lease (default %(default)s)",
+    )
+    run.add_argument(
+        "--bgp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="announce the VIPs of pools with bgp to the routers of the BGPPeers that select "
+        "this node, through ExaBGP",
+    )
+    run.add_argument(
+        "--bgp-dir",
+        default="",
+        help="private directory for ExaBGP's configuration and socket (default: STATE_DIR/bgp)",
     )
     run.add_argument(
         "--daemonset",

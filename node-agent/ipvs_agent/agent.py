@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipvs_agent import __version__
+from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
@@ -74,9 +75,11 @@ class Agent:
         metrics: AgentMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         speaker: Speaker | None = None,
+        bgp: BGPAnnouncer | None = None,
     ) -> None:
         self.settings = settings
         self.speaker = speaker
+        self.bgp = bgp
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -131,17 +134,36 @@ class Agent:
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
         self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
         self._virtual_servers = snap.virtual_servers
+        pools = (
+            self._pools.read(self._objects("addresspools"))
+            if self.speaker is not None or self.bgp is not None
+            else {}
+        )
         if self.speaker is not None:
             nics: Mapping[str, Any] = getattr(self.host, "interfaces", dict)()
             self.speaker.update(
                 layer2_inputs(
                     snap.virtual_servers,
                     snap.endpoints,
-                    self._pools.read(self._objects("addresspools")),
+                    pools,
                     result.outcomes,
                     node.labels,
                     nics,
                     ready=self.synced,
+                )
+            )
+        if self.bgp is not None and self.synced:
+            peers = self.bgp.peers.read(self._objects("bgppeers"))
+            self.bgp.speaker.update(
+                plan_from_pass(
+                    snap.virtual_servers,
+                    snap.endpoints,
+                    pools,
+                    result.outcomes,
+                    result.plan,
+                    node,
+                    peers,
+                    self.bgp.secrets.passwords(peers),
                 )
             )
         self.send_report()
@@ -161,6 +183,7 @@ class Agent:
                 self._conditions,
                 node_settings=changes,
                 announcements=self._announcements(),
+                bgp=self.bgp.speaker.status() if self.bgp is not None else None,
             )
             self._conditions = status["conditions"]
             try:
@@ -170,14 +193,20 @@ class Agent:
 
     def _announcements(self) -> dict[str, tuple[str, tuple[str, ...]]]:
         """VirtualServer key -> (mode, interfaces) for the addresses this node announces."""
-        if self.speaker is None or self.last is None:
+        if self.last is None:
             return {}
-        announced = self.speaker.responder.announced()
-        self.metrics.l2_announced.set(len(announced))
         out: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for vs in self._virtual_servers:
-            if vs.address in announced:
-                out[vs.key] = ("Layer2", announced[vs.address])
+        if self.speaker is not None:
+            announced = self.speaker.responder.announced()
+            self.metrics.l2_announced.set(len(announced))
+            for vs in self._virtual_servers:
+                if vs.address in announced:
+                    out[vs.key] = ("Layer2", announced[vs.address])
+        if self.bgp is not None:
+            routed = self.bgp.speaker.announced()
+            for vs in self._virtual_servers:
+                if vs.address in routed and vs.key not in out:
+                    out[vs.key] = ("BGP", routed[vs.address])
         return out
 
     def _account(
