@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import Mirror
     from ipvs_agent.host.podnetns import PodNamespaces
+    from ipvs_agent.syncd import SyncSettings
     from ipvs_agent.system import LinuxHost
 
 log = logging.getLogger("ipvs_agent")
@@ -228,6 +229,7 @@ def run_command(args: argparse.Namespace) -> int:
     from ipvs_agent.cluster import daemon_set_mirror, mirrors
     from ipvs_agent.kernel.ipvs import IPVSKernel
     from ipvs_agent.report import NodeReporter, Outbox
+    from ipvs_agent.syncd import SyncDaemons
     from ipvs_agent.uninstall import cleanup
 
     global _threads_started
@@ -268,6 +270,7 @@ def run_command(args: argparse.Namespace) -> int:
         if timeouts != Timeouts():
             kernel.set_timeouts(timeouts)
         host = _host(args)
+        sync = SyncDaemons(_sync_settings(args), host.state)
         agent = Agent(
             Settings(
                 args.node_name,
@@ -281,6 +284,7 @@ def run_command(args: argparse.Namespace) -> int:
             report=outbox.put,
             speaker=speaker,
             bgp=bgp,
+            sync=sync,
         )
         if speaker is not None:
             speaker.on_change = agent.send_report
@@ -369,6 +373,21 @@ def _bgp(args: argparse.Namespace, api: ApiClient, stop: threading.Event) -> BGP
     speaker = BGPSpeaker(exabgp_factory(workdir))
     threading.Thread(target=speaker.run, args=(stop,), name="bgp", daemon=True).start()
     return BGPAnnouncer(speaker, Secrets(read_secret))
+
+
+def _sync_settings(args: argparse.Namespace) -> SyncSettings | None:
+    from ipvs_agent.syncd import SyncSettings
+
+    if not args.sync_interface:
+        return None
+    return SyncSettings(
+        interface=args.sync_interface,
+        sync_id=args.sync_id,
+        max_len=args.sync_maxlen,
+        group=args.sync_group,
+        port=args.sync_port,
+        ttl=args.sync_ttl,
+    )
 
 
 def _ports(text: str) -> list[int]:
@@ -506,6 +525,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="",
         help="private directory for ExaBGP's configuration and socket (default: STATE_DIR/bgp)",
     )
+    sync = run.add_argument_group(
+        "connection sync", "the kernel's IPVS sync daemons, master and backup, on every director"
+    )
+    sync.add_argument(
+        "--sync-interface",
+        default="",
+        help="interface the directors exchange connections on (multicast); '' = no sync",
+    )
+    sync.add_argument("--sync-id", type=int, default=0, choices=range(256), metavar="0-255",
+                      help="sync id shared by the directors of one group (default 0)")  # fmt: skip
+    sync.add_argument("--sync-group", default="",
+                      help="multicast group (default: the kernel's, 224.0.0.81)")  # fmt: skip
+    sync.add_argument("--sync-port", type=int, default=0,
+                      help="UDP port (default: the kernel's, 8848)")  # fmt: skip
+    sync.add_argument("--sync-maxlen", type=int, default=0,
+                      help="largest sync message payload (default: from the MTU)")  # fmt: skip
+    sync.add_argument("--sync-ttl", type=int, default=0,
+                      help="multicast TTL (default: the kernel's, 1)")  # fmt: skip
     run.add_argument(
         "--daemonset",
         default="",

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
 from ipvs_agent.snapshot import PoolCache, ReadCache, node_from, take
 from ipvs_agent.status import node_status
+from ipvs_agent.syncd import SyncDaemons
 from ipvs_api import conditions
 from ipvs_api.types import VirtualServer
 
@@ -76,10 +77,12 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         speaker: Speaker | None = None,
         bgp: BGPAnnouncer | None = None,
+        sync: SyncDaemons | None = None,
     ) -> None:
         self.settings = settings
         self.speaker = speaker
         self.bgp = bgp
+        self.sync = sync
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -119,6 +122,11 @@ class Agent:
             self.kernel_info,
             protected_ports=self.settings.protected_ports,
         )
+        node = replace(
+            node,
+            active_active=self.bgp is not None and self.bgp.speaker.has_sessions,
+            connection_sync=self.sync is not None and self.sync.settings is not None,
+        )
         snap = take(
             self._objects("virtualservers"),
             self._objects("endpointslices"),
@@ -130,6 +138,8 @@ class Agent:
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        if self.sync is not None:
+            self.sync.ensure(self.kernel)
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
         self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
@@ -184,6 +194,7 @@ class Agent:
                 node_settings=changes,
                 announcements=self._announcements(),
                 bgp=self.bgp.speaker.status() if self.bgp is not None else None,
+                connection_sync=self.sync.status() if self.sync is not None else None,
             )
             self._conditions = status["conditions"]
             try:

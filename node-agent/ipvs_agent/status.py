@@ -58,6 +58,7 @@ def node_status(
     node_settings: Mapping[str, tuple[str, str]] | None = None,
     announcements: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
     bgp: Mapping[str, Any] | None = None,
+    connection_sync: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of this node's IPVSNode."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
@@ -92,6 +93,8 @@ def node_status(
         status["kernel"] = kernel_status(kernel)
     if bgp is not None:
         status["bgp"] = dict(bgp)
+    if connection_sync is not None:
+        status["connectionSync"] = dict(connection_sync)
     if node_settings:
         status["nodeSettings"] = [
             {"name": name, "value": value, "previous": previous}

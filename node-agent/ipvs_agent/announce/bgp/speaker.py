@@ -239,6 +239,12 @@ class BGPSpeaker:
 
     # --- what is reported -----------------------------------------------------------------
 
+    @property
+    def has_sessions(self) -> bool:
+        """Whether this node peers with a router: it is then one of several active directors."""
+        with self._lock:
+            return bool(self._plan.sessions)
+
     def announced(self) -> dict[IPAddress, tuple[str, ...]]:
         """Each VIP this node announces now, with the peers whose session is established."""
         out: dict[IPAddress, list[str]] = {}
