@@ -19,8 +19,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 t0=$SECONDS
 
 # Debian packages: qemu and a busybox for the VM, kmod/cpio to build its initramfs, etcd for the
-# API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only).
-packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm
+# API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only),
+# bird2: the independent BGP router the directors peer with in the VM (tests/kernel/bgpbed.py).
+packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm bird2
           procps python3-venv)
 missing=()
 for p in "${packages[@]}"; do

@@ -229,6 +229,14 @@ class BGPSpeaker:
         self._stop_process()
         self.on_change()
 
+    def abandon(self) -> None:
+        """Stop at once without withdrawing anything (tests: a node that dies)."""
+        with self._lock:
+            self._left = True
+            process, self._process = self._process, None
+        if process is not None:
+            process.stop(timeout=0.1)
+
     def _stop_process(self) -> None:
         with self._lock:
             process, self._process = self._process, None
