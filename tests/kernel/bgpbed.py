@@ -388,3 +388,38 @@ def bed(lab: Lab, workdir: Path, **kw: Any) -> Iterator[BGPBed]:
         yield made
     finally:
         made.close()
+
+
+def ping(sock: Any, timeout: float = 5.0) -> str:
+    """Ask a held connection's real server for its name again ("" if the connection is dead:
+    reset, or no answer within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(b"ping\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(256)
+            if not chunk:
+                return ""
+            data += chunk
+        return data.decode().strip()
+    except OSError:
+        return ""
+
+
+def survivors(sockets: Sequence[Any], identities: Sequence[str], timeout: float = 5.0) -> int:
+    """How many held connections still reach the real server they first reached. Each is
+    asked in turn; every one has ``timeout`` seconds (a lost one costs that much)."""
+    return sum(
+        1 for sock, first in zip(sockets, identities, strict=True) if ping(sock, timeout) == first
+    )
+
+
+def route_via(router: Netns, vip: str, hops: Sequence[str]) -> None:
+    """A static route in the router (tests without BGP): ``vip`` via these next hops."""
+    six = ":" in vip
+    plen = 128 if six else 32
+    nexthops = " ".join(f"nexthop via {h}" for h in hops)
+    router.ip(f"{'-6 ' if six else ''}route replace {vip}/{plen} {nexthops}")
