@@ -16,8 +16,10 @@ FROM python:3.11.14-slim-bookworm
 # The programs the agent runs besides Python, and nothing else: nft (its nftables table,
 # ipvs_agent/host/nftables.py), ip and modprobe (fou receive ports for GUE real servers,
 # ipvs_agent/host/realserver.py; modprobe also loads ip_vs in the chart's init container).
-# IPVS, addresses and links go over netlink (pyroute2), with no CLI. Pinned to Debian 12's
-# current versions: a Debian point release that drops one fails the build, on purpose.
+# IPVS, addresses and links go over netlink (pyroute2), with no CLI. The BGP speaker, ExaBGP,
+# is a Python dependency of the package (pyproject.toml): the agent runs it as `python -m exabgp`.
+# Pinned to Debian 12's current versions: a Debian point release that drops one fails the build,
+# on purpose.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         nftables=1.0.6-2+deb12u2 \

@@ -171,11 +171,11 @@ class BGPBed:
         and ExaBGP are gone without a word; the router notices when the hold time runs out."""
         rules = (
             "table netdev crash {\n"
-            "  chain in { type filter hook ingress device eth0 priority -500; policy drop; }\n"
+            "  chain ingress_drop { type filter hook ingress device eth0 priority -500; policy drop; }\n"
             "}\n"
             "table inet crash {\n"
-            "  chain out { type filter hook output priority -500; policy drop; }\n"
-            "  chain fwd { type filter hook forward priority -500; policy drop; }\n"
+            "  chain output_drop { type filter hook output priority -500; policy drop; }\n"
+            "  chain forward_drop { type filter hook forward priority -500; policy drop; }\n"
             "}\n"
         )
         with d.ns.entered():
