@@ -171,7 +171,9 @@ class BGPBed:
         and ExaBGP are gone without a word; the router notices when the hold time runs out."""
         rules = (
             "table netdev crash {\n"
-            "  chain ingress_drop { type filter hook ingress device eth0 priority -500; policy drop; }\n"
+            "  chain ingress_drop {\n"
+            "    type filter hook ingress device eth0 priority -500; policy drop;\n"
+            "  }\n"
             "}\n"
             "table inet crash {\n"
             "  chain output_drop { type filter hook output priority -500; policy drop; }\n"
