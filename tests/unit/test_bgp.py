@@ -407,3 +407,74 @@ def test_sync_daemons_are_recorded_started_reported_and_cleaned_up() -> None:
     assert "another program" in sync.error
     assert SyncDaemons(None, store).stop_all(kernel) == ["stopped the master sync daemon"]
     assert [d.interface for d in kernel.daemons()] == ["eth9"]
+
+
+# --- the agent's pass with BGP and sync (fakes for the kernel, the host and ExaBGP) ----------
+
+
+def test_the_agent_hands_each_pass_to_the_bgp_speaker_and_reports_it() -> None:
+    import threading
+
+    from ipvs_agent.agent import Agent, Settings
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer
+    from tests.unit.agent_helpers import FakeHost, StubMirror
+
+    log: list[Any] = []
+    speaker = _speaker(log, [False])
+    reports: list[dict[str, Any]] = []
+    pool_obj = {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "AddressPool",
+        "metadata": {"name": "anycast", "resourceVersion": "1"},
+        "spec": {"addresses": ["203.0.113.0/24"], "bgp": {"communities": ["64512:1"]}},
+    }
+    peer_obj = {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "BGPPeer",
+        "metadata": {"name": "r4", "resourceVersion": "1"},
+        "spec": {"address": "192.0.2.254", "asn": 64512, "localASN": 64513},
+    }
+    node_obj = {
+        "metadata": {"name": "n1", "uid": "u1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]},
+    }
+    vs_obj = vs("a", "203.0.113.10", scheduler={"name": "mh"})
+    vs_obj["status"]["address"] = "203.0.113.10"
+    kernel, store = FakeKernel(), Store()
+    agent = Agent(
+        Settings("n1", settle_seconds=0, admitted_only=False),
+        kernel,
+        FakeHost(),
+        [
+            StubMirror("virtualservers", [vs_obj]),
+            StubMirror("endpointslices", []),
+            StubMirror("node", [node_obj]),
+            StubMirror("addresspools", [pool_obj]),
+            StubMirror("bgppeers", [peer_obj]),
+        ],
+        threading.Event(),
+        report=lambda status, uid: reports.append(status),
+        bgp=BGPAnnouncer(speaker, Secrets(lambda name: None)),
+        sync=SyncDaemons(SyncSettings("eth0", sync_id=3), store),
+    )
+    agent.run_once("change")
+    speaker.step()  # the speaker's thread would do this at once
+    assert (
+        "send",
+        "neighbor 192.0.2.254 announce route 203.0.113.10/32 next-hop self community [ 64512:1 ]",
+    ) in log
+    agent.run_once("change")  # the next pass: active-active, so sloppy TCP for mh
+    agent.send_report()
+    status = reports[-1]
+    assert status["bgp"]["announced"] == ["203.0.113.10/32"]
+    assert status["bgp"]["sessions"][0]["state"] == "Established"
+    (entry,) = status["virtualServers"]
+    assert entry["announcement"] == {"mode": "BGP", "peers": ["r4"]}
+    assert [d["state"] for d in status["connectionSync"]["daemons"]] == ["Master", "Backup"]
+    assert {d.state for d in kernel.daemons()} == {SyncState.MASTER, SyncState.BACKUP}
+    # withdrawn when the VirtualServer loses its real servers
+    vs_obj["spec"]["backends"]["static"][0]["weight"] = 0
+    agent.mirrors[0]._items = [vs_obj]  # type: ignore[attr-defined]
+    agent.run_once("change")
+    speaker.step()
+    assert log[-1] == ("send", "neighbor 192.0.2.254 withdraw route 203.0.113.10/32")
