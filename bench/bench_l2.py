@@ -187,8 +187,10 @@ def lab_bench(args: argparse.Namespace) -> dict[str, Any]:
         sc.wait_announced(bed, order[0])
         macs = bed.call("macs")
 
-        def event(name: str, action: Any, new: str, timeout: float = sc.TIMEOUT) -> None:
-            handles = sc.watch(bed, [v4, v6])
+        def event(
+            name: str, action: Any, new: str, old: str | None, timeout: float = sc.TIMEOUT
+        ) -> None:
+            handles = sc.watch(bed, [v4, v6], limit=900.0)
             sc.settle(bed, 1.0)
             at = float(bed.call("now"))
             action()
@@ -196,6 +198,7 @@ def lab_bench(args: argparse.Namespace) -> dict[str, Any]:
             sc.settle(bed, 3.0)
             for s in sc.seen(bed, [v4, v6], handles, at):
                 took = s.first_answer_from(macs[new])
+                last_old = max((t for t, m in s.answers if old and m == macs[old]), default=None)
                 figures.append(
                     {
                         "event": name,
@@ -203,32 +206,54 @@ def lab_bench(args: argparse.Namespace) -> dict[str, Any]:
                         "tcp_gap": round(s.tcp_gap, 2),
                         "udp_gap": round(s.udp_gap, 2),
                         "new_mac_after": None if took is None else round(took - at, 2),
+                        # Nobody answered ARP/NDP for this long (the gap a client sees once
+                        # the old node is really gone, not only its agent).
+                        "unanswered": (
+                            None
+                            if took is None or last_old is None
+                            else round(max(0.0, took - last_old), 2)
+                        ),
                         "macs_after": sorted(s.macs_after((took or at) + 0.5)),
                     }
                 )
                 print(json.dumps(figures[-1]), flush=True)
 
+        # The lab's floor under emulation: the longest gaps while nothing happens.
+        handles = sc.watch(bed, [v4, v6])
+        at = float(bed.call("now"))
+        sc.settle(bed, 10.0)
+        for s in sc.seen(bed, [v4, v6], handles, at):
+            figures.append(
+                {"event": "steady", "vip": s.vip, "tcp_gap": round(s.tcp_gap, 2),
+                 "udp_gap": round(s.udp_gap, 2)}
+            )  # fmt: skip
+            print(json.dumps(figures[-1]), flush=True)
+
+        first, second = order[0], order[1]
         for _ in range(args.rounds):
-            event("planned (SIGTERM)", lambda: bed.call("stop_agent", node=order[0]), order[1])
+            event("planned (SIGTERM)", lambda: bed.call("stop_agent", node=first), second, first)
             event(
                 "return after restart",
-                lambda: bed.call("start_agent", node=order[0]),
-                order[0],
+                lambda: bed.call("start_agent", node=first),
+                first,
+                second,
                 timeout=600,
             )
         for _ in range(args.rounds):
             event(
                 "agent killed (SIGKILL)",
-                lambda: bed.call("stop_agent", node=order[0], kill=True),
-                order[1],
+                lambda: bed.call("stop_agent", node=first, kill=True),
+                second,
+                first,
             )
             event(
                 "return after restart",
-                lambda: bed.call("start_agent", node=order[0]),
-                order[0],
+                lambda: bed.call("start_agent", node=first),
+                first,
+                second,
                 timeout=600,
             )
-        event("link down", lambda: bed.call("link", node=order[0], up=False), order[1])
+        event("link down", lambda: bed.call("link", node=first, up=False), second, first)
         return {"events": figures, "machine": platform.node()}
     finally:
         bed.close()

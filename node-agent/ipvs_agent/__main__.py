@@ -297,6 +297,12 @@ def run_command(args: argparse.Namespace) -> int:
         agent.run(stop)
         for leave in leaving:
             leave()  # done already by the signal's threads, unless stopped otherwise
+        if leaving:
+            # The last report says this node announces nothing (no VIP answered, no route
+            # announced): the status must not name a node that stopped (bounded: the API
+            # server may be away).
+            agent.send_report()
+            outbox.flush(3.0)
         server.shutdown()
         if own is not None and _uninstalling(own):
             log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)

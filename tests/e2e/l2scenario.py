@@ -150,8 +150,9 @@ class Seen:
         return sum(1 for t, who in [*self.tcp, *self.udp] if t >= since and not who)
 
 
-def watch(bed: LabBed, vips: Sequence[str]) -> list[int]:
-    return [int(bed.call("stream_start", vip=vip)) for vip in vips]
+def watch(bed: LabBed, vips: Sequence[str], limit: float = 300.0) -> list[int]:
+    """Start the client's streams to ``vips``; each ends by itself after ``limit`` seconds."""
+    return [int(bed.call("stream_start", vip=vip, limit=limit)) for vip in vips]
 
 
 def seen(bed: LabBed, vips: Sequence[str], handles: Sequence[int], at: float) -> list[Seen]:

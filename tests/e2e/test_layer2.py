@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from tests.e2e import l2scenario as sc
 from tests.e2e.bed import LabBed
+from tests.e2e.l2guest import SAMPLE_TIMEOUT
 
 #: A handover must be over well within this (the goals, ≤ 1 s planned and ≤ 3 s crash, are
 #: measured by bench/bench_l2.py, not asserted: the VM runs under emulation).
@@ -45,7 +46,10 @@ def check(bed: LabBed, seen: list[sc.Seen], new: str, old: str | None, what: str
         )
         # After the handover, only the new node answers: never two at once.
         assert s.macs_after(took + 0.5) == {macs[new]}, (what, s.vip, s.answers[-10:])
-        assert s.failures_after(took + 1.0) == 0, (what, s.vip, took - s.at, failed)
+        # Every sample that began once the new node answered succeeded (a sample is recorded
+        # when its outcome is known, up to SAMPLE_TIMEOUT after it began).
+        settled = took + SAMPLE_TIMEOUT + 0.5
+        assert s.failures_after(settled) == 0, (what, s.vip, took - s.at, failed)
         assert s.tcp_gap < BOUND and s.udp_gap < BOUND, (what, s.tcp_gap, s.udp_gap)
 
 
@@ -63,6 +67,8 @@ def test_one_node_answers_for_each_address(l2lab: tuple[LabBed, str, str, list[s
     seen = sc.seen(bed, [v4, v6], handles, at)
     macs = bed.call("macs")
     for s in seen:
+        # The lab's floor under emulation: what the handover gaps below compare with.
+        print(f"steady state {s.vip}: longest TCP gap {s.tcp_gap:.2f}s, UDP {s.udp_gap:.2f}s")
         assert {mac for _, mac in s.answers} == {macs[order[0]]}, s.answers[:10]
         assert s.tcp and all(who for _, who in s.tcp), "every connection served"
         assert {who for _, who in s.tcp} == set(sc.REAL_SERVERS), "rr over both real servers"
@@ -90,7 +96,7 @@ def test_a_returning_agent_takes_its_addresses_back(
 ) -> None:
     bed, v4, v6, order = l2lab
     bed.call("start_agent", node=order[0])
-    handles = sc.watch(bed, [v4, v6])
+    handles = sc.watch(bed, [v4, v6], limit=900.0)  # its start-up takes minutes under TCG
     at = float(bed.call("now"))
     sc.wait_announced(bed, order[0], timeout=600)  # its start-up takes minutes under TCG
     sc.settle(bed, 3.0)

@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ipvs_agent.announce.members import lease_body, micro_time
+from ipvs_api.leases import lease_name
 from tests.operator import harness
 from tests.operator.conftest import PoolFactory
 from tests.operator.harness import condition, get_vs, wait_for
@@ -62,8 +65,38 @@ class Nodes:
             {"status": {"virtualServers": entries}},
         )
 
+    def keep_lease(self, node: str, duration: float = 3600.0, renewed: str = "") -> None:
+        """The node's agent Lease, as its LeaseKeeper writes it (alive for ``duration``)."""
+        body = lease_body(
+            harness.OPERATOR_NAMESPACE, node, duration, {}, (), renewed or micro_time()
+        )
+        coordination: Any = client.CoordinationV1Api(self.api)  # plain dicts as bodies
+        try:
+            current = coordination.read_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            coordination.create_namespaced_lease(harness.OPERATOR_NAMESPACE, body)
+        else:
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            coordination.replace_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE, body
+            )
+
+    def drop_lease(self, node: str) -> None:
+        try:
+            client.CoordinationV1Api(self.api).delete_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def remove(self) -> None:
         for name in self.names:
+            self.drop_lease(name)
             for delete in (
                 lambda n=name: harness.custom(self.api).delete_cluster_custom_object(
                     harness.GROUP, harness.VERSION, "ipvsnodes", n
@@ -196,6 +229,8 @@ def test_the_service_names_the_nodes_that_announce_its_address(
     wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
     address = status_of(admin, ns)["address"]
     first, second = nodes.add("a", {}), nodes.add("b", {})
+    for node in (first, second):
+        nodes.keep_lease(node)  # their agents are alive
     announced = {"mode": "Layer2", "interfaces": ["eth0"]}
 
     def service_condition() -> dict[str, Any]:
@@ -217,13 +252,60 @@ def test_the_service_names_the_nodes_that_announce_its_address(
     # The operator may see both reports at once or one after the other (by a and b, then b):
     # either way the last move names b alone.
     moved = f"{address} announced on layer 2 by {second} (was on layer 2 by "
-    for kind in ("VirtualServer", "Service"):
-        wait_for(
-            f"the move as an Event on the {kind}",
-            lambda k=kind: any(
-                e[1] == "Announced" and moved in e[2]
-                for e in harness.events(admin, ns, name="web", kind=k)
-            ),
+
+    def move_posted(kind: str) -> bool:
+        return any(
+            e[1] == "Announced" and moved in e[2]
+            for e in harness.events(admin, ns, name="web", kind=kind)
         )
+
+    wait_for("the move as an Event on the VirtualServer", lambda: move_posted("VirtualServer"))
+    wait_for("the move as an Event on the Service", lambda: move_posted("Service"))
     nodes.report(second, [entry(ns, 1)])
     wait_for("not announced", lambda: service_condition().get("reason") == "NotAnnounced")
+
+
+def test_an_agent_that_died_is_not_named_as_announcing(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """An agent that dies cannot take its report back: its Lease tells. Deleted (a planned
+    stop whose last report was lost) or stale (a crash), the node is no longer named."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    node = nodes.add("a", {})
+    announced = {"mode": "Layer2", "interfaces": ["eth0"]}
+
+    def announcers() -> list[str]:
+        return list((status_of(admin, ns).get("announcement") or {}).get("nodes") or [])
+
+    nodes.keep_lease(node)
+    nodes.report(node, [entry(ns, 1, announcement=announced)])
+    wait_for("announced by a", lambda: announcers() == [node])
+    nodes.drop_lease(node)  # the agent stopped; its report still says it announces
+    wait_for("no longer named once its Lease is gone", lambda: announcers() == [])
+    wait_for(
+        "a NotAnnounced Warning",
+        lambda: "NotAnnounced" in [e[1] for e in harness.events(admin, ns, name="web")],
+    )
+    nodes.keep_lease(node, duration=2.0)  # back, and then it dies: the Lease is never renewed
+    wait_for("announced by a again", lambda: announcers() == [node])
+    wait_for("no longer named once its Lease is stale", lambda: announcers() == [], 30)
+
+
+def test_bgp_announcements_do_not_need_a_lease(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """The agents' Leases belong to the layer-2 election: an agent that only peers over BGP
+    keeps none, and whether its routes are used is the router's call (a dead agent's ExaBGP
+    dies with its container and the session closes; a dead node's after the hold time). So a
+    BGP announcement is named without a Lease, next to a layer-2 one that needs it."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    node = nodes.add("a", {})
+    nodes.report(node, [entry(ns, 1, announcement={"mode": "BGP", "peers": ["r1"]})])
+    wait_for(
+        "announced over BGP by a, with no Lease",
+        lambda: status_of(admin, ns).get("announcement") == {"mode": "BGP", "nodes": [node]},
+    )

@@ -20,17 +20,17 @@ from hypothesis import strategies as st
 
 from ipvs_agent.announce import packets
 from ipvs_agent.announce.election import Member, Wanted, assign, elect, mine
-from ipvs_agent.announce.members import (
+from ipvs_agent.announce.members import lease_body
+from ipvs_agent.announce.speaker import Speaker, interfaces_for, layer2_inputs
+from ipvs_agent.desired import Outcome, State
+from ipvs_api import load
+from ipvs_api.leases import (
     ANNOTATION_LABELS,
     ANNOTATION_UNREADY,
     LeaseRecord,
     Liveness,
-    lease_body,
     read_lease,
 )
-from ipvs_agent.announce.speaker import Speaker, interfaces_for, layer2_inputs
-from ipvs_agent.desired import Outcome, State
-from ipvs_api import load
 from ipvs_api.types import LabelSelector
 
 GOLDEN = Path(__file__).parent / "golden" / "l2"
@@ -106,6 +106,27 @@ def test_a_lease_is_alive_until_its_duration_passed_since_this_node_saw_it_chang
     assert live.next_expiry(102.1) == pytest.approx(103.5)
     live.observe([record("a", "t2")], now=102.2)  # b's Lease deleted: gone at once
     assert [m.node for m in live.alive(102.2)] == ["a"]
+
+
+def test_a_lagging_observer_declares_nobody_dead_before_it_sees_its_own_later_renewal() -> None:
+    """A watch delivers in commit order: a renewal of this node's own written after another
+    Lease's deadline proves that the other did not renew in time. Until then (a throttled
+    CPU, a lagging watch) the other stays alive, and this node renews at once to find out."""
+    written = {"a1": 99.9, "a2": 101.4, "a3": 101.9, "a4": 102.3}  # when node a wrote each
+    live = Liveness(me="a")
+    live.observe([record("a", "a1"), record("b", "b1")], now=100.0, written=written.get)
+    live.observe([record("a", "a2"), record("b", "b1")], now=101.5, written=written.get)
+    assert [m.node for m in live.alive(102.5)] == ["a", "b"]  # b past 102.0, unproven
+    assert live.awaiting_proof(102.5)
+    # Seen late: written before b's deadline, it proves nothing.
+    live.observe([record("a", "a3"), record("b", "b1")], now=102.6, written=written.get)
+    assert [m.node for m in live.alive(102.6)] == ["a", "b"]
+    # Written after b's deadline: had b renewed in time, that would have come first.
+    live.observe([record("a", "a4"), record("b", "b1")], now=102.7, written=written.get)
+    assert [m.node for m in live.alive(102.7)] == ["a"]
+    assert not live.awaiting_proof(102.7)
+    # This node's own Lease goes stale on its own clock alone (it is then blind).
+    assert [m.node for m in live.alive(104.8)] == []
 
 
 def test_the_lease_carries_labels_and_unready_vips_and_reads_back() -> None:
@@ -248,17 +269,17 @@ def test_a_node_that_cannot_see_its_own_lease_keeps_its_vips_until_another_claim
     vss = [vs(f"v{i}", f"192.0.2.{60 + i}", "l2") for i in range(12)]
     outcomes = {v.key: Outcome(State.PROGRAMMED) for v in vss}
     seen_by = {"node-a": FakeLeases([]), "node-b": FakeLeases([])}
+    responders = {"node-a": FakeResponder(), "node-b": FakeResponder()}
     speakers = {}
     for node, leases in seen_by.items():
         renewed(leases, ("node-a", "node-b"), "t1")
         speaker = Speaker(
-            node, None, leases, FakeResponder(), threading.Event(), clock=lambda: clock[0]
+            node, None, leases, responders[node], threading.Event(), clock=lambda: clock[0]
         )
         speaker.update(layer2_inputs(vss, {}, pools, outcomes, {}, NICS, ready=True))
         speaker.step()
         speakers[node] = speaker
-    a = speakers["node-a"].responder
-    b = speakers["node-b"].responder
+    a, b = responders["node-a"], responders["node-b"]
     share_a, share_b = set(a.announced()), set(b.announced())
     # The API server is away: no Lease changes anywhere; both keep answering, for minutes.
     for _ in range(100):
@@ -308,7 +329,7 @@ def run_bpf(program: bytes, frame: bytes) -> int:
         elif code == 0x15:  # jeq #k
             pc += jt if acc == k else jf
         elif code == 0x06:  # ret #k
-            return k
+            return int(k)
         else:
             raise AssertionError(f"instruction {code:#x} not interpreted")
         if acc == -1:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ipvs_agent.announce.election import Member, Wanted, mine
-from ipvs_agent.announce.members import LeaseKeeper, Liveness, lease_name, read_lease
+from ipvs_agent.announce.members import LeaseKeeper
 from ipvs_agent.announce.serving import vips
 from ipvs_agent.desired import EndpointIndex, Outcome
 from ipvs_agent.model import IPAddress
+from ipvs_api.leases import LeaseRecord, Liveness, lease_name, read_lease
 from ipvs_api.types import AddressPool, LabelSelector, VirtualServer
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ def interfaces_for(vip: IPAddress, patterns: Sequence[str], nics: Nics) -> tuple
             for a in nics[n]
         )
     )
+
+
+def _members(records: Iterable[LeaseRecord]) -> list[Member]:
+    return [Member(r.node, r.labels, r.unready) for r in records]
 
 
 def _selected(selectors: Iterable[LabelSelector], labels: Mapping[str, str]) -> bool:
@@ -140,7 +145,7 @@ class Speaker:
         self.wake = wake
         self.on_change = on_change
         self.clock = clock
-        self.liveness = Liveness()
+        self.liveness = Liveness(node)
         self._given = Inputs()
         self._inputs = Inputs()
         self.nics = nics
@@ -177,6 +182,7 @@ class Speaker:
             self._inputs = inputs
         if changed and self.keeper is not None:
             self.keeper.want(inputs.ready and bool(inputs.wanted), inputs.labels, inputs.unready)
+            self.keeper.renew_now()  # the others re-elect on the news, not a period later
 
     def elect(self) -> dict[IPAddress, tuple[str, ...]]:
         """This node's VIPs now, each with the interfaces to answer on."""
@@ -184,8 +190,13 @@ class Speaker:
             inputs = self._inputs
         records = [r for r in map(read_lease, self.leases.items()) if r is not None]
         now = self.clock()
-        self.liveness.observe(records, now)
-        self.members = self.liveness.alive(now)
+        if self.keeper is not None:
+            self.liveness.observe(records, now, self.keeper.written)
+            if self.liveness.awaiting_proof(now):
+                self.keeper.renew_now()
+        else:
+            self.liveness.observe(records, now)
+        self.members = _members(self.liveness.alive(now))
         if self._left or not inputs.ready or not self.leases.synced.is_set():
             self._blind = None
             return {}
@@ -198,7 +209,7 @@ class Speaker:
             log.info("Lease %s is current again: electing", lease_name(self.node))
             self._blind = None
             self.liveness.refresh(now)
-            self.members = self.liveness.alive(now)
+            self.members = _members(self.liveness.alive(now))
         chosen = mine(self.node, inputs.wanted, self.members)
         out: dict[IPAddress, tuple[str, ...]] = {}
         for vip, wanted in chosen.items():
@@ -261,8 +272,12 @@ class Speaker:
             self.wake.clear()
 
     def leave(self) -> None:
-        """Stop answering first, then give the Lease up: never two nodes answering."""
+        """Stop answering first, then give the Lease up: never two nodes answering. The
+        report that this node no longer announces is queued at once."""
         self._left = True
         self.responder.set({})
+        if self.keeper is not None:
+            self.keeper.give_up()  # first: the others take over once the Lease is gone
+        self.on_change()
         if self.keeper is not None:
             self.keeper.leave()
