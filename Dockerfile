@@ -37,8 +37,11 @@ FROM base
 # The programs the agent runs besides Python, and nothing else: nft (its nftables table,
 # ipvs_agent/host/nftables.py), ip and modprobe (fou receive ports for GUE real servers,
 # ipvs_agent/host/realserver.py; modprobe also loads ip_vs in the chart's init container, with
-# the base's sh). IPVS, addresses and links go over netlink (pyroute2), with no CLI. Pinned to
-# Debian 12's current versions: a Debian point release that drops one fails the build, on purpose.
+# the base's sh). IPVS, addresses and links go over netlink (pyroute2), with no CLI. The BGP
+# speaker, ExaBGP, is a Python dependency of the package (pyproject.toml, pinned with its hash in
+# requirements/image.txt): the agent runs it as `python -m exabgp`, from the same virtualenv.
+# Pinned to Debian 12's current versions: a Debian point release that drops one fails the build,
+# on purpose.
 # The operator's user 65532 gets a name: kopf asks for it (getpass.getuser) and, without an
 # entry in /etc/passwd, the operator stopped at start (found by tests/image/test_programs.py).
 RUN apt-get update \

@@ -10,6 +10,8 @@ VIRTUAL_SERVER: Final = "VirtualServer"
 VIRTUAL_SERVERS: Final = "virtualservers"
 ADDRESS_POOL: Final = "AddressPool"
 ADDRESS_POOLS: Final = "addresspools"
+BGP_PEER: Final = "BGPPeer"
+BGP_PEERS: Final = "bgppeers"
 IPVS_NODE: Final = "IPVSNode"
 IPVS_NODES: Final = "ipvsnodes"
 

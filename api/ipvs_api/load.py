@@ -20,6 +20,8 @@ from ipvs_api.types import (
     AddressPool,
     AddressRange,
     Backends,
+    BGPAdvertisement,
+    BGPPeer,
     Forwarding,
     ForwardingMethod,
     IPAddress,
@@ -32,6 +34,7 @@ from ipvs_api.types import (
     Protocol,
     Scheduler,
     SchedulerFlag,
+    SecretKeyRef,
     ServicePort,
     StaticRealServer,
     TrafficPolicy,
@@ -198,6 +201,7 @@ def address_pool(obj: dict[str, Any]) -> AddressPool:
             MarkRange(m["first"], m.get("last", m["first"])) for m in spec.get("firewallMarks", ())
         ),
         layer2=_layer2(spec["layer2"]) if "layer2" in spec else None,
+        bgp=_bgp(spec["bgp"]) if "bgp" in spec else None,
     )
 
 
@@ -206,6 +210,37 @@ def _layer2(raw: dict[str, Any]) -> Layer2:
     return Layer2(
         node_selector=label_selector(selector) if selector else LabelSelector(),
         interfaces=tuple(raw.get("interfaces", ())),
+    )
+
+
+def _bgp(raw: dict[str, Any]) -> BGPAdvertisement:
+    selector = raw.get("nodeSelector")
+    preference = raw.get("localPreference")
+    return BGPAdvertisement(
+        node_selector=label_selector(selector) if selector else LabelSelector(),
+        peers=tuple(raw.get("peers", ())),
+        communities=tuple(raw.get("communities", ())),
+        local_preference=preference if isinstance(preference, int) else None,
+    )
+
+
+def bgp_peer(obj: dict[str, Any]) -> BGPPeer:
+    """Validate and build a BGPPeer; raises :class:`InvalidObject` naming each bad field."""
+    checked = _check(constants.BGP_PEER, obj, namespaced=False)
+    spec = checked["spec"]
+    secret = spec.get("passwordSecret")
+    selector = spec.get("nodeSelector")
+    return BGPPeer(
+        name=checked["metadata"]["name"],
+        address=_ip(spec["address"]),
+        asn=int(spec["asn"]),
+        local_asn=int(spec["localASN"]),
+        port=int(spec["port"]),
+        hold_time=int(spec["holdTimeSeconds"]),
+        source_address=_ip(spec["sourceAddress"]) if "sourceAddress" in spec else None,
+        password_secret=SecretKeyRef(secret["name"], secret["key"]) if secret else None,
+        node_selector=label_selector(selector) if selector else LabelSelector(),
+        generation=int(checked["metadata"].get("generation", 0)),
     )
 
 
@@ -229,6 +264,7 @@ def read_manifests(paths: Iterable[Path | str]) -> Iterator[dict[str, Any]]:
 __all__ = [
     "address_pool",
     "address_range",
+    "bgp_peer",
     "label_selector",
     "read_manifests",
     "virtual_server",

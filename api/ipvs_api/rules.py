@@ -207,6 +207,27 @@ def _marks_avoid_masquerade_bit(r: dict[str, Any]) -> bool:
     return bool(lowest > last)
 
 
+def _community_ok(v: str) -> bool:
+    """CEL: a well-known name, or ASN:value (1-5 digits each, at most 65535)."""
+    if v in ("no-export", "no-advertise"):
+        return True
+    high, colon, low = v.partition(":")
+    parts = (high, low)
+    digits = all(p.isascii() and p.isdigit() and 1 <= len(p) <= 5 for p in parts)
+    return bool(colon) and digits and all(int(p) <= 65535 for p in parts)
+
+
+def _peer_address_ok(v: str) -> bool:
+    addr = parse_ip(v)
+    return addr is not None and (is_global_unicast(addr) or addr.is_link_local)
+
+
+def _source_family_matches(s: dict[str, Any]) -> bool:
+    if not _has(s, "sourceAddress") or not is_ip(s["address"]) or not is_ip(s["sourceAddress"]):
+        return True
+    return family(s["sourceAddress"]) == family(s["address"])
+
+
 def _requirement_ok(r: dict[str, Any]) -> bool:
     return (r["operator"] in ("In", "NotIn")) == (len(r.get("values", [])) > 0)
 
@@ -389,4 +410,21 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
     ),
     ("AddressPool", "spec.namespaceSelector.matchExpressions[]"): (_REQUIREMENT,),
     ("AddressPool", "spec.layer2.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),
+    ("AddressPool", "spec.bgp.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),
+    ("AddressPool", "spec.bgp.communities[]"): (
+        Rule("must be ASN:value with each part 0-65535, or no-export, no-advertise", _community_ok),
+    ),
+    ("BGPPeer", "spec"): (
+        Rule(
+            "sourceAddress must be of the same family as address",
+            _source_family_matches,
+            "sourceAddress",
+        ),
+    ),
+    ("BGPPeer", "spec.address"): (Rule("must be a unicast IP address", _peer_address_ok),),
+    ("BGPPeer", "spec.holdTimeSeconds"): (
+        Rule("must be 0 or at least 3", lambda v: v == 0 or v >= 3),
+    ),
+    ("BGPPeer", "spec.sourceAddress"): (Rule("must be an IP address", is_ip),),
+    ("BGPPeer", "spec.nodeSelector.matchExpressions[]"): (_REQUIREMENT,),
 }

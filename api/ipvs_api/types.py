@@ -257,6 +257,42 @@ class Layer2:
 
 
 @dataclass(frozen=True)
+class BGPAdvertisement:
+    """How a pool's addresses are announced over BGP (AddressPool ``spec.bgp``)."""
+
+    #: Nodes that announce (the VirtualServer's own nodeSelector applies too).
+    node_selector: LabelSelector = field(default_factory=LabelSelector)
+    #: BGPPeer names to announce to; empty: every peer of the node.
+    peers: tuple[str, ...] = ()
+    #: Communities as ExaBGP and routers write them (``64512:100``, ``no-export``).
+    communities: tuple[str, ...] = ()
+    local_preference: int | None = None
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str = "password"
+
+
+@dataclass(frozen=True)
+class BGPPeer:
+    """A router the agents open BGP sessions with."""
+
+    name: str
+    address: IPAddress
+    asn: int
+    local_asn: int
+    port: int = 179
+    hold_time: int = 90
+    source_address: IPAddress | None = None
+    password_secret: SecretKeyRef | None = None
+    #: Nodes that peer with this router.
+    node_selector: LabelSelector = field(default_factory=LabelSelector)
+    generation: int = 0
+
+
+@dataclass(frozen=True)
 class AddressPool:
     name: str
     ranges: tuple[AddressRange, ...]
@@ -268,6 +304,8 @@ class AddressPool:
     firewall_marks: tuple[MarkRange, ...] = ()
     #: Announce the addresses on layer 2 (None: not announced by the agents on layer 2).
     layer2: Layer2 | None = None
+    #: Announce the addresses over BGP (None: not announced over BGP).
+    bgp: BGPAdvertisement | None = None
 
     def grants(self, mark: int) -> bool:
         """Whether the pool lists ``mark`` among its firewall marks."""

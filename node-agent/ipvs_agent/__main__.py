@@ -38,9 +38,11 @@ from ipvs_api import InvalidObject, constants, load
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer
     from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import Mirror
     from ipvs_agent.host.podnetns import PodNamespaces
+    from ipvs_agent.syncd import SyncSettings
     from ipvs_agent.system import LinuxHost
 
 log = logging.getLogger("ipvs_agent")
@@ -227,6 +229,7 @@ def run_command(args: argparse.Namespace) -> int:
     from ipvs_agent.cluster import daemon_set_mirror, mirrors
     from ipvs_agent.kernel.ipvs import IPVSKernel
     from ipvs_agent.report import NodeReporter, Outbox
+    from ipvs_agent.syncd import SyncDaemons
     from ipvs_agent.uninstall import cleanup
 
     global _threads_started
@@ -245,12 +248,19 @@ def run_command(args: argparse.Namespace) -> int:
     outbox = Outbox(NodeReporter(api, args.node_name).report)
     outbox.start(own_stop)
     speaker = _speaker(args, api, own_stop)
+    bgp = _bgp(args, api, own_stop)
+    leaving: list[Callable[[], None]] = []
     if speaker is not None:
-        # On SIGTERM hand the VIPs over at once (stop answering, give the Lease up), from a
-        # thread of its own: the main thread may be inside a pass.
+        leaving.append(speaker.leave)
+    if bgp is not None:
+        leaving.append(bgp.speaker.leave)
+    if leaving:
+        # On SIGTERM hand the VIPs over at once (stop answering, give the Lease up; withdraw
+        # the BGP routes), from threads of their own: the main thread may be inside a pass.
         def stopping(*_: object) -> None:
             stop.set()
-            threading.Thread(target=speaker.leave, name="handover", daemon=True).start()
+            for leave in leaving:
+                threading.Thread(target=leave, name="handover", daemon=True).start()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stopping)
@@ -260,6 +270,7 @@ def run_command(args: argparse.Namespace) -> int:
         if timeouts != Timeouts():
             kernel.set_timeouts(timeouts)
         host = _host(args)
+        sync = SyncDaemons(_sync_settings(args), host.state)
         agent = Agent(
             Settings(
                 args.node_name,
@@ -268,21 +279,28 @@ def run_command(args: argparse.Namespace) -> int:
             ),
             kernel,
             host,
-            mirrors(api, args.node_name, changed),
+            mirrors(api, args.node_name, changed, bgp=bgp is not None),
             changed,
             report=outbox.put,
             speaker=speaker,
+            bgp=bgp,
+            sync=sync,
         )
         if speaker is not None:
             speaker.on_change = agent.send_report
             agent.metrics.watch_speaker(speaker)
+        if bgp is not None:
+            bgp.speaker.on_change = agent.send_report
+            agent.metrics.watch_bgp(bgp.speaker)
         server = serve_http(agent, args.metrics_port, args.metrics_address)
         log.info("ipvs-agent %s on node %s (IPVS %s)", __version__, args.node_name, info.version)
         agent.run(stop)
-        if speaker is not None:
-            speaker.leave()  # done already by the signal's thread, unless stopped otherwise
-            # The last report says this node announces nothing: the status must not name a
-            # node that stopped (bounded: the API server may be away).
+        for leave in leaving:
+            leave()  # done already by the signal's threads, unless stopped otherwise
+        if leaving:
+            # The last report says this node announces nothing (no VIP answered, no route
+            # announced): the status must not name a node that stopped (bounded: the API
+            # server may be away).
             agent.send_report()
             outbox.flush(3.0)
         server.shutdown()
@@ -337,6 +355,45 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     ):
         threading.Thread(target=body, args=(stop,), name=name, daemon=True).start()
     return speaker
+
+
+def _bgp(args: argparse.Namespace, api: ApiClient, stop: threading.Event) -> BGPAnnouncer | None:
+    """The BGP speaker and its thread (None: BGP off). ExaBGP itself starts only once this
+    node has a session (a BGPPeer selects it)."""
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, Secrets
+    from ipvs_agent.announce.bgp.speaker import BGPSpeaker, exabgp_factory
+    from ipvs_agent.cluster import secret_reader
+
+    if not args.bgp:
+        return None
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE", "")
+    if namespace:
+        read_secret = secret_reader(api, namespace)
+    else:
+
+        def read_secret(name: str) -> dict[str, str] | None:
+            log.warning("no namespace for BGP password Secrets (--lease-namespace)")
+            return None
+
+    workdir = Path(args.bgp_dir or Path(args.state_dir or "/run/ipvs-agent") / "bgp")
+    speaker = BGPSpeaker(exabgp_factory(workdir))
+    threading.Thread(target=speaker.run, args=(stop,), name="bgp", daemon=True).start()
+    return BGPAnnouncer(speaker, Secrets(read_secret))
+
+
+def _sync_settings(args: argparse.Namespace) -> SyncSettings | None:
+    from ipvs_agent.syncd import SyncSettings
+
+    if not args.sync_interface:
+        return None
+    return SyncSettings(
+        interface=args.sync_interface,
+        sync_id=args.sync_id,
+        max_len=args.sync_maxlen,
+        group=args.sync_group,
+        port=args.sync_port,
+        ttl=args.sync_ttl,
+    )
 
 
 def _ports(text: str) -> list[int]:
@@ -462,6 +519,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=RENEW,
         help="how often an agent renews its Lease (default %(default)s)",
     )
+    run.add_argument(
+        "--bgp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="announce the VIPs of pools with bgp to the routers of the BGPPeers that select "
+        "this node, through ExaBGP",
+    )
+    run.add_argument(
+        "--bgp-dir",
+        default="",
+        help="private directory for ExaBGP's configuration and socket (default: STATE_DIR/bgp)",
+    )
+    sync = run.add_argument_group(
+        "connection sync", "the kernel's IPVS sync daemons, master and backup, on every director"
+    )
+    sync.add_argument(
+        "--sync-interface",
+        default="",
+        help="interface the directors exchange connections on (multicast); '' = no sync",
+    )
+    sync.add_argument("--sync-id", type=int, default=0, choices=range(256), metavar="0-255",
+                      help="sync id shared by the directors of one group (default 0)")  # fmt: skip
+    sync.add_argument("--sync-group", default="",
+                      help="multicast group (default: the kernel's, 224.0.0.81)")  # fmt: skip
+    sync.add_argument("--sync-port", type=int, default=0,
+                      help="UDP port (default: the kernel's, 8848)")  # fmt: skip
+    sync.add_argument("--sync-maxlen", type=int, default=0,
+                      help="largest sync message payload (default: from the MTU)")  # fmt: skip
+    sync.add_argument("--sync-ttl", type=int, default=0,
+                      help="multicast TTL (default: the kernel's, 1)")  # fmt: skip
     run.add_argument(
         "--daemonset",
         default="",

@@ -8,13 +8,14 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipvs_agent import __version__
+from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
@@ -23,6 +24,7 @@ from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
 from ipvs_agent.snapshot import PoolCache, ReadCache, node_from, take
 from ipvs_agent.status import node_status
+from ipvs_agent.syncd import SyncDaemons
 from ipvs_api import conditions
 from ipvs_api.types import VirtualServer
 
@@ -74,9 +76,13 @@ class Agent:
         metrics: AgentMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         speaker: Speaker | None = None,
+        bgp: BGPAnnouncer | None = None,
+        sync: SyncDaemons | None = None,
     ) -> None:
         self.settings = settings
         self.speaker = speaker
+        self.bgp = bgp
+        self.sync = sync
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -116,6 +122,11 @@ class Agent:
             self.kernel_info,
             protected_ports=self.settings.protected_ports,
         )
+        node = replace(
+            node,
+            active_active=self.bgp is not None and self.bgp.speaker.has_sessions,
+            connection_sync=self.sync is not None and self.sync.settings is not None,
+        )
         snap = take(
             self._objects("virtualservers"),
             self._objects("endpointslices"),
@@ -127,21 +138,42 @@ class Agent:
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        if self.sync is not None:
+            self.sync.ensure(self.kernel)
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
         self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
         self._virtual_servers = snap.virtual_servers
+        pools = (
+            self._pools.read(self._objects("addresspools"))
+            if self.speaker is not None or self.bgp is not None
+            else {}
+        )
         if self.speaker is not None:
             nics: Mapping[str, Any] = getattr(self.host, "interfaces", dict)()
             self.speaker.update(
                 layer2_inputs(
                     snap.virtual_servers,
                     snap.endpoints,
-                    self._pools.read(self._objects("addresspools")),
+                    pools,
                     result.outcomes,
                     node.labels,
                     nics,
                     ready=self.synced,
+                )
+            )
+        if self.bgp is not None and self.synced:
+            peers = self.bgp.peers.read(self._objects("bgppeers"))
+            self.bgp.speaker.update(
+                plan_from_pass(
+                    snap.virtual_servers,
+                    snap.endpoints,
+                    pools,
+                    result.outcomes,
+                    result.plan,
+                    node,
+                    peers,
+                    self.bgp.secrets.passwords(peers),
                 )
             )
         self.send_report()
@@ -161,6 +193,8 @@ class Agent:
                 self._conditions,
                 node_settings=changes,
                 announcements=self._announcements(),
+                bgp=self.bgp.speaker.status() if self.bgp is not None else None,
+                connection_sync=self.sync.status() if self.sync is not None else None,
             )
             self._conditions = status["conditions"]
             try:
@@ -170,14 +204,20 @@ class Agent:
 
     def _announcements(self) -> dict[str, tuple[str, tuple[str, ...]]]:
         """VirtualServer key -> (mode, interfaces) for the addresses this node announces."""
-        if self.speaker is None or self.last is None:
+        if self.last is None:
             return {}
-        announced = self.speaker.responder.announced()
-        self.metrics.l2_announced.set(len(announced))
         out: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for vs in self._virtual_servers:
-            if vs.address in announced:
-                out[vs.key] = ("Layer2", announced[vs.address])
+        if self.speaker is not None:
+            announced = self.speaker.responder.announced()
+            self.metrics.l2_announced.set(len(announced))
+            for vs in self._virtual_servers:
+                if vs.address in announced:
+                    out[vs.key] = ("Layer2", announced[vs.address])
+        if self.bgp is not None:
+            routed = self.bgp.speaker.announced()
+            for vs in self._virtual_servers:
+                if vs.address in routed and vs.key not in out:
+                    out[vs.key] = ("BGP", routed[vs.address])
         return out
 
     def _account(

@@ -215,6 +215,24 @@ def path_lister(api: client.ApiClient, path: str) -> ListFn:
     return list_fn
 
 
+def secret_reader(api: client.ApiClient, namespace: str) -> Callable[[str], dict[str, str] | None]:
+    """Read one Secret's ``data`` by name (None: no such Secret), by path like the lists."""
+
+    def read(name: str) -> dict[str, str] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        get = path_lister(api, f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        try:
+            found = get(_request_timeout=(10, 10))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return {str(k): str(v) for k, v in ((found or {}).get("data") or {}).items()}
+
+    return read
+
+
 def _short(error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:300]
@@ -251,10 +269,20 @@ def spec_fingerprint(obj: dict[str, Any]) -> Any:
 
 
 def mirrors(
-    api: client.ApiClient, node_name: str, changed: threading.Event, retry_seconds: float = 2.0
+    api: client.ApiClient,
+    node_name: str,
+    changed: threading.Event,
+    retry_seconds: float = 2.0,
+    bgp: bool = False,
 ) -> list[Mirror]:
-    """The agent's mirrors: VirtualServers, EndpointSlices, its own Node, AddressPools."""
+    """The agent's mirrors: VirtualServers, EndpointSlices, its own Node, AddressPools, and
+    with ``bgp`` the BGPPeers."""
     custom = client.CustomObjectsApi(api)
+
+    def list_peers(**kw: Any) -> Any:
+        return custom.list_cluster_custom_object(
+            constants.GROUP, constants.VERSION, constants.BGP_PEERS, **kw
+        )
 
     def list_virtual_servers(**kw: Any) -> Any:
         return custom.list_cluster_custom_object(
@@ -293,6 +321,20 @@ def mirrors(
         ),
         Mirror(
             "addresspools", list_pools, api, changed, retry_seconds, fingerprint=spec_fingerprint
+        ),
+        *(
+            [
+                Mirror(
+                    "bgppeers",
+                    list_peers,
+                    api,
+                    changed,
+                    retry_seconds,
+                    fingerprint=spec_fingerprint,
+                )
+            ]
+            if bgp
+            else []
         ),
     ]
 

@@ -78,6 +78,11 @@ class Node:
     #: Ports of the node's own services (kubelet, API server, etcd, sshd, the agent's metrics)
     #: that no VIP may forward to at one of the node's addresses (see :data:`PROTECTED_PORTS`).
     protected_ports: frozenset[int] = frozenset()
+    #: The node is one of several active directors of its VIPs (it announces them over BGP,
+    #: routers spread flows with ECMP): a flow may arrive here mid-stream from another director.
+    active_active: bool = False
+    #: The node runs the IPVS connection sync daemons (master and backup).
+    connection_sync: bool = False
 
 
 @dataclass(frozen=True)
@@ -709,8 +714,9 @@ def plan(
     )
 
 
-def node_needs(p: Plan) -> Needs:
+def node_needs(p: Plan, node: Node | None = None) -> Needs:
     """What the planned services ask of the node's sysctls (:func:`host.sysctl.needed`)."""
+    hashing = any(s.service.scheduler in ("sh", "mh") for s in p.table.values())
     nat = [
         key
         for key, s in p.table.items()
@@ -722,4 +728,6 @@ def node_needs(p: Plan) -> Needs:
         nat6=any(k.af is AddressFamily.INET6 for k in nat),
         masquerade=bool(p.masquerade),
         persistence=any(s.service.flags & ServiceFlag.PERSISTENT for s in p.table.values()),
+        consistent_hashing=bool(p.table) and hashing and node is not None and node.active_active,
+        connection_sync=node is not None and node.connection_sync,
     )

@@ -3,11 +3,22 @@
 Pure: the caller passes the clock and the drain bookkeeping, and gets back the operations and
 the new bookkeeping. Only services the agent owns are ever edited or deleted; a desired service
 that collides with a foreign one is reported as a conflict and left alone.
+
+One invariant beyond "desired equals observed": under a scheduler that builds its lookup table
+by walking the real servers in the kernel's list order (sh, dh, mh — ``ip_vs_sh_reassign``,
+``ip_vs_dh_reassign``, ``ip_vs_mh_populate``), the list is kept in one canonical order, the
+same on every director whatever the history of its table: active-active directors behind ECMP
+then send each client to the same real server, and a flow that moves to another director (one
+was lost) keeps its real server. The kernel only inserts at the head of the list, so a real
+server that belongs in the middle is added after deleting those that must precede it, which are
+added back right after it in the same batch: the kernel takes a deleted real server back from
+its trash with its connections and counters, so their connections live on (see
+:func:`canonical_order`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ipvs_agent.model import (
@@ -26,6 +37,35 @@ from ipvs_agent.ops import Op, OpKind
 
 #: When each draining real server started to drain (seconds on the caller's clock).
 DrainBook = Mapping[tuple[ServiceKey, DestKey], float]
+
+#: Schedulers whose choice depends on the order of the kernel's real-server list.
+ORDERED_SCHEDULERS = frozenset({"sh", "dh", "mh"})
+
+
+def canonical_order(keys: Iterable[DestKey]) -> list[DestKey]:
+    """The kernel list order (head first, as dumps show it) every director keeps under an
+    ordered scheduler: descending, so a new service whose real servers are added in ascending
+    order (each at the head) is in it from the start."""
+    return sorted(keys, reverse=True)
+
+
+def to_reinsert(observed: Sequence[DestKey], final: Iterable[DestKey]) -> list[DestKey]:
+    """The real servers to (re-)add at the list head, in canonical order, so that the list
+    holding ``final`` reads exactly :func:`canonical_order`: everything before the longest
+    tail of the canonical order that the observed list already holds in that order. Those
+    among them already in the list must be deleted first; real servers not in ``final`` go
+    anyway and do not count (removing one never reorders the others)."""
+    want = canonical_order(final)
+    present = set(want)
+    have = [k for k in observed if k in present]
+    i, j = len(want) - 1, len(have) - 1
+    while i >= 0:  # match the canonical tail backwards against the observed list
+        while j >= 0 and have[j] != want[i]:
+            j -= 1
+        if j < 0:
+            break
+        i, j = i - 1, j - 1
+    return want[: i + 1]
 
 
 @dataclass(frozen=True)
@@ -109,13 +149,15 @@ def diff(
             continue
         if not same_service(want.service, have.service):
             ops.append(Op(OpKind.EDIT_SERVICE, want.service))
+        dest_ops: list[Op] = []
+        final: dict[DestKey, Dest] = dict(want.dests)
         for dkey in sorted(want.dests):
             d = want.dests[dkey]
             current = have.dests.get(dkey)
             if current is None:
-                ops.append(Op(OpKind.ADD_DEST, want.service, d))
+                dest_ops.append(Op(OpKind.ADD_DEST, want.service, d))
             elif not same_dest(d, current.dest):
-                ops.append(Op(OpKind.EDIT_DEST, want.service, d))
+                dest_ops.append(Op(OpKind.EDIT_DEST, want.service, d))
         for dkey in sorted(set(have.dests) - set(want.dests)):
             op, since = _drain(
                 key,
@@ -126,10 +168,30 @@ def diff(
                 now,
             )
             if op is not None:
-                ops.append(op)
+                dest_ops.append(op)
             if since is not None:
                 book[(key, dkey)] = since
+                final[dkey] = replace(have.dests[dkey].dest, weight=0)
+        if want.service.scheduler in ORDERED_SCHEDULERS:
+            dest_ops = _in_order(want.service, dest_ops, list(have.dests), final)
+        ops.extend(dest_ops)
     for key in sorted(set(observed) - set(desired)):
         if owned(key):
             ops.append(Op(OpKind.DEL_SERVICE, observed[key].service))
     return Diff(ops, book, frozenset(conflicts))
+
+
+def _in_order(
+    service: Service, ops: list[Op], observed: Sequence[DestKey], final: Mapping[DestKey, Dest]
+) -> list[Op]:
+    """``ops`` for one service, with the real servers that are out of canonical order deleted
+    and added back at the head (a drained one at weight 0), the new ones among them."""
+    moved = to_reinsert(observed, final)
+    if not moved:
+        return ops
+    chosen = set(moved)
+    kept = [op for op in ops if op.dest is None or op.dest.key not in chosen]
+    present = set(observed)
+    out = kept + [Op(OpKind.DEL_DEST, service, final[k]) for k in moved if k in present]
+    out += [Op(OpKind.ADD_DEST, service, final[k]) for k in reversed(moved)]
+    return out

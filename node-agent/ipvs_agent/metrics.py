@@ -164,6 +164,58 @@ class SpeakerCollector(Collector):
         yield blind
 
 
+class BGPCollector(Collector):
+    """BGP speaker state and counters, read from the speaker at scrape time."""
+
+    def __init__(self, speaker: Any) -> None:
+        self.speaker = speaker
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "ipvs_agent_bgp_session_up",
+            "1 while the BGP session with the peer is established.",
+            labels=["peer"],
+        )
+        for peer, state in sorted(self.speaker.session_states().items()):
+            up.add_metric([peer], 1.0 if str(state) == "Established" else 0.0)
+        yield up
+        prefixes = GaugeMetricFamily(
+            "ipvs_agent_bgp_announced_prefixes",
+            "Virtual addresses this node announces over BGP (to at least one peer).",
+        )
+        prefixes.add_metric([], len(self.speaker.status()["announced"]))
+        yield prefixes
+        counters = self.speaker.counters
+        updates = CounterMetricFamily(
+            "ipvs_agent_bgp_updates",
+            "Routes announced and withdrawn (per peer, as ExaBGP acknowledged them).",
+            labels=["kind"],
+        )
+        updates.add_metric(["announce"], counters.announcements)
+        updates.add_metric(["withdraw"], counters.withdrawals)
+        yield updates
+        for name, doc, value in (
+            (
+                "ipvs_agent_bgp_session_changes",
+                "Changes of BGP session state (connected, established, down).",
+                counters.session_changes,
+            ),
+            (
+                "ipvs_agent_bgp_errors",
+                "Route commands ExaBGP refused.",
+                counters.errors,
+            ),
+            (
+                "ipvs_agent_bgp_speaker_starts",
+                "Times ExaBGP was started (once, then on every change of sessions or exit).",
+                counters.restarts,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+
+
 class AgentMetrics:
     """The agent's own metrics, in a registry of their own (no process-global state)."""
 
@@ -213,3 +265,7 @@ class AgentMetrics:
     def watch_speaker(self, speaker: Any) -> None:
         """Export the layer-2 speaker's counters too."""
         self.registry.register(SpeakerCollector(speaker))
+
+    def watch_bgp(self, speaker: Any) -> None:
+        """Export the BGP speaker's sessions and counters too."""
+        self.registry.register(BGPCollector(speaker))

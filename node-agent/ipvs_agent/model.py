@@ -202,6 +202,50 @@ class KernelInfo:
     tunnel_types: tuple[str, ...] = ()
 
 
+class SyncState(IntEnum):
+    """IP_VS_STATE_*: the role of a connection sync daemon (a director runs both at once)."""
+
+    MASTER = 1
+    BACKUP = 2
+
+
+#: What the kernel uses when a sync daemon is started without these settings.
+SYNC_DEFAULT_GROUP = "224.0.0.81"
+SYNC_DEFAULT_PORT = 8848
+SYNC_DEFAULT_TTL = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDaemon:
+    """One IPVS connection sync daemon (IPVS_CMD_NEW_DAEMON / GET_DAEMON).
+
+    A master multicasts the connections its director creates; a backup receives the other
+    directors' and enters them into its own table. ``max_len`` 0 lets the kernel size
+    messages from the interface's MTU; ``group`` "" and ``port``/``ttl`` 0 are the kernel's
+    defaults (224.0.0.81, 8848, 1). A backup listens on ``port`` + its thread index.
+    """
+
+    state: SyncState
+    interface: str
+    sync_id: int = 0
+    max_len: int = 0
+    group: str = ""
+    port: int = 0
+    ttl: int = 0
+
+    def matches(self, running: SyncDaemon) -> bool:
+        """Whether ``running`` (as the kernel reports it, defaults filled in) is this one."""
+        return (
+            self.state == running.state
+            and self.interface == running.interface
+            and self.sync_id == running.sync_id
+            and (self.max_len in (0, running.max_len))
+            and (self.group or SYNC_DEFAULT_GROUP) == (running.group or SYNC_DEFAULT_GROUP)
+            and (self.port or SYNC_DEFAULT_PORT) == (running.port or SYNC_DEFAULT_PORT)
+            and (self.ttl or SYNC_DEFAULT_TTL) == (running.ttl or SYNC_DEFAULT_TTL)
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """IPVS connection timeouts in seconds (IPVS_CMD_SET_CONFIG); 0 leaves one unchanged."""

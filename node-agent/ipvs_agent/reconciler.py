@@ -255,7 +255,7 @@ def reconcile(
     )
     if isinstance(host, NodeTuning):
         release = snapshot.node.kernel.release if snapshot.node.kernel else ""
-        host.tune(sysctl.needed(node_needs(p), release))
+        host.tune(sysctl.needed(node_needs(p, snapshot.node), release))
     # A new virtual address is local before its service exists, and an old one stays until its
     # service is gone, so no client ever meets a service whose address does not answer.
     host.sync_addresses(wanted | going)

@@ -41,8 +41,10 @@ def entry(
     if outcome.message:
         out["message"] = outcome.message[:4096]
     if announcement is not None:
-        mode, interfaces = announcement
-        out["announcement"] = {"mode": mode, "interfaces": list(interfaces)}
+        mode, where = announcement
+        # Layer2: the interfaces answered on; BGP: the peers the route reaches.
+        field = "peers" if mode == "BGP" else "interfaces"
+        out["announcement"] = {"mode": mode, field: list(where)}
     return out
 
 
@@ -55,6 +57,8 @@ def node_status(
     kernel_error: str = "",
     node_settings: Mapping[str, tuple[str, str]] | None = None,
     announcements: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
+    bgp: Mapping[str, Any] | None = None,
+    connection_sync: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of this node's IPVSNode."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
@@ -87,6 +91,10 @@ def node_status(
     }
     if kernel is not None:
         status["kernel"] = kernel_status(kernel)
+    if bgp is not None:
+        status["bgp"] = dict(bgp)
+    if connection_sync is not None:
+        status["connectionSync"] = dict(connection_sync)
     if node_settings:
         status["nodeSettings"] = [
             {"name": name, "value": value, "previous": previous}

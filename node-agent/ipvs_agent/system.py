@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -127,7 +128,7 @@ class LinuxHost:
         text = render(ruleset, self.nft.mark)
         digest = digest_of(text)
         self.state.save(
-            State(ruleset.owned, ruleset.masquerade, digest, state.sysctls)
+            replace(state, owned=ruleset.owned, masquerade=ruleset.masquerade, digest=digest)
         )  # beside the kernel first: a flush after this point still leaves the record
         if not self.nft.matches(ruleset, live):
             self.nft.apply(text)

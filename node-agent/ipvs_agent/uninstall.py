@@ -2,9 +2,10 @@
 
 What the agent created is what it recorded: the IPVS services in its ownership record (the
 nftables table and the state file), its dummy device with the VIPs, its nftables tables, the
-real-server setup it made in the node's namespace and in pods' (found by its marks), and the
-node-wide sysctls it changed (each put back to the value it found, unless someone changed it
-again since). Services, devices, tables and settings of other programs stay as they are.
+real-server setup it made in the node's namespace and in pods' (found by its marks), the
+connection sync daemons it started, and the node-wide sysctls it changed (each put back to the
+value it found, unless someone changed it again since). Services, devices, tables and settings
+of other programs stay as they are.
 
 The in-cluster agent runs the same cleanup when its DaemonSet is deleted (``helm uninstall``),
 and only then: a restart or rollout leaves the kernel table in place, so traffic keeps flowing.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.ops import Op, OpKind
+from ipvs_agent.syncd import SyncDaemons
 from ipvs_agent.system import LinuxHost
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ def cleanup(kernel: Kernel, host: LinuxHost) -> Report:
             report.done += step()
         except Exception as error:  # one step's failure must not keep the others from running
             report.errors.append(f"{step.__name__}: {error}")
+    try:
+        report.done += SyncDaemons(None, host.state).stop_all(kernel)
+    except Exception as error:
+        report.errors.append(f"sync daemons: {error}")
     try:
         done, left = host.restore_sysctls()
         report.done += done

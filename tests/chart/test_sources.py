@@ -54,10 +54,26 @@ class _Speaker:
     blind = False
 
 
+class _BGPSpeaker:
+    """Stands in for a BGP speaker: the collector reads its sessions and counters."""
+
+    def __init__(self) -> None:
+        from ipvs_agent.announce.bgp.speaker import Counters
+
+        self.counters = Counters()
+
+    def session_states(self) -> dict[str, str]:
+        return {"r1": "Established"}
+
+    def status(self) -> dict[str, list[str]]:
+        return {"announced": []}
+
+
 def exposed_series() -> dict[str, set[str]]:
     """Every series name the agent exports, with the label names it carries."""
     metrics = AgentMetrics()
     metrics.watch_speaker(_Speaker())  # the layer-2 families, as a speaker exports them
+    metrics.watch_bgp(_BGPSpeaker())  # and the BGP ones
     for value in vars(metrics).values():
         # A labelled metric shows its label names only once it has a child.
         if isinstance(value, MetricWrapperBase) and value._labelnames:

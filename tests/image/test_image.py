@@ -182,3 +182,4 @@ def test_sbom_lists_every_package_with_its_version(image: Image, rootfs: Path) -
     assert packages[("pkg:pypi", "ipvs-operator")] == project_version()
     assert packages[("pkg:pypi", "kopf")]
     assert packages[("pkg:pypi", "kubernetes")]
+    assert packages[("pkg:pypi", "exabgp")]  # the agent's BGP speaker, run from the venv

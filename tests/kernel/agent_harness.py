@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,12 @@ class NodeAgent:
         sysctl_root: str = "/proc/sys",
         state_dir: Path | None = None,
         protected_ports: frozenset[int] = frozenset(),
+        active_active: bool = False,
+        connection_sync: bool = False,
     ) -> None:
         self.ns = ns
+        self.active_active = active_active
+        self.connection_sync = connection_sync
         self.node = {
             "metadata": {"name": name, "labels": labels or {}},
             "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
@@ -201,6 +206,9 @@ class NodeAgent:
         the kernel refused nothing."""
         with kernel or IPVSKernel(netns=self.ns.name) as k:
             node = node_from(self.node, self.name, k.info(), protected_ports=self.protected_ports)
+            node = replace(
+                node, active_active=self.active_active, connection_sync=self.connection_sync
+            )
             snap = take(vss, slices, node)
             result = reconcile(snap, k, self.host, self.memory, time.monotonic())
         if check:

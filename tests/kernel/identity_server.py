@@ -2,7 +2,8 @@
 
 TCP: on accept it sends ``<name>\\n`` at once and then holds the connection until the
 client closes it (or sends ``close``), so a client decides between short and held
-connections (the latter are "active" for lc/wlc/sed/nq tests).
+connections (the latter are "active" for lc/wlc/sed/nq tests). A held connection that sends
+``ping`` gets ``<name>\\n`` again: the client proves it still reaches the same server.
 UDP: every datagram is answered with ``<name>\\n`` from the address it was sent to
 (IP_PKTINFO), as a DR/TUN real server must answer from the VIP, not its own address.
 
@@ -110,6 +111,12 @@ def serve(
                 if not data or data.startswith(b"close"):
                     selector.unregister(sock)
                     sock.close()
+                elif data.startswith(b"ping"):
+                    try:
+                        sock.send(payload)
+                    except OSError:
+                        selector.unregister(sock)
+                        sock.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

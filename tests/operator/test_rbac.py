@@ -85,6 +85,8 @@ AGENT_ALLOWED: list[Check] = [
     *[(v, "ipvs.io", "ipvsnodes", "status", "", "n1") for v in ("get", "patch")],
     *[(v, "apps", "daemonsets", "", SYSTEM, "ipvs-agent") for v in ("get", "list", "watch")],
     *[(v, "ipvs.io", "addresspools", "", "", "") for v in ("list", "watch")],
+    *[(v, "ipvs.io", "bgppeers", "", "", "") for v in ("list", "watch")],
+    ("get", "", "secrets", "", SYSTEM, "bgp-tor-a"),  # BGP passwords, by name
     *[(v, "coordination.k8s.io", "leases", "", SYSTEM, "") for v in ("list", "watch", "create")],
     *[
         (v, "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1")
@@ -107,6 +109,9 @@ AGENT_DENIED: list[Check] = [
     *[(v, "", "services", "", "", "") for v in ("get", "list")],
     ("patch", "", "nodes", "", "", "n1"),
     ("get", "", "secrets", "", "shop", ""),
+    *[(v, "", "secrets", "", SYSTEM, "") for v in ("list", "watch")],
+    *[(v, "", "secrets", "", SYSTEM, "bgp-tor-a") for v in ("update", "patch", "delete")],
+    *[(v, "ipvs.io", "bgppeers", "", "", "tor-a") for v in ("create", "patch", "delete")],
     ("list", "", "pods", "", "", ""),
     ("create", "", "events", "", "shop", ""),
     # Leases of the release namespace are the agents' own for layer-2 announcement; RBAC cannot

@@ -291,3 +291,21 @@ def test_an_agent_that_died_is_not_named_as_announcing(
     nodes.keep_lease(node, duration=2.0)  # back, and then it dies: the Lease is never renewed
     wait_for("announced by a again", lambda: announcers() == [node])
     wait_for("no longer named once its Lease is stale", lambda: announcers() == [], 30)
+
+
+def test_bgp_announcements_do_not_need_a_lease(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """The agents' Leases belong to the layer-2 election: an agent that only peers over BGP
+    keeps none, and whether its routes are used is the router's call (a dead agent's ExaBGP
+    dies with its container and the session closes; a dead node's after the hold time). So a
+    BGP announcement is named without a Lease, next to a layer-2 one that needs it."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    node = nodes.add("a", {})
+    nodes.report(node, [entry(ns, 1, announcement={"mode": "BGP", "peers": ["r1"]})])
+    wait_for(
+        "announced over BGP by a, with no Lease",
+        lambda: status_of(admin, ns).get("announcement") == {"mode": "BGP", "nodes": [node]},
+    )

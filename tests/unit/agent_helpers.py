@@ -70,7 +70,8 @@ def observed_from(desired: DesiredTable) -> dict[ServiceKey, ObservedService]:
 
 
 def apply_ops(table: ObservedTable, ops: list[Op]) -> dict[ServiceKey, ObservedService]:
-    """Apply operations to an in-memory table with the kernel's semantics (errors raise)."""
+    """Apply operations to an in-memory table with the kernel's semantics (errors raise); a new
+    real server goes to the head of its list, which dumps show first."""
     out = {k: ObservedService(s.service, dict(s.dests), s.stats) for k, s in table.items()}
     for op in ops:
         key = op.service.key
@@ -90,7 +91,7 @@ def apply_ops(table: ObservedTable, ops: list[Op]) -> dict[ServiceKey, ObservedS
             dkey = op.dest.key
             if op.kind is OpKind.ADD_DEST:
                 assert dkey not in dests, f"EEXIST {op}"
-                dests[dkey] = ObservedDest(op.dest)
+                dests = {dkey: ObservedDest(op.dest), **dests}
             elif op.kind is OpKind.EDIT_DEST:
                 assert dkey in dests, f"ENOENT {op}"
                 dests[dkey] = replace(dests[dkey], dest=op.dest)

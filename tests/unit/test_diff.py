@@ -203,3 +203,87 @@ def test_foreign_entries_survive_any_diff(want_spec: dict, foreign_spec: dict) -
     want = build(want_spec)
     d = diff(want, foreign, lambda _: False, {}, {}, now=0)
     assert all(op.service.key not in foreign for op in d.ops)
+
+
+# Hashing schedulers (sh, dh, mh) fill their tables in the kernel's list order, so every director
+# keeps its list in one canonical order, whatever happened to its table before.
+
+
+def order(table: dict[ServiceKey, ObservedService], key: ServiceKey = HTTP) -> list[str]:
+    return [k.address for k in table[key].dests]
+
+
+def test_a_real_server_that_belongs_in_the_middle_moves_only_those_before_it() -> None:
+    three = [dest("198.51.100.11"), dest("198.51.100.13"), dest("198.51.100.15")]
+    have = apply_ops({}, diff(table(HTTP, *three, scheduler="mh"), {}, everything, {}, {}, 0).ops)
+    assert order(have) == ["198.51.100.15", "198.51.100.13", "198.51.100.11"]
+    want = table(HTTP, *three, dest("198.51.100.12"), scheduler="mh")
+    ops = diff(want, have, everything, {}, {}, now=0).ops
+    assert [(op.kind, op.dest.key.address) for op in ops if op.dest] == [
+        (OpKind.DEL_DEST, "198.51.100.15"),
+        (OpKind.DEL_DEST, "198.51.100.13"),
+        (OpKind.ADD_DEST, "198.51.100.12"),
+        (OpKind.ADD_DEST, "198.51.100.13"),
+        (OpKind.ADD_DEST, "198.51.100.15"),
+    ]
+    after = apply_ops(have, ops)
+    assert order(after) == ["198.51.100.15", "198.51.100.13", "198.51.100.12", "198.51.100.11"]
+    # One that sorts first is just added at the head; rr never reorders.
+    head = table(HTTP, *three, dest("198.51.100.19"), scheduler="mh")
+    assert [op.kind for op in diff(head, have, everything, {}, {}, 0).ops] == [OpKind.ADD_DEST]
+    rr = table(HTTP, *three, dest("198.51.100.12"), scheduler="rr")
+    have_rr = apply_ops(
+        {}, diff(table(HTTP, *three, scheduler="rr"), {}, everything, {}, {}, 0).ops
+    )
+    assert [op.kind for op in diff(rr, have_rr, everything, {}, {}, 0).ops] == [OpKind.ADD_DEST]
+
+
+def test_a_draining_real_server_out_of_order_comes_back_quiesced() -> None:
+    busy = DestStats(active_connections=1)
+    have = {HTTP: ObservedService(svc(HTTP, scheduler="sh"), {
+        DestKey("198.51.100.11", 80): ObservedDest(dest("198.51.100.11")),
+        DestKey("198.51.100.15", 80): ObservedDest(dest("198.51.100.15"), busy),
+    })}  # fmt: skip
+    want = table(HTTP, dest("198.51.100.11"), dest("198.51.100.13"), scheduler="sh")
+    d = diff(want, have, everything, {HTTP: 300}, {}, now=0)
+    after = apply_ops(have, d.ops)
+    assert order(after) == ["198.51.100.15", "198.51.100.13", "198.51.100.11"]
+    assert after[HTTP].dests[DestKey("198.51.100.15", 80)].dest.weight == 0
+    assert d.draining == {(HTTP, DestKey("198.51.100.15", 80)): 0}
+
+
+histories = st.lists(st.dictionaries(addresses, st.integers(0, 3), max_size=5), min_size=1,
+                     max_size=5)  # fmt: skip
+
+
+def _replay(steps: list[dict[str, int]], scheduler: str) -> dict[ServiceKey, ObservedService]:
+    have: dict[ServiceKey, ObservedService] = {}
+    for step in steps:
+        want = build({HTTP: (scheduler, 0, step)})
+        have = apply_ops(have, diff(want, have, everything, {}, {}, now=0).ops)
+    return have
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories, histories, st.sampled_from(["sh", "dh", "mh"]))
+def test_directors_with_different_histories_hold_the_same_list(
+    one: list[dict[str, int]], other: list[dict[str, int]], scheduler: str
+) -> None:
+    """Whatever each director went through (restarts count: a new agent diffs the kernel's
+    list as it finds it), once both apply the same desired state their lists are equal."""
+    last = other[-1]
+    a, b = _replay([*one, last], scheduler), _replay(other, scheduler)
+    assert order(a) == order(b) == sorted(order(a), reverse=True)
+    assert diff(build({HTTP: (scheduler, 0, last)}), a, everything, {}, {}, 0).ops == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.permutations([f"198.51.100.{i}" for i in range(1, 7)]), st.sampled_from(["sh", "mh"]))
+def test_a_list_in_any_order_is_put_in_canonical_order(found: list[str], scheduler: str) -> None:
+    """A table the agent finds after a restart or from an older agent, in any order."""
+    have = {HTTP: ObservedService(
+        svc(HTTP, scheduler=scheduler), {DestKey(a, 80): ObservedDest(dest(a)) for a in found}
+    )}  # fmt: skip
+    want = build({HTTP: (scheduler, 0, dict.fromkeys(found, 1))})
+    after = apply_ops(have, diff(want, have, everything, {}, {}, 0).ops)
+    assert order(after) == sorted(found, reverse=True)

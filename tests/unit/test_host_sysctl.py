@@ -106,6 +106,37 @@ def test_only_what_the_programmed_services_need(needs: Needs, chosen: list[str])
     assert names(needed(needs, "6.1.0-56-amd64")) == chosen
 
 
+def test_active_active_directors_with_consistent_hashing_go_sloppy_and_sync_speaks_v1() -> None:
+    """sloppy_tcp only where a mid-stream packet can find its real server again (mh, sh on a
+    node that peers over BGP): elsewhere it would only create entries for stray packets."""
+    active = Needs(services=True, consistent_hashing=True, connection_sync=True)
+    assert names(needed(active, "6.1.0")) == [
+        "net.ipv4.vs.expire_nodest_conn",
+        "net.ipv4.vs.sloppy_tcp",
+        "net.ipv4.vs.sloppy_sctp",
+        "net.ipv4.vs.schedule_icmp",
+        "net.ipv4.vs.sync_version",
+    ]
+    for item in needed(active, "6.1.0"):
+        assert len(item.reason) > 30, item
+
+
+def test_the_planner_asks_for_sloppy_tcp_only_on_active_active_hashing_directors() -> None:
+    from ipvs_agent.desired import Node, node_needs, plan
+    from tests.unit.agent_helpers import vs
+
+    def needs(scheduler: str, active: bool) -> Needs:
+        v = vs(address="192.0.2.10", ports=[{"port": 80}], scheduler={"name": scheduler},
+               backends={"static": [{"address": "198.51.100.11"}]})  # fmt: skip
+        node = Node("n1", active_active=active)
+        return node_needs(plan([v], {}, node), node)
+
+    assert needs("mh", True).consistent_hashing
+    assert needs("sh", True).consistent_hashing
+    assert not needs("mh", False).consistent_hashing
+    assert not needs("wlc", True).consistent_hashing
+
+
 def test_no_node_wide_arp_ignore_any_more() -> None:
     """ARP for VIPs is filtered per address by the agent's nftables arp table instead."""
     assert not any("arp_ignore" in n for n in names(needed(EVERYTHING, "5.4.0")))

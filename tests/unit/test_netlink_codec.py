@@ -48,6 +48,8 @@ from ipvs_agent.model import (
     ServiceFlag,
     ServiceKey,
     ServiceStats,
+    SyncDaemon,
+    SyncState,
     Timeouts,
     TunnelFlags,
     TunnelType,
@@ -534,6 +536,115 @@ def test_timeouts_request() -> None:
         nl.CmdAttr.TIMEOUT_TCP_FIN: 0,
         nl.CmdAttr.TIMEOUT_UDP: 30,
     }
+
+
+def _daemon_reply(seq: int, *attributes: bytes) -> bytes:
+    """A GET_DAEMON dump message as ip_vs_genl_fill_daemon writes it (cmd NEW_DAEMON)."""
+    return nl.message(FAMILY, nl.Cmd.NEW_DAEMON, nl.NLM_F_MULTI, seq,
+                      nl.nested(nl.CmdAttr.DAEMON, b"".join(attributes)))  # fmt: skip
+
+
+def test_sync_daemon_requests_carry_what_ipvsadm_sends() -> None:
+    daemon = SyncDaemon(SyncState.BACKUP, "eth1", sync_id=7, max_len=1400,
+                        group="239.1.2.3", port=9000, ttl=2)  # fmt: skip
+    data = nl.encode_new_daemon(FAMILY, 3, daemon)
+    header = header_of(data)
+    assert data[header.start] == nl.Cmd.NEW_DAEMON and header.flags & nl.NLM_F_ACK
+    top = _top_attrs(data[nl.HEADERS_LEN :])
+    inner = _top_attrs(top[nl.CmdAttr.DAEMON])
+    assert inner == {
+        nl.DaemonAttr.STATE: struct.pack("=I", 2),
+        nl.DaemonAttr.MCAST_IFN: b"eth1\0",
+        nl.DaemonAttr.SYNC_ID: struct.pack("=I", 7),
+        nl.DaemonAttr.SYNC_MAXLEN: struct.pack("=H", 1400),
+        nl.DaemonAttr.MCAST_GROUP: bytes([239, 1, 2, 3]),  # network order
+        nl.DaemonAttr.MCAST_PORT: struct.pack("=H", 9000),  # host order, unlike other ports
+        nl.DaemonAttr.MCAST_TTL: b"\x02",
+    }
+
+    # Defaults are left to the kernel: nothing but state, interface and sync id.
+    def sent(d: SyncDaemon) -> dict[int, bytes]:
+        top = _top_attrs(nl.encode_new_daemon(FAMILY, 4, d)[nl.HEADERS_LEN :])
+        return _top_attrs(top[nl.CmdAttr.DAEMON])
+
+    plain = sent(SyncDaemon(SyncState.MASTER, "eth0"))
+    assert set(plain) == {nl.DaemonAttr.STATE, nl.DaemonAttr.MCAST_IFN, nl.DaemonAttr.SYNC_ID}
+    six = sent(SyncDaemon(SyncState.MASTER, "eth0", group="ff02::81"))
+    assert six[nl.DaemonAttr.MCAST_GROUP6] == bytes.fromhex("ff02" + "00" * 12 + "0081")
+    stop = nl.encode_del_daemon(FAMILY, 6, SyncState.MASTER)
+    assert stop[header_of(stop).start] == nl.Cmd.DEL_DAEMON
+    assert _top_attrs(_top_attrs(stop[nl.HEADERS_LEN :])[nl.CmdAttr.DAEMON]) == {
+        nl.DaemonAttr.STATE: struct.pack("=I", 1)
+    }
+
+
+@pytest.mark.parametrize(
+    "daemon",
+    [
+        SyncDaemon(SyncState.MASTER, ""),
+        SyncDaemon(SyncState.MASTER, "an-interface-name-too-long"),
+        SyncDaemon(SyncState.MASTER, "eth0", group="192.0.2.1"),  # not multicast
+        SyncDaemon(SyncState.MASTER, "eth0", group="no-address"),
+        SyncDaemon(SyncState.MASTER, "eth0", port=70000),
+        SyncDaemon(SyncState.MASTER, "eth0", ttl=256),
+    ],
+    ids=["no-interface", "long-interface", "unicast-group", "bad-group", "port", "ttl"],
+)
+def test_sync_daemons_that_cannot_be_encoded_say_why(daemon: SyncDaemon) -> None:
+    with pytest.raises(nl.CodecError) as caught:
+        nl.encode_new_daemon(FAMILY, 1, daemon)
+    assert str(caught.value)
+
+
+def test_sync_daemon_dumps_decode_with_the_kernels_defaults() -> None:
+    u16, u32 = (lambda v: struct.pack("=H", v)), (lambda v: struct.pack("=I", v))
+    master = _daemon_reply(
+        9,
+        nl.attr(nl.DaemonAttr.STATE, u32(1)),
+        nl.attr(nl.DaemonAttr.MCAST_IFN, b"eth0\0"),
+        nl.attr(nl.DaemonAttr.SYNC_ID, u32(5)),
+        nl.attr(nl.DaemonAttr.SYNC_MAXLEN, u16(1472)),
+        nl.attr(nl.DaemonAttr.MCAST_PORT, u16(8848)),
+        nl.attr(nl.DaemonAttr.MCAST_TTL, b"\x01"),
+        nl.attr(nl.DaemonAttr.MCAST_GROUP, bytes([224, 0, 0, 81])),
+    )
+    backup = _daemon_reply(
+        9,
+        nl.attr(nl.DaemonAttr.STATE, u32(2)),
+        nl.attr(nl.DaemonAttr.MCAST_IFN, b"eth0\0"),
+        nl.attr(nl.DaemonAttr.SYNC_ID, u32(5)),
+        nl.attr(nl.DaemonAttr.MCAST_GROUP6, bytes.fromhex("ff02" + "00" * 12 + "0081")),
+    )
+    got = [nl.decode_daemon(m, h) for m in (master, backup) for h in nl.messages(m)]
+    assert got == [
+        SyncDaemon(SyncState.MASTER, "eth0", 5, 1472, "224.0.0.81", 8848, 1),
+        SyncDaemon(SyncState.BACKUP, "eth0", 5, 0, "ff02::81", 0, 0),
+    ]
+    wanted = SyncDaemon(SyncState.MASTER, "eth0", sync_id=5)
+    assert got[0] is not None and wanted.matches(got[0])
+    assert not replace(wanted, sync_id=6).matches(got[0])
+    assert not replace(wanted, port=9000).matches(got[0])
+    assert not replace(wanted, state=SyncState.BACKUP).matches(got[0])
+
+
+def test_fake_kernel_runs_one_daemon_per_state() -> None:
+    fake = FakeKernel()
+    master = SyncDaemon(SyncState.MASTER, "eth0", sync_id=3)
+    fake.start_daemon(master)
+    fake.start_daemon(replace(master, state=SyncState.BACKUP))
+    assert [d.state for d in fake.daemons()] == [SyncState.MASTER, SyncState.BACKUP]
+    assert all(replace(master, state=d.state).matches(d) for d in fake.daemons())
+    with pytest.raises(KernelError) as caught:
+        fake.start_daemon(master)
+    assert caught.value.errno == errno.EEXIST
+    fake.stop_daemon(SyncState.MASTER)
+    with pytest.raises(KernelError) as caught:
+        fake.stop_daemon(SyncState.MASTER)
+    assert caught.value.errno == errno.ESRCH
+    fake.interfaces = {"eth0"}
+    with pytest.raises(KernelError) as caught:
+        fake.start_daemon(replace(master, interface="eth9"))
+    assert caught.value.errno == errno.ENODEV
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ def example_objects() -> list[tuple[str, dict[str, Any]]]:
 def _load(obj: dict[str, Any]) -> object:
     if obj["kind"] == constants.ADDRESS_POOL:
         return load.address_pool(obj)
+    if obj["kind"] == constants.BGP_PEER:
+        return load.bgp_peer(obj)
     return load.virtual_server(obj)
 
 
@@ -73,7 +75,7 @@ def test_examples_are_valid(name: str, obj: dict[str, Any]) -> None:
 
 def test_every_example_kind_is_covered() -> None:
     kinds = {obj["kind"] for _, obj in example_objects()}
-    assert kinds == {constants.VIRTUAL_SERVER, constants.ADDRESS_POOL}
+    assert kinds == {constants.VIRTUAL_SERVER, constants.ADDRESS_POOL, constants.BGP_PEER}
     methods = {
         obj["spec"].get("forwarding", {}).get("method", "NAT")
         for _, obj in example_objects()

@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 from ipvs_agent.announce.election import Member, Wanted, mine
 from ipvs_agent.announce.members import LeaseKeeper
-from ipvs_agent.desired import EndpointIndex, Outcome, State
+from ipvs_agent.announce.serving import vips
+from ipvs_agent.desired import EndpointIndex, Outcome
 from ipvs_agent.model import IPAddress
 from ipvs_api.leases import LeaseRecord, Liveness, lease_name, read_lease
-from ipvs_api.types import AddressPool, LabelSelector, TrafficPolicy, VirtualServer
+from ipvs_api.types import AddressPool, LabelSelector, VirtualServer
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +85,22 @@ def layer2_inputs(
 ) -> Inputs:
     """The election's inputs from one pass: each VirtualServer's address is announced as its
     pool says (``status.addressPool``, written by the operator)."""
-    by_vip: dict[IPAddress, list[tuple[VirtualServer, AddressPool]]] = {}
-    for vs in virtual_servers:
-        pool = pools.get(vs.status_pool or "")
-        if vs.address is None or vs.spec.fwmark is not None or pool is None:
-            continue
-        if pool.layer2 is None:
-            continue
-        by_vip.setdefault(vs.address, []).append((vs, pool))
     wanted: list[Wanted] = []
     unready: set[IPAddress] = set()
-    for vip in sorted(by_vip, key=lambda a: (a.version, int(a))):
-        users = by_vip[vip]
+    for item in vips(virtual_servers, pools, lambda pool: pool.layer2 is not None):
         selectors: list[LabelSelector] = []
-        local: frozenset[str] | None = None
         patterns: list[str] = []
-        for vs, pool in users:
+        for vs, pool in item.users:
             assert pool.layer2 is not None
             selectors += [vs.spec.node_selector, pool.layer2.node_selector]
             patterns += pool.layer2.interfaces
-            if vs.spec.traffic_policy is TrafficPolicy.LOCAL:
-                nodes = frozenset(
-                    ep.node_name or ""
-                    for ep in endpoints.get((vs.namespace, vs.spec.backends.service or ""), ())
-                    if ep.ready
-                )
-                local = nodes if local is None else local & nodes
-        item = Wanted(vip, tuple(selectors), local, tuple(dict.fromkeys(patterns)))
-        wanted.append(item)
-        programmed = all(
-            (o := outcomes.get(vs.key)) is not None and o.state is State.PROGRAMMED
-            for vs, _ in users
-        )
-        if _selected(item.selectors, labels) and (
-            not programmed or not interfaces_for(vip, item.interfaces, nics)
+        local = item.local_endpoints(endpoints)
+        chosen = Wanted(item.vip, tuple(selectors), local, tuple(dict.fromkeys(patterns)))
+        wanted.append(chosen)
+        if _selected(chosen.selectors, labels) and (
+            not item.programmed(outcomes) or not interfaces_for(item.vip, chosen.interfaces, nics)
         ):
-            unready.add(vip)
+            unready.add(item.vip)
     return Inputs(ready, dict(labels), tuple(wanted), frozenset(unready), nics)
 
 

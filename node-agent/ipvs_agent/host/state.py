@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ipvs_agent.host._netns import netns_path
-from ipvs_agent.model import AddressFamily, ServiceKey
+from ipvs_agent.model import AddressFamily, ServiceKey, SyncDaemon, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class State:
     digest: str | None = None
     #: Sysctl path under /proc/sys -> what the agent wrote over what.
     sysctls: Mapping[str, SysctlNote] = field(default_factory=dict)
+    #: The connection sync daemons the agent started, as it asked for them.
+    sync_daemons: tuple[SyncDaemon, ...] = ()
 
     def with_sysctls(self, changes: Iterable[tuple[str, str, str]]) -> State:
         """Note (path, value, previous) changes; the first previous value of a path stays."""
@@ -105,6 +107,18 @@ def encode(state: State, netns: tuple[int, int] | None, boot_id: str) -> str:
             path: {"value": note.value, "previous": note.previous}
             for path, note in sorted(state.sysctls.items())
         },
+        "syncDaemons": [
+            {
+                "state": int(d.state),
+                "interface": d.interface,
+                "syncId": d.sync_id,
+                "maxLen": d.max_len,
+                "group": d.group,
+                "port": d.port,
+                "ttl": d.ttl,
+            }
+            for d in state.sync_daemons
+        ],
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
@@ -128,6 +142,18 @@ def decode(text: str, netns: tuple[int, int] | None, boot_id: str) -> State | No
                 str(path): SysctlNote(str(note["value"]), str(note["previous"]))
                 for path, note in (doc.get("sysctls") or {}).items()
             },
+            tuple(
+                SyncDaemon(
+                    SyncState(int(d["state"])),
+                    str(d["interface"]),
+                    int(d.get("syncId", 0)),
+                    int(d.get("maxLen", 0)),
+                    str(d.get("group", "")),
+                    int(d.get("port", 0)),
+                    int(d.get("ttl", 0)),
+                )
+                for d in doc.get("syncDaemons") or ()
+            ),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

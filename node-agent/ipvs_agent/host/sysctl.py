@@ -109,6 +109,34 @@ ARP_ANNOUNCE = sysctl(
 )
 
 
+VS_SLOPPY_TCP = sysctl(
+    "net.ipv4.vs.sloppy_tcp",
+    1,
+    "Active-active directors (BGP, ECMP) with mh or sh: when a director is lost or added, the "
+    "routers move flows to another director mid-stream; IPVS then creates the connection from "
+    "a packet other than a SYN, and the consistent scheduler picks the same real server, so "
+    "the connection lives on (kube-router#1860).",
+)
+VS_SLOPPY_SCTP = sysctl(
+    "net.ipv4.vs.sloppy_sctp",
+    1,
+    "The same for SCTP associations (a packet other than INIT may create the connection).",
+)
+VS_SCHEDULE_ICMP = sysctl(
+    "net.ipv4.vs.schedule_icmp",
+    1,
+    "Active-active directors with mh or sh: an ICMP error (fragmentation needed) about a flow "
+    "this director has not seen is scheduled like the flow, so path MTU discovery works "
+    "whichever director the router picks for the ICMP packet.",
+)
+VS_SYNC_VERSION = sysctl(
+    "net.ipv4.vs.sync_version",
+    1,
+    "Connection sync: version 1 messages carry IPv6, persistence templates, firewall marks and "
+    "timeouts (version 0 only IPv4 connections).",
+)
+
+
 def conn_reuse_mode_needed(kernel_release: str) -> bool:
     """True on the kernels with the 1-second delay: 4.1 (the sysctl's birth) to 5.8."""
     version = kernel_version(kernel_release)
@@ -124,6 +152,9 @@ class Needs:
     nat6: bool = False
     masquerade: bool = False
     persistence: bool = False
+    #: mh/sh services on a node that is one of several active directors (BGP with ECMP).
+    consistent_hashing: bool = False
+    connection_sync: bool = False
 
 
 def needed(needs: Needs, kernel_release: str) -> list[Sysctl]:
@@ -148,6 +179,10 @@ def needed(needs: Needs, kernel_release: str) -> list[Sysctl]:
         wanted.append(VS_EXPIRE_QUIESCENT_TEMPLATE)
     if needs.nat4:
         wanted.append(ARP_ANNOUNCE)
+    if needs.consistent_hashing:
+        wanted += [VS_SLOPPY_TCP, VS_SLOPPY_SCTP, VS_SCHEDULE_ICMP]
+    if needs.connection_sync:
+        wanted.append(VS_SYNC_VERSION)
     return wanted
 
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
-from ipvs_agent.model import KernelInfo, ObservedTable, ServiceKey, Timeouts
+from ipvs_agent.model import (
+    KernelInfo,
+    ObservedTable,
+    ServiceKey,
+    SyncDaemon,
+    SyncState,
+    Timeouts,
+)
 from ipvs_agent.ops import Op, OpKind
 
 __all__ = ["NOT_SENT", "Kernel", "KernelError", "OpResult", "apply_in_rounds", "describe_error"]
@@ -130,6 +137,18 @@ class Kernel(Protocol):
         ...
 
     def get_timeouts(self) -> Timeouts: ...
+
+    def daemons(self) -> tuple[SyncDaemon, ...]:
+        """The connection sync daemons running in this network namespace (GET_DAEMON)."""
+        ...
+
+    def start_daemon(self, daemon: SyncDaemon) -> None:
+        """Start one sync daemon (NEW_DAEMON); KernelError EEXIST if one of its state runs."""
+        ...
+
+    def stop_daemon(self, state: SyncState) -> None:
+        """Stop the master or the backup daemon (DEL_DAEMON); ESRCH if none runs."""
+        ...
 
     def close(self) -> None: ...
 

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Self
 
 from ipvs_agent.kernel import KernelError, OpResult, apply_in_rounds, describe_error
 from ipvs_agent.kernel import netlink as nl
 from ipvs_agent.model import (
+    SYNC_DEFAULT_GROUP,
+    SYNC_DEFAULT_PORT,
+    SYNC_DEFAULT_TTL,
     Dest,
     DestKey,
     DestStats,
@@ -39,6 +42,8 @@ from ipvs_agent.model import (
     Service,
     ServiceKey,
     ServiceStats,
+    SyncDaemon,
+    SyncState,
     Timeouts,
     TunnelType,
 )
@@ -84,6 +89,10 @@ class FakeKernel:
         self._table: dict[ServiceKey, _Entry] = {}
         self._failures: list[tuple[Callable[[Op], bool], int, str]] = []
         self._family = 0x20  # any id: the messages never leave the process
+        #: Running sync daemons by state, as GET_DAEMON reports them (defaults filled in).
+        self.sync_daemons: dict[SyncState, SyncDaemon] = {}
+        #: Interfaces a sync daemon may bind to (None: any name).
+        self.interfaces: set[str] | None = None
 
     # --- test controls -------------------------------------------------------------------
 
@@ -146,6 +155,37 @@ class FakeKernel:
     def get_timeouts(self) -> Timeouts:
         self._check_open()
         return self.timeouts
+
+    def daemons(self) -> tuple[SyncDaemon, ...]:
+        self._check_open()
+        return tuple(self.sync_daemons[s] for s in sorted(self.sync_daemons))
+
+    def start_daemon(self, daemon: SyncDaemon) -> None:
+        """As start_sync_thread: one daemon per state, an existing interface, no cross-family
+        TUN dest anywhere in the table (the sync protocol cannot carry one)."""
+        self._check_open()
+        try:
+            nl.encode_daemon(daemon)
+        except nl.CodecError as error:
+            raise KernelError(error.errno, str(error)) from None
+        if daemon.state in self.sync_daemons:
+            raise KernelError(errno.EEXIST, "NEW_DAEMON: File exists")
+        if self.interfaces is not None and daemon.interface not in self.interfaces:
+            raise KernelError(errno.ENODEV, "NEW_DAEMON: No such device")
+        if any(d.af is not None for e in self._table.values() for d in e.dests.values()):
+            raise KernelError(errno.EINVAL, "NEW_DAEMON: Invalid argument")
+        self.sync_daemons[daemon.state] = replace(
+            daemon,
+            max_len=daemon.max_len or 1472,
+            group=daemon.group or SYNC_DEFAULT_GROUP,
+            port=daemon.port or SYNC_DEFAULT_PORT,
+            ttl=daemon.ttl or SYNC_DEFAULT_TTL,
+        )
+
+    def stop_daemon(self, state: SyncState) -> None:
+        self._check_open()
+        if self.sync_daemons.pop(state, None) is None:
+            raise KernelError(errno.ESRCH, "DEL_DAEMON: No such process")
 
     def close(self) -> None:
         self.closed = True

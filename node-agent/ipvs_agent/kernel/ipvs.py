@@ -42,6 +42,8 @@ from ipvs_agent.model import (
     ObservedService,
     ObservedTable,
     ServiceKey,
+    SyncDaemon,
+    SyncState,
     Timeouts,
 )
 from ipvs_agent.ops import Op
@@ -155,6 +157,43 @@ class IPVSKernel:
         with self._lock:
             header, data = self._request(nl.Cmd.GET_CONFIG)
             return nl.decode_timeouts(data, header)
+
+    def daemons(self) -> tuple[SyncDaemon, ...]:
+        with self._lock:
+            seq = self._next_seq()
+            self._send(nl.encode_daemon_dump(self._family, seq))
+            found: list[SyncDaemon] = []
+            for chunk in self._collect(seq, "GET_DAEMON"):
+                for header in nl.messages(chunk):
+                    daemon = nl.decode_daemon(chunk, header)
+                    if daemon is not None:
+                        found.append(daemon)
+            return tuple(found)
+
+    def start_daemon(self, daemon: SyncDaemon) -> None:
+        with self._lock:
+            seq = self._next_seq()
+            try:
+                data = nl.encode_new_daemon(self._family, seq, daemon)
+            except nl.CodecError as error:
+                raise KernelError(error.errno, str(error)) from None
+            self._send(data)
+            self._receive(seq, lambda _header: False, self._ack_or_raise("NEW_DAEMON"))
+
+    def stop_daemon(self, state: SyncState) -> None:
+        with self._lock:
+            seq = self._next_seq()
+            self._send(nl.encode_del_daemon(self._family, seq, state))
+            self._receive(seq, lambda _header: False, self._ack_or_raise("DEL_DAEMON"))
+
+    def _ack_or_raise(self, what: str) -> Callable[[nl.Header], bool]:
+        def on_error(header: nl.Header) -> bool:
+            code, text = nl.decode_error(self._buf, header)
+            if code:
+                raise KernelError(code, f"{what}: {text or os.strerror(code)}")
+            return True
+
+        return on_error
 
     def close(self) -> None:
         self._sock.close()

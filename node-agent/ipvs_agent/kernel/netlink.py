@@ -41,6 +41,8 @@ from ipvs_agent.model import (
     ServiceFlag,
     ServiceKey,
     ServiceStats,
+    SyncDaemon,
+    SyncState,
     Timeouts,
     TunnelFlags,
     TunnelType,
@@ -138,6 +140,19 @@ class DestAttr(IntEnum):
     TUN_TYPE = 13
     TUN_PORT = 14
     TUN_FLAGS = 15
+
+
+class DaemonAttr(IntEnum):
+    """IPVS_DAEMON_ATTR_*, nested in CmdAttr.DAEMON."""
+
+    STATE = 1
+    MCAST_IFN = 2
+    SYNC_ID = 3
+    SYNC_MAXLEN = 4
+    MCAST_GROUP = 5
+    MCAST_GROUP6 = 6
+    MCAST_PORT = 7
+    MCAST_TTL = 8
 
 
 class StatsAttr(IntEnum):
@@ -360,6 +375,64 @@ def encode_set_timeouts(family: int, seq: int, timeouts: Timeouts) -> bytes:
         )
     )
     return message(family, Cmd.SET_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, payload)
+
+
+#: IP_VS_IFNAME_MAXLEN - 1: the longest interface name a sync daemon takes.
+IFNAME_MAX: Final = 15
+
+
+def encode_daemon(daemon: SyncDaemon) -> bytes:
+    """The DAEMON attributes of NEW_DAEMON: what ``ipvsadm --start-daemon`` sends.
+
+    The kernel reads MCAST_PORT as a host-order u16 (it adds the thread index before
+    converting), unlike every port of a service or dest; MCAST_GROUP is an IPv4 address in
+    network order, MCAST_GROUP6 the 16 raw bytes. Settings left at 0 or "" are not sent, so
+    the kernel applies its defaults.
+    """
+    try:
+        name = daemon.interface.encode("ascii")
+    except UnicodeEncodeError:
+        raise CodecError(errno.EINVAL, f"interface {daemon.interface!r} is not ASCII") from None
+    if not name or len(name) > IFNAME_MAX or b"\0" in name:
+        raise CodecError(
+            errno.EINVAL, f"sync interface {daemon.interface!r} must be 1-{IFNAME_MAX} characters"
+        )
+    out = (
+        attr(DaemonAttr.STATE, _packed(_U32, daemon.state, "sync state"))
+        + attr(DaemonAttr.MCAST_IFN, name + b"\0")
+        + attr(DaemonAttr.SYNC_ID, _packed(_U32, daemon.sync_id, "sync id"))
+    )
+    if daemon.max_len:
+        out += attr(DaemonAttr.SYNC_MAXLEN, _packed(_U16, daemon.max_len, "sync maxlen"))
+    if daemon.group:
+        try:
+            group = ipaddress.ip_address(daemon.group)
+        except ValueError:
+            raise CodecError(errno.EINVAL, f"{daemon.group!r} is not an address") from None
+        if not group.is_multicast:
+            raise CodecError(errno.EINVAL, f"sync group {group} is not a multicast address")
+        kind = DaemonAttr.MCAST_GROUP if group.version == 4 else DaemonAttr.MCAST_GROUP6
+        out += attr(kind, group.packed)
+    if daemon.port:
+        out += attr(DaemonAttr.MCAST_PORT, _packed(_U16, daemon.port, "sync port"))
+    if daemon.ttl:
+        out += attr(DaemonAttr.MCAST_TTL, _packed(_U8, daemon.ttl, "sync ttl"))
+    return out
+
+
+def encode_new_daemon(family: int, seq: int, daemon: SyncDaemon) -> bytes:
+    payload = nested(CmdAttr.DAEMON, encode_daemon(daemon))
+    return message(family, Cmd.NEW_DAEMON, NLM_F_REQUEST | NLM_F_ACK, seq, payload)
+
+
+def encode_del_daemon(family: int, seq: int, state: SyncState) -> bytes:
+    """DEL_DAEMON names the daemon by its state alone (one master, one backup per netns)."""
+    payload = nested(CmdAttr.DAEMON, attr(DaemonAttr.STATE, _U32.pack(int(state))))
+    return message(family, Cmd.DEL_DAEMON, NLM_F_REQUEST | NLM_F_ACK, seq, payload)
+
+
+def encode_daemon_dump(family: int, seq: int) -> bytes:
+    return message(family, Cmd.GET_DAEMON, NLM_F_REQUEST | NLM_F_DUMP, seq)
 
 
 # --- decoding: framing -----------------------------------------------------------------------
@@ -996,6 +1069,35 @@ def decode_info(buf: Buffer, header: Header) -> tuple[str, int]:
     code = _u32(buf, at, InfoAttr.VERSION)
     version = f"{(code >> 16) & 0xFF}.{(code >> 8) & 0xFF}.{code & 0xFF}"
     return version, _u32(buf, at, InfoAttr.CONN_TAB_SIZE)
+
+
+def decode_daemon(buf: Buffer, header: Header) -> SyncDaemon | None:
+    """One daemon of a GET_DAEMON dump (None: a state this model does not know)."""
+    span = nested_payload(buf, header, CmdAttr.DAEMON)
+    if span is None:
+        raise CodecError(errno.EPROTO, "daemon message without IPVS_CMD_ATTR_DAEMON")
+    at = attrs(buf, *span)
+    state = _u32(buf, at, DaemonAttr.STATE)
+    if state not in (SyncState.MASTER, SyncState.BACKUP):
+        return None
+    name = _payload(buf, at, DaemonAttr.MCAST_IFN) or b""
+    group = ""
+    raw4 = _raw(buf, at, DaemonAttr.MCAST_GROUP, 4)
+    raw6 = _raw(buf, at, DaemonAttr.MCAST_GROUP6, 16)
+    if raw4 is not None:
+        group = str(ipaddress.IPv4Address(raw4))
+    elif raw6 is not None:
+        group = str(ipaddress.IPv6Address(raw6))
+    off = at.get(DaemonAttr.MCAST_TTL)
+    return SyncDaemon(
+        state=SyncState(state),
+        interface=name.split(b"\0", 1)[0].decode("ascii", "replace"),
+        sync_id=_u32(buf, at, DaemonAttr.SYNC_ID),
+        max_len=_u16(buf, at, DaemonAttr.SYNC_MAXLEN),
+        group=group,
+        port=_u16(buf, at, DaemonAttr.MCAST_PORT),
+        ttl=0 if off is None else int(_U8.unpack_from(buf, off)[0]),
+    )
 
 
 def decode_timeouts(buf: Buffer, header: Header) -> Timeouts:
