@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from tests.vm.image import VMBuildError
-from tests.vm.qemu import SHARE_IN_VM, VMBootError, VMRun, run_in_vm
+from tests.vm.qemu import SHARE_IN_VM, VMBootError, VMRun, run_in_vm, vm_timeout
 from tests.vm.reporter import REPORT_ENV
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernel"
@@ -46,6 +46,8 @@ RESULTS_FILE = "results.jsonl"
 # kernel test that needs one must remove it from here.
 INNER_DISABLED_PLUGINS = ("hypothesispytest", "kmock")
 CONSOLE_TAIL_LINES = 60
+#: The kernel suite's one VM: its whole life (IPVS_VM_TIMEOUT overrides).
+SUITE_TIMEOUT = 3600.0
 OUTCOME_MARKERS = frozenset({"skip", "skipif", "xfail"})
 
 
@@ -133,7 +135,12 @@ class _VMSession:
         with tempfile.TemporaryDirectory(prefix="ipvs-vm-") as tmp:
             share = Path(tmp)
             try:
-                self.run = run_in_vm(argv, share, cwd=config.rootpath, env=env, log=log)
+                # Every kernel test in one boot: ~100 tests take 10-27 min under TCG (quiet to
+                # loaded host); IPVS_VM_TIMEOUT still wins when set.
+                limit = vm_timeout() if os.environ.get("IPVS_VM_TIMEOUT") else SUITE_TIMEOUT
+                self.run = run_in_vm(
+                    argv, share, cwd=config.rootpath, env=env, log=log, timeout=limit
+                )
             except (VMBuildError, VMBootError) as error:
                 self.error = f"cannot build or boot the IPVS test VM: {error}"
                 return
