@@ -20,7 +20,7 @@ t0=$SECONDS
 
 # Debian packages: qemu and a busybox for the VM, kmod/cpio to build its initramfs, etcd for the
 # API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only).
-packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm
+packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm keepalived
           procps python3-venv)
 missing=()
 for p in "${packages[@]}"; do
