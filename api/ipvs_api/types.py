@@ -232,7 +232,7 @@ class Feedback:
     target: float = 0.95
     scale: int = 10
     min_weight: int = 1
-    threshold: float = 0.05
+    threshold: float = 0.15
     blackout: float = 10.0
     expiry: float = 180.0
 

@@ -75,6 +75,8 @@ class _Server:
         self.busy_since = time.monotonic()
         self.samples: collections.deque[tuple[float, float]] = collections.deque()
         self.buffers: dict[socket.socket, bytes] = {}
+        #: Work connections that carry several requests (``keep`` lines), a session each.
+        self.keep: set[socket.socket] = set()
         self.sel.register(control, selectors.EVENT_READ, ("control", None))
 
     # ------------------------------------------------------------ sockets
@@ -117,6 +119,7 @@ class _Server:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn)
         self.buffers.pop(conn, None)
+        self.keep.discard(conn)
         conn.close()
 
     # ------------------------------------------------------------ utilisation
@@ -135,7 +138,11 @@ class _Server:
             _, _, conn = heapq.heappop(self.busy)
             with contextlib.suppress(OSError):
                 conn.send(f"{self.c.name}\n".encode())
-            self._drop(conn)
+            if conn in self.keep:  # a session: wait for its next request
+                self.buffers[conn] = b""
+                self.sel.register(conn, selectors.EVENT_READ, ("work-conn", None))
+            else:
+                self._drop(conn)
             self.served += 1
             self._start_work(done)
         self._integrate(now)
@@ -188,7 +195,7 @@ class _Server:
         except OSError:
             data = b""
         if not data:
-            if role == "work-conn":
+            if role == "work-conn" and conn not in self.keep:
                 self.sel.unregister(conn)  # half-closed: still owed an answer
                 return
             self._drop(conn)
@@ -214,6 +221,8 @@ class _Server:
                 )
             self._drop(conn)
         elif role == "work-conn" and b"\n" in buffered:
+            if buffered.startswith(b"keep"):
+                self.keep.add(conn)
             self.sel.unregister(conn)
             now = time.monotonic()
             self._advance(now)
@@ -433,13 +442,96 @@ def _generate(vip: str, port: int, rate: float, count: int, deadline: float) -> 
     return done
 
 
+def _sessions(
+    vip: str, port: int, rate: float, count: int, per_session: int, think: float, deadline: float
+) -> list[Outcome]:
+    """``count`` sessions opened at ``rate`` per second, each one connection that sends
+    ``per_session`` requests one after another, ``think`` seconds after each answer: a client
+    with a long-lived connection, whose load the count of connections does not show."""
+    family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    sel = selectors.DefaultSelector()
+    t0 = time.monotonic()
+    end = t0 + deadline
+    opened, done = 0, []
+    timers: list[tuple[float, int, socket.socket]] = []  # (send at, tie, connection)
+    state: dict[socket.socket, list[Any]] = {}  # [requests sent, sent at, buffer]
+    tie = 0
+    while (opened < count or state) and time.monotonic() < end:
+        if _STOPPING:
+            count = opened
+        now = time.monotonic()
+        while opened < count and t0 + opened / rate <= now:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect((vip, port))
+            sel.register(sock, selectors.EVENT_WRITE)
+            state[sock] = [0, t0 + opened / rate, b""]
+            opened += 1
+        while timers and timers[0][0] <= now:
+            _, _, sock = heapq.heappop(timers)
+            if sock in state:
+                state[sock][1] = now
+                with contextlib.suppress(OSError):
+                    sock.send(b"keep\n")
+                sel.register(sock, selectors.EVENT_READ)
+        wakes = [t0 + opened / rate] if opened < count else []
+        wakes += [timers[0][0]] if timers else []
+        wake = min([*wakes, end])
+        for key, events in sel.select(max(0.0, wake - time.monotonic())):
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            sock = ready
+            sent, started, data = state[sock]
+            if events & selectors.EVENT_WRITE:
+                try:
+                    sock.send(b"keep\n")
+                except OSError:
+                    done.append(Outcome(started - t0, time.monotonic() - started, "error"))
+                    sel.unregister(sock)
+                    sock.close()
+                    del state[sock]
+                    continue
+                sel.modify(sock, selectors.EVENT_READ)
+                continue
+            try:
+                chunk = sock.recv(256)
+            except OSError:
+                chunk = b""
+            data += chunk
+            if chunk and not data.endswith(b"\n"):
+                state[sock][2] = data
+                continue
+            finished = time.monotonic()
+            done.append(Outcome(started - t0, finished - started, data.decode().strip() or "error"))
+            sel.unregister(sock)
+            if not chunk or sent + 1 >= per_session:
+                sock.close()
+                del state[sock]
+                continue
+            state[sock] = [sent + 1, 0.0, b""]
+            tie += 1
+            heapq.heappush(timers, (finished + think, tie, sock))
+    for sock, (_, started, _) in state.items():
+        if started:
+            done.append(Outcome(started - t0, time.monotonic() - started, "unfinished"))
+        sock.close()
+    return done
+
+
 @contextlib.contextmanager
 def offered_load(
-    ns: Netns, vip: str, port: int, rate: float, seconds: float
+    ns: Netns,
+    vip: str,
+    port: int,
+    rate: float,
+    seconds: float,
+    per_session: int = 1,
+    think: float = 0.0,
 ) -> Iterator[Callable[[], list[Outcome]]]:
-    """Requests at ``rate`` per second for at most ``seconds`` from a forked child in ``ns``;
-    the yielded function stops it (requests in flight finish, bounded) and returns every
-    request."""
+    """Requests at ``rate`` per second for at most ``seconds`` from a forked child in ``ns``
+    (with ``per_session`` > 1: sessions at that rate, see :func:`_sessions`); the yielded
+    function stops it (requests in flight finish, bounded) and returns every request."""
     read_end, write_end = os.pipe()
     with ns.entered():
         pid = os.fork()
@@ -448,7 +540,11 @@ def offered_load(
             try:
                 os.close(read_end)
                 signal.signal(signal.SIGUSR1, lambda *_: _STOPPING.append(True))
-                out = _generate(vip, port, rate, int(rate * seconds), seconds + 30)
+                if per_session > 1:
+                    count = int(rate * seconds)
+                    out = _sessions(vip, port, rate, count, per_session, think, seconds + 60)
+                else:
+                    out = _generate(vip, port, rate, int(rate * seconds), seconds + 30)
                 payload = json.dumps([asdict(o) for o in out]).encode()
                 with os.fdopen(write_end, "wb") as pipe:
                     pipe.write(payload)

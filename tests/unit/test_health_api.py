@@ -138,7 +138,7 @@ def test_feedback_defaults_are_the_lvs_ones() -> None:
     assert fb is not None
     assert (fb.agent_port, fb.agent_send) == (3333, "")
     assert (fb.gain, fb.target, fb.scale, fb.min_weight) == (5, 0.95, 10, 1)
-    assert (fb.period, fb.timeout, fb.blackout, fb.expiry, fb.threshold) == (5, 1, 10, 180, 0.05)
+    assert (fb.period, fb.timeout, fb.blackout, fb.expiry, fb.threshold) == (5, 1, 10, 180, 0.15)
 
 
 @given(
