@@ -156,6 +156,11 @@ def test_targets_share_identical_probes_and_pick_the_port_to_check() -> None:
     assert t.on_failure == {k: OnFailure.QUIESCE for k in ("ns/web", "ns/other", "ns/udp")}
 
 
+def test_nothing_is_checked_before_the_virtual_server_has_an_address() -> None:
+    pending = checked(address=None, addressPool="default")
+    assert targets([pending], {}, NODE).probes == {}
+
+
 def test_feedback_targets_static_servers_and_local_ready_endpoints() -> None:
     fb = {"agent": {"port": 3333}, "period": "2s"}
     v = vs(

@@ -10,7 +10,7 @@ from ipvs_operator.status import DirectorReport
 from tests.unit.test_operator_status import GOT, T0
 
 DOWN = RealServerReport("198.51.100.11", 0, "Down", "connection refused")
-DRAIN = RealServerReport("198.51.100.12", 8080, "Drain", "feedback agent said 'drain'")
+DRAIN = RealServerReport("198.51.100.12", 8080, "Drain", "feedback agent said drain")
 STALE = RealServerReport("198.51.100.13", 0, "FeedbackStale", "silent for 180s")
 
 
@@ -70,7 +70,7 @@ def test_status_lists_each_real_server_out_once_with_its_directors() -> None:
             "state": "Drain",
             "directors": 1,
             "port": 8080,
-            "message": "drain on a: feedback agent said 'drain'",
+            "message": "drain on a: feedback agent said drain",
         },
     ]
 
@@ -96,7 +96,7 @@ def test_an_event_when_a_real_server_goes_out_changes_how_or_comes_back() -> Non
     assert [(e.reason, e.message) for e in status.events(down, drained)] == [
         (
             "RealServerDrained",
-            "real server 198.51.100.12:8080 drain on a: feedback agent said 'drain'",
+            "real server 198.51.100.12:8080 drain on a: feedback agent said drain",
         )
     ]
     back = compute(drained, {"a": ()})

@@ -73,8 +73,7 @@ class _PollState:
     due: float
     started: float = 0.0
     running: bool = False
-    #: The last answer, or why the last poll failed.
-    answer: str = ""
+    #: Why the last poll failed ("" when it was answered).
     error: str = ""
 
 
@@ -286,7 +285,6 @@ class Checker:
             if state is None:
                 return
             state.running = False
-            state.answer = data.decode("ascii", "replace").strip() if reply else state.answer
             state.error = error
             state.due = max(state.started + q.period, now)
             self._push(state.due, q)
@@ -334,9 +332,11 @@ class Checker:
 
     def _feed_adjustment(self, ft: FeedTarget, feed: Feed, now: float) -> Adjustment | None:
         v = feedback.verdict(feed, now, ft.law)
-        poll = self._entries.polls.get(ft.poll)
-        said = f"feedback agent said {poll.answer!r}" if poll and poll.answer else ""
+        # Only the command: the rest of an answer (its percentage) changes every poll, and a
+        # changed message would mean a reconcile pass and a status write each time.
+        said = f"feedback agent said {v.command}"
         if v.stale:
+            poll = self._entries.polls.get(ft.poll)
             why = poll.error if poll and poll.error else "no answer"
             silent = f"feedback agent silent for {ft.law.expiry:g}s ({why})"
             return Adjustment(attention=Attention.STALE, message=silent)

@@ -101,6 +101,8 @@ def targets(
             spec.node_selector.matches(node.labels)
         ):
             continue
+        if spec.fwmark is None and vs.address is None:
+            continue  # no address yet: nothing is programmed, nothing to check
         check = spec.health_check
         if check is not None:
             on_failure[vs.key] = check.on_failure
