@@ -6,8 +6,9 @@
 #
 # On Debian 12 as root it installs what is missing: Debian packages, a virtualenv in .venv with
 # this project and its test extras, kube-apiserver built from the Go module proxy, Debian's
-# kernel and an initramfs for the IPVS VM. Downloads and builds are cached under
-# ${IPVS_TEST_CACHE:-$HOME/.cache/ipvs-operator} (and pip's own cache): a warm run checks only.
+# kernel and an initramfs for the IPVS VM, and the image (tests/image/build.sh). Downloads and
+# builds are cached under ${IPVS_TEST_CACHE:-$HOME/.cache/ipvs-operator} (and pip's own cache):
+# a warm run checks only.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,9 +20,13 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 t0=$SECONDS
 
 # Debian packages: qemu and a busybox for the VM, kmod/cpio to build its initramfs, etcd for the
-# API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only).
+# API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only),
+# keepalived beside the agent in the health-check tests and benchmarks; the image: buildah and
+# mmdebstrap build it, umoci unpacks it, runc runs its programs (host and VM), containerd, the CNI
+# plugins and catatonit (the pause process) make the VM a node.
 packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm keepalived
-          procps python3-venv)
+          procps python3-venv buildah mmdebstrap umoci runc containerd
+          containernetworking-plugins catatonit iptables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -54,4 +59,6 @@ step "kube-apiserver (cached build from the Go module proxy)"
 tests/apiserver/build.sh apiserver >/dev/null
 step "Debian kernel and initramfs for the IPVS VM (cached)"
 .venv/bin/python -m tests.vm.image >/dev/null
+step "the image: base from Debian's packages, Dockerfile, OCI archive, SBOM (cached)"
+tests/image/build.sh >/dev/null
 printf "(tests/setup.sh took %ds)\n" $((SECONDS - t0)) >&2

@@ -14,6 +14,11 @@ READY: Final = "Ready"
 PROGRAMMED: Final = "Programmed"
 ADDRESS_ALLOCATED: Final = "AddressAllocated"
 
+# Service condition type: which nodes announce the Service's addresses (layer 2, BGP).
+SERVICE_ANNOUNCED: Final = "ipvs.io/Announced"
+ANNOUNCED: Final = "Announced"
+NOT_ANNOUNCED: Final = "NotAnnounced"
+
 # IPVSNode condition types.
 KERNEL_SUPPORTED: Final = "KernelSupported"
 

@@ -11,6 +11,7 @@ the agent created on this host (and nothing else).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -18,13 +19,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from ipvs_agent import __version__
+from ipvs_agent.announce.members import DURATION, RENEW
 from ipvs_agent.desired import PROTECTED_PORTS, State
 from ipvs_agent.host._netns import HostError
 from ipvs_agent.host.state import DEFAULT_DIR as DEFAULT_STATE_DIR
@@ -228,7 +231,9 @@ def run_command(args: argparse.Namespace) -> int:
     from ipvs_agent.report import NodeReporter, Outbox
     from ipvs_agent.uninstall import cleanup
 
+    global _threads_started
     api = _api_client()
+    _threads_started = True
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -282,6 +287,10 @@ def run_command(args: argparse.Namespace) -> int:
         agent.run(stop)
         if speaker is not None:
             speaker.leave()  # done already by the signal's thread, unless stopped otherwise
+            # The last report says this node announces nothing: the status must not name a
+            # node that stopped (bounded: the API server may be away).
+            agent.send_report()
+            outbox.flush(3.0)
         server.shutdown()
         if own is not None and _uninstalling(own):
             log.info("the DaemonSet %s is deleted: removing what the agent created", args.daemonset)
@@ -296,7 +305,7 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     from kubernetes import client
 
     from ipvs_agent.announce.members import LeaseKeeper
-    from ipvs_agent.announce.responder import Responder
+    from ipvs_agent.announce.responder import Responder, read_nics
     from ipvs_agent.announce.speaker import Speaker
     from ipvs_agent.cluster import lease_mirror
 
@@ -309,14 +318,23 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     wake = threading.Event()
     leases = lease_mirror(api, namespace, wake)
     keeper = LeaseKeeper(
-        client.CustomObjectsApi(api),
+        client.CustomObjectsApi(_api_client()),  # its own connection: writes never queue
         namespace,
         args.node_name,
         duration=args.lease_seconds,
         renew=args.renew_seconds,
     )
     responder = Responder()
-    speaker = Speaker(args.node_name, keeper, leases, responder, wake)
+    rtnl: list[Any] = []
+
+    def nics() -> Any:  # the speaker thread's own rtnetlink socket
+        if not rtnl:
+            from pyroute2 import IPRoute
+
+            rtnl.append(IPRoute())
+        return read_nics(rtnl[0])
+
+    speaker = Speaker(args.node_name, keeper, leases, responder, wake, nics=nics)
     for name, body in (
         ("mirror-leases", leases.run),
         ("lease", keeper.run),
@@ -441,13 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--lease-seconds",
         type=float,
-        default=2.0,
+        default=DURATION,
         help="an agent whose Lease is this old is gone: its VIPs move (default %(default)s)",
     )
     run.add_argument(
         "--renew-seconds",
         type=float,
-        default=0.5,
+        default=RENEW,
         help="how often an agent renews its Lease (default %(default)s)",
     )
     run.add_argument(
@@ -484,8 +502,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cleanup": cleanup_command,
         "run": run_command,
     }
+    code = 70
     try:
-        return int(commands[args.command](args))
+        code = _dispatch(commands[args.command], args)
+    finally:
+        if _threads_started:
+            _exit(code)
+    return code
+
+
+def _dispatch(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return int(command(args))
     except KeyboardInterrupt:
         return 130
     except CLI_ERRORS as error:
@@ -500,6 +528,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70
+
+
+#: Set once ``run`` started its threads (watches, Lease keeper, responder, HTTP server).
+_threads_started = False
+
+
+def _exit(code: int) -> NoReturn:
+    """End ``run`` without interpreter finalization.
+
+    Its daemon threads sit in blocking reads (a watch can wait minutes for its next event);
+    finalizing under them can abort the process (``Fatal Python error`` on a stream lock held
+    by a thread that logs at that moment: exit status -6 seen in the layer-2 lab). What must
+    happen on the way out (handover, cleanup, report) has happened by now.
+    """
+    if sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _one_line(error: BaseException) -> str:

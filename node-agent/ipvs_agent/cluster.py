@@ -60,9 +60,13 @@ class Mirror:
         retry_seconds: float = 2.0,
         *,
         watch_seconds: int = WATCH_SECONDS,
+        fingerprint: Callable[[dict[str, Any]], Any] | None = None,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        #: What of an object the agent acts on; an update that leaves it alone (the operator
+        #: writing a condition, a Node's heartbeat) is kept but wakes no reconcile pass.
+        self.fingerprint = fingerprint
         self.retry_seconds = retry_seconds
         self.watch_seconds = watch_seconds
         self._list_fn = list_fn
@@ -140,10 +144,18 @@ class Mirror:
                     with self._lock:
                         if kind == "DELETED":
                             self._items.pop(self._key(raw), None)
+                            news = True
                         else:
+                            before = self._items.get(self._key(raw))
                             self._items[self._key(raw)] = raw
                             self.seen = True
-                    self._changed.set()
+                            news = (
+                                before is None
+                                or self.fingerprint is None
+                                or self.fingerprint(before) != self.fingerprint(raw)
+                            )
+                    if news:
+                        self._changed.set()
             except Exception as e:  # the API server is away or silent: keep the cache, retry
                 self.connected = False
                 self.errors += 1
@@ -163,9 +175,79 @@ class Mirror:
             self._watch.stop()
 
 
+#: Keyword arguments of a list or watch, and their query parameters.
+_QUERY = (
+    ("field_selector", "fieldSelector"),
+    ("label_selector", "labelSelector"),
+    ("resource_version", "resourceVersion"),
+    ("timeout_seconds", "timeoutSeconds"),
+    ("allow_watch_bookmarks", "allowWatchBookmarks"),
+    ("watch", "watch"),
+)
+
+
+def path_lister(api: client.ApiClient, path: str) -> ListFn:
+    """List (or, with ``watch=True``, watch) the objects at an API path, as plain dicts.
+
+    Without the typed client's class for the group: building ``CoreV1Api`` costs seconds on a
+    loaded host and about 90 s under the test VM's emulation (it wraps hundreds of methods),
+    all for the one list the agent makes of its own Node.
+    """
+
+    def list_fn(**kw: Any) -> Any:
+        query = [(name, kw[key]) for key, name in _QUERY if kw.get(key) is not None]
+        request = api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        return api._call_with_legacy_options(  # the typed clients' own call, shared
+            request,
+            {"200": "object", "401": None},
+            False,
+            kw.get("_preload_content", True),
+            kw.get("_request_timeout"),
+            True,
+        )
+
+    return list_fn
+
+
 def _short(error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:300]
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = obj.get("metadata") or {}
+    return meta
+
+
+def virtual_server_fingerprint(obj: dict[str, Any]) -> Any:
+    """What the agent reads of a VirtualServer: its spec (by generation) and what the operator
+    confirmed in status — not the conditions, nodes and counts the operator writes after
+    every report, which would otherwise wake every agent for each other agent's report."""
+    status = obj.get("status") or {}
+    return (
+        _meta(obj).get("generation"),
+        _meta(obj).get("deletionTimestamp"),
+        status.get("address"),
+        status.get("addressPool"),
+        status.get("firewallMark"),
+    )
+
+
+def node_fingerprint(obj: dict[str, Any]) -> Any:
+    """What the agent reads of its Node: labels and addresses, not heartbeats and conditions."""
+    addresses = ((obj.get("status") or {}).get("addresses")) or []
+    return (repr(sorted((_meta(obj).get("labels") or {}).items())), repr(addresses))
+
+
+def spec_fingerprint(obj: dict[str, Any]) -> Any:
+    """An object whose status the agent never reads (AddressPools): its generation."""
+    return _meta(obj).get("generation")
 
 
 def mirrors(
@@ -173,8 +255,6 @@ def mirrors(
 ) -> list[Mirror]:
     """The agent's mirrors: VirtualServers, EndpointSlices, its own Node, AddressPools."""
     custom = client.CustomObjectsApi(api)
-    discovery = client.DiscoveryV1Api(api)
-    core = client.CoreV1Api(api)
 
     def list_virtual_servers(**kw: Any) -> Any:
         return custom.list_cluster_custom_object(
@@ -187,23 +267,33 @@ def mirrors(
         )
 
     return [
-        Mirror("virtualservers", list_virtual_servers, api, changed, retry_seconds),
+        Mirror(
+            "virtualservers",
+            list_virtual_servers,
+            api,
+            changed,
+            retry_seconds,
+            fingerprint=virtual_server_fingerprint,
+        ),
         Mirror(
             "endpointslices",
-            discovery.list_endpoint_slice_for_all_namespaces,
+            path_lister(api, "/apis/discovery.k8s.io/v1/endpointslices"),
             api,
             changed,
             retry_seconds,
         ),
         Mirror(
             "node",
-            core.list_node,
+            path_lister(api, "/api/v1/nodes"),
             api,
             changed,
             retry_seconds,
+            fingerprint=node_fingerprint,
             field_selector=f"metadata.name={node_name}",
         ),
-        Mirror("addresspools", list_pools, api, changed, retry_seconds),
+        Mirror(
+            "addresspools", list_pools, api, changed, retry_seconds, fingerprint=spec_fingerprint
+        ),
     ]
 
 

@@ -149,6 +149,19 @@ class SpeakerCollector(Collector):
         )
         members.add_metric([], len(self.speaker.members))
         yield members
+        claims = CounterMetricFamily(
+            "ipvs_agent_l2_claims",
+            "Frames of other hosts claiming an address this node answers for (a takeover "
+            "seen, or an address conflict on the LAN).",
+        )
+        claims.add_metric([], sum(getattr(responder, "claims", dict)().values()))
+        yield claims
+        blind = GaugeMetricFamily(
+            "ipvs_agent_l2_blind",
+            "1 while this node cannot see its own Lease renewed (it keeps its addresses).",
+        )
+        blind.add_metric([], 1.0 if self.speaker.blind else 0.0)
+        yield blind
 
 
 class AgentMetrics:

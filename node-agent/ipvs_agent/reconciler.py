@@ -172,17 +172,25 @@ def _with_real_server_failures(
     return outcomes
 
 
+#: The owner recorded for a service frozen before the agent knew whose it was.
+UNKNOWN_OWNER = ""
+
+
 def frozen_services(
     p: Plan, owners_before: Mapping[ServiceKey, str] | None, owned: set[ServiceKey]
 ) -> frozenset[ServiceKey]:
-    """The owned kernel services to leave exactly as they are: those of VirtualServers the
-    planner failed on (by the last pass's owners), or every owned service that is not desired
-    when there was no earlier pass to tell whose they are."""
+    """The owned kernel services to leave exactly as they are while the planner fails on some
+    VirtualServer: those of the failing ones (by the last pass's owners), and every owned
+    service that is not desired and whose owner is unknown (no earlier pass since a restart)."""
     if not p.broken:
         return frozenset()
-    if owners_before is None:
-        return frozenset(owned - set(p.table))
-    return frozenset(k for k, owner in owners_before.items() if owner in p.broken) & owned
+    before = owners_before or {}
+    return frozenset(
+        key
+        for key in owned
+        if before.get(key) in p.broken
+        or (key not in p.table and before.get(key, UNKNOWN_OWNER) == UNKNOWN_OWNER)
+    )
 
 
 def _as_desired(
@@ -275,7 +283,9 @@ def reconcile(
     host.sync_addresses(wanted | going)
     results = kernel.apply(d.ops)
     memory.draining = dict(d.draining)
-    memory.owners = p.owners
+    # A frozen service keeps its owner (or stays of unknown owner) for the next pass.
+    carried = {k: (memory.owners or {}).get(k, UNKNOWN_OWNER) for k in frozen}
+    memory.owners = {**carried, **p.owners}
     memory.real_server_parts = p.real_server_parts
 
     still_there = {

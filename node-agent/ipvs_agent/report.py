@@ -103,13 +103,20 @@ class Outbox:
         self._lock = threading.Lock()
         self._latest: tuple[dict[str, Any], str] | None = None
         self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
         self.sent = 0
         self.failures = 0
 
     def put(self, status: dict[str, Any], node_uid: str = "") -> None:
         with self._lock:
             self._latest = (status, node_uid)
+            self._idle.clear()
         self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the newest report is sent (or ``timeout``); True if it was."""
+        return self._idle.wait(timeout)
 
     def run(self, stop: threading.Event) -> None:
         """Thread body: send the newest report whenever there is one, until ``stop``."""
@@ -123,6 +130,9 @@ class Outbox:
             try:
                 self._send(*item)
                 self.sent += 1
+                with self._lock:
+                    if self._latest is None:
+                        self._idle.set()
             except Exception as e:  # keep the newest for the next try
                 self.failures += 1
                 log.warning("could not report IPVSNode status: %s", str(e).splitlines()[0])

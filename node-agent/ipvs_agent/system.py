@@ -288,20 +288,10 @@ class LinuxHost:
         return found
 
     def interfaces(self) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
-        """Every interface of the namespace with its addresses (for layer-2 announcement)."""
-        rtnl = self.vips.rtnl
-        names = {
-            int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in rtnl.link("dump")
-        }
-        found: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
-            name: [] for name in names.values()
-        }
-        for msg in rtnl.addr("dump"):
-            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            name = names.get(int(msg["index"]))
-            if raw is not None and name is not None:
-                found[name].append(ipaddress.ip_interface(f"{raw}/{msg['prefixlen']}"))
-        return found
+        """The interfaces that are up, with their addresses (for layer-2 announcement)."""
+        from ipvs_agent.announce.responder import read_nics
+
+        return read_nics(self.vips.rtnl)
 
     # ---------------------------------------------------------------- real servers
 

@@ -25,6 +25,7 @@ class Config:
     namespaces: tuple[str, ...] = ()
     leader_election: bool = True
     lease_namespace: str = ""
+    agents_namespace: str = ""
     lease_name: str = "ipvs-operator"
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
@@ -62,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] = os.e
         "--lease-namespace",
         default=env.get("IPVS_LEASE_NAMESPACE") or env.get("POD_NAMESPACE", ""),
         help="namespace of the Lease (default: the pod's) [env IPVS_LEASE_NAMESPACE]",
+    )
+    parser.add_argument(
+        "--agents-namespace",
+        default=env.get("IPVS_AGENTS_NAMESPACE") or env.get("POD_NAMESPACE", ""),
+        help="namespace of the node agents' Leases, which tell which agents are alive "
+        "(default: the pod's, else the Lease's) [env IPVS_AGENTS_NAMESPACE]",
     )
     parser.add_argument("--lease-name", default=env.get("IPVS_LEASE_NAME", d.lease_name))
     parser.add_argument(
@@ -109,6 +116,7 @@ def from_arguments(args: argparse.Namespace) -> Config:
         namespaces=tuple(args.namespaces),
         leader_election=args.leader_election,
         lease_namespace=args.lease_namespace,
+        agents_namespace=args.agents_namespace,
         lease_name=args.lease_name,
         lease_duration=args.lease_duration,
         renew_deadline=args.renew_deadline,

@@ -27,6 +27,7 @@ from ipvs_api.errors import InvalidObject
 from ipvs_api.rules import parse_ip
 from ipvs_api.types import IPAddress, VirtualServer
 from ipvs_operator import backends, kube, pools, status
+from ipvs_operator.agent_leases import AgentLeases
 from ipvs_operator.allocator import Allocator, Claim
 from ipvs_operator.events import EventPoster
 from ipvs_operator.marks import MarkClaim, MarkTable
@@ -47,6 +48,8 @@ POOL_STATUS_DELAY: Final = 0.5
 class Settings:
     default_load_balancer: bool = False
     workers: int = 8
+    #: Where the agents keep their Leases ("": do not watch them; reports stand as they are).
+    agents_namespace: str = ""
 
 
 class Controller:
@@ -79,6 +82,9 @@ class Controller:
         #: most events are the operator's own status writes.
         self._parsed: dict[tuple[str, str], tuple[Any, VirtualServer | None]] = {}
         self._workers: list[asyncio.Task[None]] = []
+        #: Nodes whose agent holds a fresh Lease (None: not known yet).
+        self._live_agents: frozenset[str] | None = None
+        self._client = client
 
     # -- triggers (from kopf event handlers) ---------------------------------------------
 
@@ -144,6 +150,27 @@ class Controller:
             self._node_labels[name] = new
         self._all_virtual_servers()
 
+    def agents_changed(self, alive: frozenset[str]) -> None:
+        """The set of live agents moved: their VirtualServers' announcements may have."""
+        before, self._live_agents = self._live_agents, alive
+        moved = set(self._node_reports) if before is None else alive ^ before
+        for node in moved:
+            for namespace, name in self._node_reports.get(node, ()):
+                self.queue.add((VS, namespace, name))
+
+    def _live(self, reports: Mapping[str, DirectorReport]) -> dict[str, DirectorReport]:
+        """The reports, with a layer-2 announcement only from nodes whose agent is alive (an
+        agent that died cannot take its report back; its Lease goes stale instead)."""
+        alive = self._live_agents
+        return {
+            node: (
+                replace(r, announcement=None)
+                if alive is not None and r.announcement == "Layer2" and node not in alive
+                else r
+            )
+            for node, r in reports.items()
+        }
+
     def _all_virtual_servers(self) -> None:
         for namespace, name in self.views.virtual_server_keys():
             self.queue.add((VS, namespace, name))
@@ -155,6 +182,9 @@ class Controller:
             asyncio.create_task(self._work(), name=f"reconciler-{i}")
             for i in range(self.settings.workers)
         ]
+        if self.settings.agents_namespace:
+            leases = AgentLeases(self._client, self.settings.agents_namespace, self.agents_changed)
+            self._workers.append(asyncio.create_task(leases.run(), name="agent leases"))
 
     async def stop(self) -> None:
         for task in self._workers:
@@ -392,7 +422,7 @@ class Controller:
         generation = int(_meta(body).get("generation") or 0)
         old = self.writer.current(key, body)
         vs = self._load(body)
-        reports = self.views.reports(namespace, name)
+        reports = self._live(self.views.reports(namespace, name))
         if vs is None:
             self._release(f"{namespace}/{name}")
             message = "the VirtualServer does not validate"
@@ -493,5 +523,7 @@ _SERVICE_EVENTS: Final = frozenset(
         conditions.POOL_NOT_FOUND,
         conditions.POOL_EXHAUSTED,
         conditions.ADDRESS_RETAINED,
+        "Announced",
+        "NotAnnounced",
     }
 )

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -137,6 +137,23 @@ class Kube:
                     raise _error(response.status, text)
                 return json.loads(text) if text else {}
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def stream(
+        self, path: str, params: Mapping[str, str], read_timeout: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The JSON lines of a watch at ``path``; ends when the server ends it. A read that
+        waits longer than ``read_timeout`` raises (a silent connection)."""
+        if self._session is None:
+            self._session = self._connect()
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
+        async with self._session.get(
+            self._server + path, params=params, headers={"Accept": JSON}, timeout=timeout
+        ) as response:
+            if response.status >= 300:
+                raise _error(response.status, await response.text())
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def get(self, path: str) -> dict[str, Any] | None:
         """The object at ``path``, or None when it does not exist."""

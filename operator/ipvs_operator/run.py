@@ -84,7 +84,16 @@ async def serve(config: Config) -> int:
 
             keeper = asyncio.create_task(keep(), name="lease keeper")
         app = handlers.App(
-            Settings(default_load_balancer=config.default_load_balancer, workers=config.workers),
+            Settings(
+                default_load_balancer=config.default_load_balancer,
+                workers=config.workers,
+                agents_namespace=(
+                    config.agents_namespace
+                    or config.lease_namespace
+                    or info.default_namespace
+                    or "default"
+                ),
+            ),
             client,
             EventPoster(client, config.identity),
             time_left,

@@ -149,11 +149,12 @@ class ServiceReconciler:
         await self.writer.post(svc, "Warning", reason, message)
         self._warned[key] = fingerprint
 
-    def _addresses(
+    def _allocated(
         self, owned: Iterable[Mapping[str, Any]], svc: Mapping[str, Any]
-    ) -> list[IPAddress]:
-        """Allocated addresses of the Service's VirtualServers, primary family first."""
-        found: dict[str, IPAddress] = {}
+    ) -> list[tuple[IPAddress, Mapping[str, Any] | None]]:
+        """Allocated addresses of the Service's VirtualServers, primary family first, each
+        with its announcement (``status.announcement``, None when nobody announces it)."""
+        found: dict[str, tuple[IPAddress, Mapping[str, Any] | None]] = {}
         for body in owned:
             meta = _meta(body)
             current = self.writer.current(
@@ -162,18 +163,27 @@ class ServiceReconciler:
             allocated = status.condition(current, conditions.ADDRESS_ALLOCATED).get("status")
             address = parse_ip(str(current.get("address") or ""))
             if address is not None and allocated == "True":
-                found[f"IPv{address.version}"] = address
+                found[f"IPv{address.version}"] = (address, current.get("announcement"))
         return [found[f.value] for f in services.families(svc) if f.value in found]
+
+    def _addresses(
+        self, owned: Iterable[Mapping[str, Any]], svc: Mapping[str, Any]
+    ) -> list[IPAddress]:
+        return [address for address, _ in self._allocated(owned, svc)]
 
     async def _set_ingress(
         self, key: Key, svc: Mapping[str, Any], owned: list[dict[str, Any]]
     ) -> None:
-        want = services.ingress(self._addresses(owned, svc))
+        allocated = self._allocated(owned, svc)
+        want = services.ingress([address for address, _ in allocated])
         current = self.writer.current(key, svc)
         have = ((current.get("loadBalancer") or {}).get("ingress")) or []
-        if _ingress_key(have) == _ingress_key(want):
+        had = list(current.get("conditions") or [])
+        generation = int(_meta(svc).get("generation") or 0)
+        new = services.announced_condition(allocated, had, generation)
+        if _ingress_key(have) == _ingress_key(want) and _same(had, new):
             return
-        await self._write_ingress(key, svc, current, want)
+        await self._write_ingress(key, svc, current, want, None if new == had else new)
 
     async def _clear_ingress(
         self, key: Key, svc: Mapping[str, Any], owned: list[dict[str, Any]]
@@ -194,10 +204,16 @@ class ServiceReconciler:
         svc: Mapping[str, Any],
         current: Mapping[str, Any],
         ingress: list[dict[str, Any]],
+        conditions_new: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Set status.loadBalancer.ingress alone: other status fields belong to others."""
-        patch = {"status": {"loadBalancer": {"ingress": ingress or None}}}
+        """Set status.loadBalancer.ingress (and the conditions, with ours changed): other
+        status fields belong to others; the patch is conditional on the resourceVersion read,
+        so the whole conditions list is replaced only over the one it was computed from."""
+        patch: dict[str, Any] = {"status": {"loadBalancer": {"ingress": ingress or None}}}
         new = {**current, "loadBalancer": {"ingress": ingress} if ingress else {}}
+        if conditions_new is not None:
+            patch["status"]["conditions"] = conditions_new
+            new["conditions"] = conditions_new
         path = kube.service_status_path(key[1], key[2])
         await self.writer.patch_status(key, svc, path, patch, new)
 
@@ -205,6 +221,20 @@ class ServiceReconciler:
 def _invalid_reason(errors: Iterable[str]) -> str:
     annotated = any(e.startswith("annotation ") for e in errors)
     return "InvalidAnnotation" if annotated else "InvalidService"
+
+
+def _same(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> bool:
+    """Conditions equal but for the time they were computed (a message that did not change
+    writes nothing)."""
+
+    def key(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (c.get("type"), c.get("status"), c.get("reason"), c.get("message"),
+             c.get("observedGeneration"))
+            for c in items
+        )  # fmt: skip
+
+    return key(old) == key(new)
 
 
 def _ingress_key(entries: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:

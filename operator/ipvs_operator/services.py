@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ipvs_api import constants, load, schema
+from ipvs_api import conditions, constants, load, schema
 from ipvs_api.errors import InvalidObject
 from ipvs_api.rules import parse_ip
 from ipvs_api.types import IPAddress, IPFamily
 from ipvs_operator import annotations as ann
+from ipvs_operator.status import describe_announcement
 
 #: kube-proxy's default for sessionAffinityConfig.clientIP.timeoutSeconds.
 DEFAULT_AFFINITY_SECONDS: Final = 10800
@@ -261,6 +262,31 @@ def update_patch(manifest: Mapping[str, Any], existing: Mapping[str, Any]) -> di
         },
         "spec": merge_diff(existing.get("spec") or {}, manifest["spec"]),
     }
+
+
+def announced_condition(
+    announcements: Sequence[tuple[IPAddress, Mapping[str, Any] | None]],
+    conditions_now: list[dict[str, Any]],
+    generation: int,
+) -> list[dict[str, Any]]:
+    """The Service's conditions with ``ipvs.io/Announced`` set from its VirtualServers'
+    ``status.announcement`` (address, announcement or None), so ``kubectl describe service``
+    names the announcing nodes after the Events are gone. A Service whose addresses were never
+    announced gets no such condition."""
+    done = [(a, x) for a, x in announcements if x]
+    missing = [str(a) for a, x in announcements if not x]
+    had = any(c.get("type") == conditions.SERVICE_ANNOUNCED for c in conditions_now)
+    if not done and not had:
+        return conditions_now
+    parts = [f"{a} {describe_announcement(x)}" for a, x in done if x]
+    if missing:
+        parts.append("not announced: " + ", ".join(missing))
+    message = "; ".join(parts)
+    ok = bool(done) and not missing
+    reason = conditions.ANNOUNCED if ok else conditions.NOT_ANNOUNCED
+    return conditions.set_condition(
+        conditions_now, conditions.SERVICE_ANNOUNCED, ok, reason, message, generation
+    )
 
 
 def ingress(addresses: Sequence[IPAddress]) -> list[dict[str, str]]:

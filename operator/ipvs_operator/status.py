@@ -35,6 +35,8 @@ class DirectorReport:
     message: str = ""
     #: Real servers it names for their health (taken out, drained, or a silent agent).
     health: tuple[health.RealServerReport, ...] = ()
+    #: How the node announces the address to the network (``Layer2``, ``BGP``), if it does.
+    announcement: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,23 @@ def compute(
     if unhealthy:
         status["realServers"]["down"] = len(unhealthy)
         status["realServers"]["unhealthy"] = unhealthy
+    announcement = announced(reports)
+    if announcement is not None:
+        status["announcement"] = announcement
     return status
+
+
+def announced(reports: Mapping[str, DirectorReport]) -> dict[str, Any] | None:
+    """Which nodes announce the address, and how, from the agents' reports (None: none do)."""
+    by_mode: dict[str, list[str]] = {}
+    for node in sorted(reports):
+        mode = reports[node].announcement
+        if mode:
+            by_mode.setdefault(mode, []).append(node)
+    if not by_mode:
+        return None
+    mode = sorted(by_mode)[0]  # one mode per address: its pool's
+    return {"mode": mode, "nodes": by_mode[mode]}
 
 
 #: AddressAllocated reasons that deserve a Normal Event, and the Event's reason.
@@ -228,6 +246,7 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
         and _changed(old_prog, new_prog)
     ):
         out.append(Event("Warning", str(new_prog.get("reason")), str(new_prog.get("message"))))
+    out += _announcement_events(old, new)
     old_ready, new_ready = condition(old, conditions.READY), condition(new, conditions.READY)
     if new_ready.get("status") == "True" and old_ready.get("status") != "True":
         out.append(Event("Normal", "Ready", str(new_ready.get("message"))))
@@ -238,3 +257,29 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     unhealthy = [(s.get("realServers") or {}).get("unhealthy") or () for s in (old, new)]
     out.extend(Event(*e) for e in health.events(*unhealthy))
     return out
+
+
+def describe_announcement(announcement: Mapping[str, Any]) -> str:
+    mode = {"Layer2": "on layer 2", "BGP": "over BGP"}.get(str(announcement.get("mode")), "")
+    return f"{mode} by {', '.join(announcement.get('nodes') or ())}"
+
+
+def _announcement_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """An Event on every move of the announcement, and when nobody announces any more."""
+    before, after = old.get("announcement"), new.get("announcement")
+    if before == after:
+        return []
+    address = new.get("address") or old.get("address") or "the address"
+    if after is None:
+        assert before is not None
+        return [
+            Event(
+                "Warning",
+                "NotAnnounced",
+                f"no node announces {address} any more (was {describe_announcement(before)})",
+            )
+        ]
+    message = f"{address} announced {describe_announcement(after)}"
+    if before is not None:
+        message += f" (was {describe_announcement(before)})"
+    return [Event("Normal", "Announced", message)]

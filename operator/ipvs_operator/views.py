@@ -156,6 +156,7 @@ def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorRepor
             reason=str(entry.get("reason") or ""),
             message=str(entry.get("message") or ""),
             health=health.parse(entry),
+            announcement=str((entry.get("announcement") or {}).get("mode") or "") or None,
         )
     return out
 

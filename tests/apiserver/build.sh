@@ -3,7 +3,9 @@
 #
 #   build.sh [apiserver]   kube-apiserver, plus a check that Debian's etcd is installed
 #   build.sh helm          helm
-#   build.sh all           both
+#   build.sh syft          syft (the image's SBOM, tests/image/build.sh)
+#   build.sh node          kube-controller-manager, kube-scheduler, kubelet, kubectl (tests/node)
+#   build.sh all           kube-apiserver and helm
 #
 # kube-apiserver is built from the Go module proxy through the wrapper module in go/
 # (k8s.io/kubernetes cannot be `go install`ed directly: see go/go.mod). Binaries carry the
@@ -17,6 +19,8 @@
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
+# The SBOM generator of the image (tests/image/build.sh): anchore's syft, from the Go module proxy.
+SYFT_VERSION=v1.57.2
 ETCD_MIN_VERSION=3.4
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -63,18 +67,19 @@ check_staging_versions() {
     [[ -z $bad ]] || die "go/go.mod: staging replaces must be $staging for $version, found: $bad"
 }
 
-build_apiserver() {
-    local version out start minor commit info
+# One binary of k8s.io/kubernetes/cmd (kube-apiserver, kubelet, ...) at go.mod's version.
+build_kube() {
+    local name=$1 version out start minor commit info
     version=$(kubernetes_version)
-    out=$bin/kube-apiserver-$version
+    out=$bin/$name-$version
     if [[ -x $out ]]; then
-        log "kube-apiserver $version: cached at $out"
-        printf 'kube-apiserver\t%s\n' "$out"
+        log "$name $version: cached at $out"
+        printf '%s\t%s\n' "$name" "$out"
         return
     fi
     lock
     if [[ -x $out ]]; then  # another process built it while we waited for the lock
-        printf 'kube-apiserver\t%s\n' "$out"
+        printf '%s\t%s\n' "$name" "$out"
         return
     fi
     check_staging_versions "$version"
@@ -84,7 +89,7 @@ build_apiserver() {
     minor=${version#v1.}
     minor=${minor%%.*}
     start=$SECONDS
-    log "kube-apiserver $version: downloading modules into $GOMODCACHE ..."
+    log "$name $version: downloading modules into $GOMODCACHE ..."
     (cd "$here/go" && "$go" mod download k8s.io/kubernetes)
     # The release's git commit, for /version; the proxy records it in the .info file.
     info=$GOMODCACHE/cache/download/k8s.io/kubernetes/@v/$version.info
@@ -93,13 +98,25 @@ build_apiserver() {
     local ldflags="-s -w -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean"
     [[ -n $commit ]] && ldflags+=" -X $pkg.gitCommit=$commit"
-    log "kube-apiserver $version: compiling with $("$go" version | cut -d' ' -f3)" \
-        "(cold: ~10 minutes on 2 cores; cached afterwards) ..."
+    # kubectl reports its version from client-go's copy of these variables.
+    [[ $name == kubectl ]] && ldflags+=" ${ldflags//k8s.io\/component-base\/version/k8s.io/client-go/pkg/version}"
+    log "$name $version: compiling with $("$go" version | cut -d' ' -f3)" \
+        "(cold: ~5-10 minutes on 2 cores; cached afterwards) ..."
     (cd "$here/go" && "$go" build -trimpath -ldflags "$ldflags" -o "$out.tmp" \
-        k8s.io/kubernetes/cmd/kube-apiserver) || { rm -f "$out.tmp"; die "go build failed"; }
+        "k8s.io/kubernetes/cmd/$name") || { rm -f "$out.tmp"; die "go build failed"; }
     mv -f "$out.tmp" "$out"
-    log "kube-apiserver $version: built $out in $((SECONDS - start))s"
-    printf 'kube-apiserver\t%s\n' "$out"
+    log "$name $version: built $out in $((SECONDS - start))s"
+    printf '%s\t%s\n' "$name" "$out"
+}
+
+build_apiserver() { build_kube kube-apiserver; }
+
+# The node test bed (tests/node): the control plane's other two and a node.
+build_node() {
+    local name
+    for name in kube-controller-manager kube-scheduler kubelet kubectl; do
+        build_kube "$name"
+    done
 }
 
 check_etcd() {
@@ -162,10 +179,38 @@ build_helm() {
     printf 'helm\t%s\n' "$out"
 }
 
+build_syft() {
+    local out=$bin/syft-$SYFT_VERSION start
+    if [[ -x $out ]]; then
+        log "syft $SYFT_VERSION: cached at $out"
+        printf 'syft\t%s\n' "$out"
+        return
+    fi
+    lock
+    if [[ -x $out ]]; then
+        printf 'syft\t%s\n' "$out"
+        return
+    fi
+    local go tmp
+    go=$(find_go)
+    go_env
+    start=$SECONDS
+    tmp=$(mktemp -d "$bin/.syft.XXXXXX")
+    log "syft $SYFT_VERSION: downloading and compiling (cold: ~6 minutes on 2 cores) ..."
+    (cd "$tmp" && GOBIN=$tmp "$go" install -trimpath -ldflags "-s -w -X main.version=$SYFT_VERSION" \
+        "github.com/anchore/syft/cmd/syft@$SYFT_VERSION") || { rm -rf "$tmp"; die "go install failed"; }
+    mv -f "$tmp/syft" "$out"
+    rm -rf "$tmp"
+    log "syft $SYFT_VERSION: built $out in $((SECONDS - start))s"
+    printf 'syft\t%s\n' "$out"
+}
+
 case ${1:-apiserver} in
     apiserver) check_etcd; build_apiserver ;;
     helm) build_helm ;;
+    syft) build_syft ;;
+    node) build_node ;;
     all) check_etcd; build_apiserver; build_helm ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown target '$1' (apiserver, helm, all)" ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown target '$1' (apiserver, helm, syft, node, all)" ;;
 esac

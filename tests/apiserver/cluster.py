@@ -389,6 +389,7 @@ class LocalApiServer:
         self.etcd_url = ""
         #: Seconds from start() until /readyz answered ok.
         self.startup_seconds = 0.0
+        self._client_ca: _KeyPair | None = None
 
     # -- public properties -------------------------------------------------------------
 
@@ -642,6 +643,7 @@ class LocalApiServer:
         client_ca = _make_ca("ipvs-testbed-client-ca")
         serving = _make_leaf(ca, "kube-apiserver", server=True, extra_sans=self.extra_sans)
         admin = _make_leaf(client_ca, "admin", organizations=["system:masters"])
+        self._client_ca = client_ca
         sa_key = _new_key()
         _write(pki / "ca.crt", _cert_pem(ca.cert))
         _write(pki / "client-ca.crt", _cert_pem(client_ca.cert))
@@ -726,8 +728,45 @@ class LocalApiServer:
             "--v=1",
             *self.extra_apiserver_args,
         ]
+        # An extra --authorization-mode replaces the default (the flag is a list: repeating it
+        # would name RBAC twice, which the server refuses).
+        if any(a.startswith("--authorization-mode=") for a in self.extra_apiserver_args):
+            args.remove("--authorization-mode=RBAC")
         self._apiserver = self._spawn(args, self.dir / "kube-apiserver.log")
         self._write_kubeconfig()
+
+    def client_kubeconfig(
+        self, path: Path, user: str, groups: Sequence[str] = (), server: str | None = None
+    ) -> Path:
+        """A kubeconfig for ``user`` (in ``groups``) with a client certificate of the bed's CA.
+
+        For the control-plane components and the kubelet of the node bed (tests/node), which
+        authenticate as system:kube-controller-manager, system:node:NAME and so on.
+        ``server`` replaces the bed's URL (a client that reaches it through a forward).
+        """
+        assert self.dir is not None and self._client_ca is not None
+        leaf = _make_leaf(self._client_ca, user, organizations=groups)
+        ca = base64.b64encode((self.dir / "pki" / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "bed", "cluster": {"server": server or self.url,
+                                            "certificate-authority-data": ca}}
+            ],
+            "users": [
+                {
+                    "name": user,
+                    "user": {
+                        "client-certificate-data": base64.b64encode(_cert_pem(leaf.cert)).decode(),
+                        "client-key-data": base64.b64encode(_key_pem(leaf.key)).decode(),
+                    },
+                }
+            ],
+            "contexts": [{"name": "bed", "context": {"cluster": "bed", "user": user}}],
+            "current-context": "bed",
+        }  # fmt: skip
+        return _write(path, yaml.safe_dump(config).encode(), private=True)
 
     def _write_kubeconfig(self) -> None:
         assert self.dir is not None

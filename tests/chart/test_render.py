@@ -241,6 +241,8 @@ def test_agent_daemonset_has_net_admin_and_nothing_it_does_not_use(helm: Helm) -
     assert {m["name"]: m.get("readOnly") for m in modules["volumeMounts"]} == {"lib-modules": True}
     port = {p["name"]: p["containerPort"] for p in agent["ports"]}["metrics"]
     assert f"--metrics-port={port}" in agent["args"]
+    assert agent["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent["startupProbe"]["periodSeconds"] * agent["startupProbe"]["failureThreshold"] == 60
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert agent["resources"]["requests"] and agent["resources"]["limits"]["memory"]

@@ -60,6 +60,7 @@ class _Speaker:
     elections = 0
     members: list[str] = []
     responder = None
+    blind = False
 
 
 def exposed_series() -> dict[str, set[str]]:

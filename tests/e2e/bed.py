@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, TestBedError, build_binaries
 from tests.apiserver.fixtures import repo_crd_files
+from tests.image.pods import ImageOperator, ImageRun, agent_bundles, pod_specs, write_token
 from tests.operator import harness
 from tests.operator.harness import wait_for as wait_for  # the one poll loop of the API tests
 from tests.vm.image import VMBuildError, ensure_image
@@ -51,6 +52,9 @@ GUEST_CONTROL_PORT = 7000
 #: ClusterIPs come from a documentation range too (nothing routes them here).
 SERVICE_RANGE = "--service-cluster-ip-range=198.19.0.0/24"
 BOOT_TIMEOUT = 240.0
+#: The agent's first report: its imports take minutes under TCG, more on a loaded machine.
+AGENT_TIMEOUT = 480.0
+GUEST_ADDRESS = UserNetwork(forwards=()).guest_address
 REQUEST_TIMEOUT = 180.0
 
 Log = Callable[[str], None]
@@ -73,6 +77,13 @@ AGENT_DAEMONSET: dict[str, Any] = {
         },
     },
 }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def stderr_progress(message: str) -> None:
@@ -125,8 +136,21 @@ class LabBed:
         *,
         resync_seconds: float = 30.0,
         vm_timeout: float | None = None,
+        guest: str = "tests.e2e.guest",
+        nodes: tuple[str, ...] = (NODE_NAME,),
+        image: ImageRun | None = None,
     ) -> None:
-        """``vm_timeout``: the VM's whole life (default IPVS_VM_TIMEOUT, 1800 s)."""
+        """``vm_timeout``: the VM's whole life (default IPVS_VM_TIMEOUT, 1800 s); ``guest``: the
+        module the VM runs (the one-node lab, or tests.e2e.l2guest's several directors) and
+        ``nodes`` the Node objects it needs (one agent each).
+
+        ``image``: run the operator and the agent from the image, as the chart's containers
+        (tests/image/pods.py): the operator with runc on the host, the agent's pod (its init
+        container, then the agent) with runc in the VM. Otherwise both run from the checkout.
+        """
+        self.guest_module = guest
+        self.nodes = nodes
+        self.image = image
         self.log = log
         self.vm_timeout = vm_timeout
         self.resync_seconds = resync_seconds
@@ -136,7 +160,7 @@ class LabBed:
         self.network: UserNetwork | None = None
         self.api: LocalApiServer | None = None
         self.admin: Any = None
-        self.operator: harness.Operator | None = None
+        self.operator: harness.Operator | ImageOperator | None = None
         self.guest: Guest | None = None
         self.vm_run: VMRun | None = None
         self.vm_error: BaseException | None = None
@@ -183,9 +207,9 @@ class LabBed:
         self._start_control_plane(binaries)
         self._boot_vm()
         t = time.monotonic()
-        self.log("waiting for the agent to report its IPVSNode (it imports slowly under TCG)")
-        wait_for("the agent's first IPVSNode report", self._agent_reported, 300, 1.0)
-        self._step("agent running and reporting", t)
+        self.log("waiting for the agents to report their IPVSNodes (they import slowly under TCG)")
+        wait_for("the agents' first IPVSNode reports", self._agent_reported, AGENT_TIMEOUT, 1.0)
+        self._step("agents running and reporting", t)
         self.timings["total"] = time.monotonic() - began
         self.log(f"lab up in {self.timings['total']:.0f}s")
 
@@ -217,9 +241,10 @@ class LabBed:
             harness.OPERATOR_NAMESPACE, AGENT_DAEMONSET
         )
         # No kubelet registers the VM: the lab does, so nodeSelector and IPVSNode owners work.
-        harness.core(self.admin).create_node(
-            {"metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}}}
-        )
+        for node in self.nodes:
+            harness.core(self.admin).create_node(
+                {"metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}}}
+            )
         self._step(f"kube-apiserver up at {self.api.url}", t)
         t = time.monotonic()
         kubeconfig = harness.service_account_kubeconfig(
@@ -228,7 +253,12 @@ class LabBed:
             harness.OPERATOR_SA,
             self.dir / "operator.kubeconfig",
         )
-        self.operator = harness.Operator(kubeconfig, self.dir / "operator.log", "lab-operator")
+        if self.image is not None:
+            folder = self.dir / "operator"
+            folder.mkdir()
+            self.operator = ImageOperator(self.image, self.api, folder, "lab-operator", free_port())
+        else:
+            self.operator = harness.Operator(kubeconfig, self.dir / "operator.log", "lab-operator")
         self.operator.start()
         wait_for(
             "the operator to hold its Lease",
@@ -266,13 +296,16 @@ class LabBed:
             server=f"https://{address}:{GUEST_API_PORT}",
         )
         argv = [
-            sys.executable, "-m", "tests.e2e.guest",
+            sys.executable, "-m", self.guest_module,
             "--control", f"{address}:{GUEST_CONTROL_PORT}",
             "--kubeconfig", f"{SHARE_IN_VM}/agent.kubeconfig",
             "--node-name", NODE_NAME,
             "--resync-seconds", str(self.resync_seconds),
             "--daemonset", f"{harness.OPERATOR_NAMESPACE}/ipvs-agent",
         ]  # fmt: skip
+        if self.image is not None:
+            self._agent_bundles(address)
+            argv += ["--agent-bundles", f"{SHARE_IN_VM}/agent"]
         env = {"PYTHONPATH": str(CHECKOUT)}
 
         def boot() -> None:
@@ -285,8 +318,8 @@ class LabBed:
                 self.vm_error = error
 
         self.log(
-            "booting the VM (qemu TCG, restricted user network); in it the agent starts and "
-            "the demo network is built (3 real servers, 2 clients)"
+            "booting the VM (qemu TCG, restricted user network); in it "
+            f"{self.guest_module} builds its network and starts the agents"
         )
         self._vm_thread = threading.Thread(target=boot, name="lab-vm", daemon=True)
         self._vm_thread.start()
@@ -309,6 +342,17 @@ class LabBed:
             f"VM up (kernel {hello['kernel']}; network built in {hello['build_seconds']}s)", t
         )
 
+    def _agent_bundles(self, address: str) -> None:
+        """The chart's agent pod as runc bundles in the share, its token beside them."""
+        assert self.image is not None and self.api is not None
+        spec = pod_specs(self.image, f"agent.resyncSeconds={self.resync_seconds:g}")["agent"]
+        write_token(self.api, harness.AGENT_SA, self.share / "agent" / "token")
+        agent_bundles(
+            self.image, spec, host_dir=self.share / "agent", vm_dir=f"{SHARE_IN_VM}/agent",
+            node_name=NODE_NAME, host_ip=GUEST_ADDRESS, api_host=address,
+            api_port=GUEST_API_PORT,
+        )  # fmt: skip
+
     def _remember_qemu(self, proc: subprocess.Popen[bytes]) -> None:
         self._qemu = proc
 
@@ -320,17 +364,27 @@ class LabBed:
         return "no outcome"
 
     def _agent_reported(self) -> bool:
-        if self.guest is not None and not self.guest.call("agent_alive"):
-            raise LabError(f"the agent exited:\n{self.agent_log_tail()}")
-        try:
-            node = harness.custom(self.admin).get_cluster_custom_object(
-                harness.GROUP, harness.VERSION, "ipvsnodes", NODE_NAME
+        if self.guest is not None:
+            alive = (
+                self.guest.call("agents_alive")
+                if self.guest_module != "tests.e2e.guest"
+                else {NODE_NAME: self.guest.call("agent_alive")}
             )
-        except ApiException as exc:
-            if exc.status == 404:
+            dead = [node for node, up in alive.items() if not up]
+            if dead:
+                raise LabError(f"the agent of {dead[0]} exited:\n{self.agent_log_tail(dead[0])}")
+        for name in self.nodes:
+            try:
+                node = harness.custom(self.admin).get_cluster_custom_object(
+                    harness.GROUP, harness.VERSION, "ipvsnodes", name
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            if not node.get("status"):
                 return False
-            raise
-        return bool(node.get("status"))
+        return True
 
     # -- use --------------------------------------------------------------------------
 
@@ -346,15 +400,15 @@ class LabBed:
             raise LabError(f"ipvsadm failed: {out['stderr']}")
         return [line for line in out["stdout"].splitlines() if line.strip()]
 
-    def agent_log_tail(self, lines: int = 60) -> str:
-        path = self.share / "agent.log"
+    def agent_log_tail(self, node: str = "", lines: int = 60) -> str:
+        path = self.share / (f"agent-{node}.log" if node and len(self.nodes) > 1 else "agent.log")
         if not path.exists():
             return "(no agent log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def diagnostics(self) -> str:
         """Logs' tails for a failure report."""
-        parts = [f"--- agent log ({self.share / 'agent.log'}) ---\n{self.agent_log_tail()}"]
+        parts = [f"--- agent log of {node} ---\n{self.agent_log_tail(node)}" for node in self.nodes]
         if self.operator is not None:
             parts.append(f"--- operator log ({self.operator.log}) ---\n{self.operator.tail()}")
         if self.guest is not None:

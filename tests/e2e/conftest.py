@@ -67,3 +67,36 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
         yield bed
     finally:
         bed.close()
+
+
+@pytest.fixture(scope="module")
+def l2lab(request: pytest.FixtureRequest) -> Iterator[tuple[LabBed, str, str, list[str]]]:
+    """The layer-2 lab (three directors, tests/e2e/l2guest.py), with a pool announced on layer
+    2 and one VirtualServer per family; the VIPs and the order the nodes hold them in."""
+    from tests.e2e import l2scenario
+
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def log(message: str) -> None:
+        if capture is None or reporter is None:
+            print(f"l2 lab: {message}", flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"l2 lab: {message}")
+
+    bed = LabBed(log, resync_seconds=10, guest="tests.e2e.l2guest", nodes=l2scenario.NODES)
+    v4, v6, order = l2scenario.pick_addresses()
+    failure = ""
+    try:
+        bed.start()
+        l2scenario.prepare(bed, v4, v6)
+    except (LabError, AssertionError) as error:
+        failure = f"{error}\n{bed.diagnostics()}"
+    if failure:
+        bed.close()
+        pytest.fail(f"the layer-2 lab did not come up (docs/testing.md):\n{failure}", pytrace=False)
+    try:
+        yield bed, v4, v6, order
+    finally:
+        bed.close()

@@ -34,13 +34,22 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 
+from tests.image.runner import (
+    Container,
+    create_host_directories,
+    ensure_cgroup2,
+    process_status,
+    root_mount_options,
+)
 from tests.kernel.topology import Lab, Netns, wait_tcp_port
 
 NODE_LAN_CLIENT = "198.51.100.1"
@@ -68,6 +77,7 @@ class Node:
         self.ipr = IPRoute()
         self.clients: dict[str, Netns] = {}
         self.agent: subprocess.Popen[bytes] | None = None
+        self.container: Container | None = None  # the agent from the image (runc)
         self.held: dict[int, list[tuple[str, socket.socket]]] = {}
         self._next_hold = 0
 
@@ -127,6 +137,20 @@ class Node:
         self.agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The requests the host may send."""
+        return {
+            "agent_alive": self.agent_alive,
+            "container_status": self.container_status,
+            "http_get": self.http_get,
+            "stop_agent": self.stop_agent,
+            "tcp": self.tcp,
+            "hold": self.hold,
+            "held_alive": self.held_alive,
+            "release": self.release,
+            "run": self.run,
+        }
+
     def stop_agent(self, timeout: float = 120.0) -> int | None:
         """SIGTERM, as the kubelet stops a pod; the agent's exit status (None: still running)."""
         if self.agent is None:
@@ -136,6 +160,49 @@ class Node:
             return self.agent.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def start_agent_container(self, bundles: Path) -> None:
+        """The chart's agent pod from the image: the init container, then the agent (runc).
+
+        ``bundles`` holds one runc bundle per container (config.json written by the host from
+        the rendered chart, tests/image/oci.py), whose root is the unpacked image.
+        """
+        ensure_cgroup2()
+        state = Path("/run/ipvs-lab-runc")
+        init = bundles / "load-modules"
+        if init.is_dir():
+            create_host_directories(init)
+            with (self.share / "agent-init.log").open("ab") as log:
+                proc = subprocess.run(
+                    ["runc", "--root", str(state), "run", "--bundle", str(init), "load-modules"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=600, check=False,
+                )  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"init container load-modules exited {proc.returncode}")
+            subprocess.run(["runc", "--root", str(state), "delete", "load-modules"], check=False)
+        self.container = Container("agent", bundles / "agent", state, self.share / "agent.log")
+        self.container.start()
+
+    def agent_alive(self) -> bool:
+        if self.container is not None:
+            return self.container.running()
+        return self.agent is not None and self.agent.poll() is None
+
+    def container_status(self) -> dict[str, Any]:
+        """The agent container's first process as the kernel sees it."""
+        assert self.container is not None
+        pid = self.container.pid
+        return {"status": process_status(pid), "root": root_mount_options(pid)}
+
+    def http_get(self, url: str) -> dict[str, Any]:
+        """One GET from the node (a kubelet's probe of a host-network pod)."""
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return {"status": response.status, "body": response.read().decode()[:200]}
+        except urllib.error.HTTPError as error:
+            return {"status": error.code, "body": error.read().decode()[:200]}
+        except OSError as error:
+            return {"status": 0, "body": repr(error)}
 
     # -- requests ---------------------------------------------------------------------
 
@@ -211,6 +278,8 @@ class Node:
     def close(self) -> None:
         for handle in list(self.held):
             self.release(handle)
+        if self.container is not None:
+            self.container.stop()
         if self.agent is not None and self.agent.poll() is None:
             self.agent.send_signal(signal.SIGTERM)
             try:
@@ -232,17 +301,10 @@ def _connect_home(address: str, port: int, timeout: float) -> socket.socket:
             time.sleep(0.2)
 
 
-def serve(node: Node, conn: socket.socket, hello: dict[str, Any]) -> None:
+def serve(
+    handlers: Mapping[str, Callable[..., Any]], conn: socket.socket, hello: dict[str, Any]
+) -> None:
     """Answer requests until ``shutdown`` or end of file."""
-    handlers: dict[str, Callable[..., Any]] = {
-        "agent_alive": lambda: node.agent is not None and node.agent.poll() is None,
-        "stop_agent": node.stop_agent,
-        "tcp": node.tcp,
-        "hold": node.hold,
-        "held_alive": node.held_alive,
-        "release": node.release,
-        "run": node.run,
-    }
     reader = conn.makefile("r", encoding="utf-8")
     send = conn.makefile("w", encoding="utf-8")
     send.write(json.dumps({"hello": hello}) + "\n")
@@ -273,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-name", required=True)
     parser.add_argument("--resync-seconds", type=float, default=30.0)
     parser.add_argument("--daemonset", default="", help="NAMESPACE/NAME the agent watches")
+    parser.add_argument("--agent-bundles", help="run the agent from the image: runc bundles")
     args = parser.parse_args(argv)
     address, port = args.control.rsplit(":", 1)
     node = Node(Path(args.kubeconfig).parent)
     try:
-        node.start_agent(args.kubeconfig, args.node_name, args.resync_seconds, args.daemonset)
+        if args.agent_bundles:
+            node.start_agent_container(Path(args.agent_bundles))
+        else:
+            node.start_agent(args.kubeconfig, args.node_name, args.resync_seconds, args.daemonset)
         started = time.monotonic()
         node.build()
         hello = {
@@ -286,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with contextlib.closing(_connect_home(address, int(port), CONNECT_TIMEOUT)) as conn:
             conn.settimeout(None)
-            serve(node, conn, hello)
+            serve(node.handlers(), conn, hello)
     finally:
         node.close()
     return 0

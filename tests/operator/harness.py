@@ -347,13 +347,16 @@ def ingress(api: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     return [{"ip": i.ip, "ipMode": i.ip_mode} for i in ((lb.ingress if lb else None) or [])]
 
 
-def events(api: Any, namespace: str, *, name: str | None = None) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the Events about objects in ``namespace`` (by name)."""
+def events(
+    api: Any, namespace: str, *, name: str | None = None, kind: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events about objects in ``namespace`` (by name, kind)."""
     listed: Any = client.CoreV1Api(api).list_namespaced_event(namespace)
     return [
         (e.type, e.reason, e.message)
         for e in listed.items
-        if name is None or e.involved_object.name == name
+        if (name is None or e.involved_object.name == name)
+        and (kind is None or e.involved_object.kind == kind)
     ]
 
 

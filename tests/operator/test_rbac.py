@@ -44,6 +44,7 @@ OPERATOR_ALLOWED: list[Check] = [
     ("create", "coordination.k8s.io", "leases", "", SYSTEM, ""),
     ("get", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-operator"),
     ("update", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-operator"),
+    *[(v, "coordination.k8s.io", "leases", "", SYSTEM, "") for v in ("list", "watch")],
 ]
 
 OPERATOR_DENIED: list[Check] = [
@@ -63,6 +64,8 @@ OPERATOR_DENIED: list[Check] = [
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "patch", "delete")],
     ("patch", "ipvs.io", "ipvsnodes", "status", "", "n1"),
     ("update", "coordination.k8s.io", "leases", "", SYSTEM, "someone-else"),
+    ("delete", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1"),
+    ("list", "coordination.k8s.io", "leases", "", "kube-system", ""),
     ("get", "coordination.k8s.io", "leases", "", "kube-system", "ipvs-operator"),
     ("create", "coordination.k8s.io", "leases", "", "kube-system", ""),
     ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),

@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ipvs_agent.announce.members import lease_body, micro_time
+from ipvs_api.leases import lease_name
 from tests.operator import harness
 from tests.operator.conftest import PoolFactory
 from tests.operator.harness import condition, get_vs, wait_for
@@ -62,8 +65,38 @@ class Nodes:
             {"status": {"virtualServers": entries}},
         )
 
+    def keep_lease(self, node: str, duration: float = 3600.0, renewed: str = "") -> None:
+        """The node's agent Lease, as its LeaseKeeper writes it (alive for ``duration``)."""
+        body = lease_body(
+            harness.OPERATOR_NAMESPACE, node, duration, {}, (), renewed or micro_time()
+        )
+        coordination: Any = client.CoordinationV1Api(self.api)  # plain dicts as bodies
+        try:
+            current = coordination.read_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            coordination.create_namespaced_lease(harness.OPERATOR_NAMESPACE, body)
+        else:
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            coordination.replace_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE, body
+            )
+
+    def drop_lease(self, node: str) -> None:
+        try:
+            client.CoordinationV1Api(self.api).delete_namespaced_lease(
+                lease_name(node), harness.OPERATOR_NAMESPACE
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def remove(self) -> None:
         for name in self.names:
+            self.drop_lease(name)
             for delete in (
                 lambda n=name: harness.custom(self.api).delete_cluster_custom_object(
                     harness.GROUP, harness.VERSION, "ipvsnodes", n
@@ -183,3 +216,78 @@ def test_status_aggregates_slices_and_agent_reports(
         "a NotReady Event",
         lambda: ("Warning", "NotReady") in [e[:2] for e in harness.events(admin, ns, name="web")],
     )
+
+
+def test_the_service_names_the_nodes_that_announce_its_address(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """Layer-2 announcement as the agents report it: the VirtualServer's status and the
+    Service's condition name the announcing node, and every move is an Event on both."""
+    pool(4)
+    core = harness.core(admin)
+    core.create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    address = status_of(admin, ns)["address"]
+    first, second = nodes.add("a", {}), nodes.add("b", {})
+    for node in (first, second):
+        nodes.keep_lease(node)  # their agents are alive
+    announced = {"mode": "Layer2", "interfaces": ["eth0"]}
+
+    def service_condition() -> dict[str, Any]:
+        found = core.read_namespaced_service_status("web", ns).to_dict()["status"]
+        return condition({"status": {"conditions": found.get("conditions") or []}},
+                         "ipvs.io/Announced")  # fmt: skip
+
+    nodes.report(first, [entry(ns, 1, announcement=announced)])
+    nodes.report(second, [entry(ns, 1)])
+    wait_for("announced by a", lambda: service_condition().get("status") == "True")
+    assert status_of(admin, ns)["announcement"] == {"mode": "Layer2", "nodes": [first]}
+    assert service_condition()["message"] == f"{address} on layer 2 by {first}"
+    nodes.report(second, [entry(ns, 1, announcement=announced)])
+    nodes.report(first, [entry(ns, 1)])
+    wait_for(
+        "announced by b",
+        lambda: service_condition().get("message") == f"{address} on layer 2 by {second}",
+    )
+    # The operator may see both reports at once or one after the other (by a and b, then b):
+    # either way the last move names b alone.
+    moved = f"{address} announced on layer 2 by {second} (was on layer 2 by "
+
+    def move_posted(kind: str) -> bool:
+        return any(
+            e[1] == "Announced" and moved in e[2]
+            for e in harness.events(admin, ns, name="web", kind=kind)
+        )
+
+    wait_for("the move as an Event on the VirtualServer", lambda: move_posted("VirtualServer"))
+    wait_for("the move as an Event on the Service", lambda: move_posted("Service"))
+    nodes.report(second, [entry(ns, 1)])
+    wait_for("not announced", lambda: service_condition().get("reason") == "NotAnnounced")
+
+
+def test_an_agent_that_died_is_not_named_as_announcing(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """An agent that dies cannot take its report back: its Lease tells. Deleted (a planned
+    stop whose last report was lost) or stale (a crash), the node is no longer named."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
+    node = nodes.add("a", {})
+    announced = {"mode": "Layer2", "interfaces": ["eth0"]}
+
+    def announcers() -> list[str]:
+        return list((status_of(admin, ns).get("announcement") or {}).get("nodes") or [])
+
+    nodes.keep_lease(node)
+    nodes.report(node, [entry(ns, 1, announcement=announced)])
+    wait_for("announced by a", lambda: announcers() == [node])
+    nodes.drop_lease(node)  # the agent stopped; its report still says it announces
+    wait_for("no longer named once its Lease is gone", lambda: announcers() == [])
+    wait_for(
+        "a NotAnnounced Warning",
+        lambda: "NotAnnounced" in [e[1] for e in harness.events(admin, ns, name="web")],
+    )
+    nodes.keep_lease(node, duration=2.0)  # back, and then it dies: the Lease is never renewed
+    wait_for("announced by a again", lambda: announcers() == [node])
+    wait_for("no longer named once its Lease is stale", lambda: announcers() == [], 30)

@@ -214,3 +214,21 @@ def test_ingress_uses_proxy_mode() -> None:
     assert services.ingress([ipaddress.ip_address("192.0.2.1")]) == [
         {"ip": "192.0.2.1", "ipMode": "Proxy"}
     ]
+
+
+def test_the_service_names_its_announcing_nodes_in_a_condition() -> None:
+    v4, v6 = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")
+    l2 = {"mode": "Layer2", "nodes": ["n1"]}
+    other = {"type": "example.com/Other", "status": "True"}  # another controller's: kept
+    # Never announced (no pool with layer2): no condition at all.
+    assert services.announced_condition([(v4, None)], [other], 3) == [other]
+    both = services.announced_condition([(v4, l2), (v6, l2)], [other], 3)
+    assert both[0] == other
+    (mine,) = [c for c in both if c["type"] == "ipvs.io/Announced"]
+    assert (mine["status"], mine["reason"], mine["observedGeneration"]) == ("True", "Announced", 3)
+    assert mine["message"] == "192.0.2.1 on layer 2 by n1; 2001:db8::1 on layer 2 by n1"
+    # One address lost its announcer: False, and the message says which.
+    half = services.announced_condition([(v4, l2), (v6, None)], both, 3)
+    (mine,) = [c for c in half if c["type"] == "ipvs.io/Announced"]
+    assert (mine["status"], mine["reason"]) == ("False", "NotAnnounced")
+    assert mine["message"] == "192.0.2.1 on layer 2 by n1; not announced: 2001:db8::1"

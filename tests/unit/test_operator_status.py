@@ -246,3 +246,41 @@ def test_index_entries_keep_only_what_is_read() -> None:
     assert "managedFields" not in kept["metadata"]
     assert kept["metadata"]["annotations"] == {"ipvs.io/scheduler": "rr"}
     assert kept["spec"] == {"type": "ClusterIP"}
+
+
+def test_the_announcing_node_is_in_status_and_every_move_is_an_event() -> None:
+    def with_announcer(node: str | None) -> dict[str, Any]:
+        reports = {
+            n: DirectorReport(n, "Programmed", 2, announcement="Layer2" if n == node else None)
+            for n in ("n1", "n2")
+        }
+        return status.compute(
+            generation=2,
+            old={},
+            address=GOT,
+            counts=backends.Counts(1, 1),
+            desired={"n1", "n2"},
+            reports=reports,
+            now=T0,
+        )
+
+    first, moved, gone = with_announcer("n1"), with_announcer("n2"), with_announcer(None)
+    assert first["announcement"] == {"mode": "Layer2", "nodes": ["n1"]}
+    assert "announcement" not in gone
+    events = [(e.reason, e.message) for e in status.events(first, moved)]
+    assert ("Announced", "192.0.2.1 announced on layer 2 by n2 (was on layer 2 by n1)") in events
+    (lost,) = [e for e in status.events(moved, gone) if e.reason == "NotAnnounced"]
+    assert lost.type == "Warning"
+    assert not [e for e in status.events(moved, moved) if "Announced" in e.reason]
+    entry = {
+        "namespace": "shop",
+        "name": "web",
+        "roles": ["Director"],
+        "state": "Programmed",
+        "observedGeneration": 2,
+        "announcement": {"mode": "Layer2", "interfaces": ["eth0"]},
+    }
+    report = views.report_entries(
+        {"metadata": {"name": "n1"}, "status": {"virtualServers": [entry]}}
+    )
+    assert report[("shop", "web")].announcement == "Layer2"

@@ -61,10 +61,17 @@ def test_agent_validates_manifests_offline(tmp_path: Path) -> None:
 
 
 def test_image_installs_this_version() -> None:
+    """The image installs the checkout itself, tagged with the chart's appVersion, which is this
+    version (tests/image/test_image.py reads the version installed in the built image)."""
     import tomllib
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert f"ipvs-operator=={version}" in (ROOT / "Dockerfile").read_text()
+    assert (
+        "pip install --no-cache-dir --no-deps --no-build-isolation /src"
+        in (ROOT / "Dockerfile").read_text()
+    )
+    chart = (ROOT / "charts" / "ipvs-operator" / "Chart.yaml").read_text()
+    assert f'appVersion: "{version}"' in chart
 
 
 def test_agent_errors_are_one_line_and_an_exit_code(tmp_path: Path) -> None:

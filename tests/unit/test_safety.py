@@ -159,6 +159,8 @@ def test_a_planner_bug_leaves_what_the_virtual_server_programmed(
     assert kernel.dump()[key()] == before[key()], "a's service and real servers untouched"
     assert len(kernel.dump()[key("192.0.2.2")].dests) == 3, "the others are still reconciled"
     assert ipaddress.ip_address(VIP) in host.addresses and key() in host.owned_keys
+    again = reconcile(take(objects, [], NODE), kernel, host, memory, 2)
+    assert again.ops == [] and kernel.dump()[key()] == before[key()], "frozen while it lasts"
 
 
 def test_a_planner_bug_right_after_a_restart_deletes_nothing(
@@ -168,9 +170,13 @@ def test_a_planner_bug_right_after_a_restart_deletes_nothing(
     objects = [vs_obj("a", VIP)]
     reconcile(take(objects, [], NODE), kernel, host, Memory(), 0)
     _breaks(monkeypatch, "a")
-    result = reconcile(take(objects, [], NODE), kernel, host, Memory(), 1)  # a new process
-    assert not [op for op in result.ops if op.kind is OpKind.DEL_SERVICE]
-    assert key() in kernel.dump()
+    memory = Memory()  # a new process
+    for now in (1, 2, 3):
+        result = reconcile(take(objects, [], NODE), kernel, host, memory, now)
+        assert not [op for op in result.ops if op.kind is OpKind.DEL_SERVICE]
+        assert key() in kernel.dump()
+    monkeypatch.undo()  # fixed: the VirtualServer is planned again and nothing moves
+    assert reconcile(take(objects, [], NODE), kernel, host, memory, 4).ops == []
 
 
 def test_a_planner_bug_in_the_real_server_part_keeps_the_last_setup(

@@ -211,6 +211,7 @@ def qemu_command(
     script: str,
     keep: Sequence[str] = (),
     network: UserNetwork | None = None,
+    memory_mb: int = 2048,
 ) -> list[str]:
     """The qemu argv: TCG (KVM hangs here), no NIC (or ``network``), host root ro + share rw."""
     for path in (str(image.modules), str(share_dir), *keep):
@@ -233,7 +234,7 @@ def qemu_command(
         "-accel", "tcg,thread=multi",
         "-cpu", os.environ.get("IPVS_VM_CPU", "max"),
         "-smp", "2",
-        "-m", "2048",
+        "-m", str(memory_mb),
         "-nographic",
         *(network.qemu_args() if network else ["-nic", "none"]),
         "-no-reboot",
@@ -268,11 +269,13 @@ def run_in_vm(
     log: Log = stderr_log,
     network: UserNetwork | None = None,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    memory_mb: int = 2048,
 ) -> VMRun:
     """Boot the VM, run ``argv`` in ``cwd`` inside it, and wait for power-off.
 
     ``network`` gives the VM a restricted NIC (see UserNetwork); ``on_start`` receives the
-    qemu process once it runs, so a caller running this in a thread can kill it.
+    qemu process once it runs, so a caller running this in a thread can kill it;
+    ``memory_mb`` is the VM's memory (the node bed's containerd holds images in tmpfs).
     Raises VMBuildError / VMBootError when the VM cannot be prepared or started;
     everything that goes wrong after boot is in the returned VMRun instead.
     """
@@ -282,7 +285,7 @@ def run_in_vm(
     share_dir = share_dir.resolve()
     script = _write_script(share_dir, argv, cwd.resolve(), env or {}, network)
     keep = paths_to_keep([CHECKOUT, cwd, Path(sys.prefix), Path(sys.base_prefix)])
-    command = qemu_command(image, share_dir, script, keep, network)
+    command = qemu_command(image, share_dir, script, keep, network, memory_mb)
     limit = vm_timeout() if timeout is None else timeout
     console_log = _new_console_log()
     log(f"booting {image.kernel_version} under qemu (TCG; timeout {limit:.0f}s)")

@@ -7,117 +7,38 @@ Service, which is what overloaded their API servers). The Lease also carries wha
 need to elect without reading anything else about the node: its labels (for node selectors)
 and the VIPs it cannot serve (not programmed there).
 
-Liveness is judged as client-go judges a Lease: the holder is alive until ``duration`` has
-passed since *this* node last saw its record change, so no two clocks are ever compared
-(:class:`Liveness`, pure). An agent that stops deletes its Lease first (a planned handover is
-as fast as a watch event); one that dies is replaced once its Lease is stale.
+Liveness (:class:`ipvs_api.leases.Liveness`) is judged on each node's own clock, with a proof
+that its view is current before anyone is declared gone. An agent that stops deletes its Lease
+first (a planned handover is as fast as a watch event); one that dies is replaced once its
+Lease is stale.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from ipvs_agent.announce.election import Member
 from ipvs_agent.model import IPAddress
+from ipvs_api.leases import (
+    ANNOTATION_LABELS,
+    ANNOTATION_UNREADY,
+    COMPONENT,
+    LABEL_COMPONENT,
+    lease_name,
+)
 
 log = logging.getLogger(__name__)
 
-LEASE_PREFIX: Final = "ipvs-agent-"
-COMPONENT: Final = "agent-lease"
-LABEL_COMPONENT: Final = "app.kubernetes.io/component"
-ANNOTATION_LABELS: Final = "ipvs.io/node-labels"
-ANNOTATION_UNREADY: Final = "ipvs.io/unready"
-#: Defaults: a crashed announcer is replaced within about 2 s of its last renewal.
+#: Defaults: a crashed announcer is replaced about 2 s after its last renewal (the goal: a
+#: client-visible gap of at most 3 s); three renewals in a row may fail or be late before
+#: anyone moves a VIP. A slower API server needs a longer duration (chart values).
 DURATION: Final = 2.0
 RENEW: Final = 0.5
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """One agent's Lease, as the others read it."""
-
-    node: str
-    holder: str
-    duration: float
-    renewed: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    unready: frozenset[IPAddress] = frozenset()
-
-
-def lease_name(node: str) -> str:
-    return f"{LEASE_PREFIX}{node}"[:253]
-
-
-def read_lease(obj: Mapping[str, Any]) -> LeaseRecord | None:
-    """A Lease object as a record (None: not an agent's Lease, or unreadable)."""
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    holder = str(spec.get("holderIdentity") or "")
-    if not holder:
-        return None
-    annotations = meta.get("annotations") or {}
-    try:
-        labels = json.loads(annotations.get(ANNOTATION_LABELS) or "{}")
-        unready = frozenset(
-            ipaddress.ip_address(a)
-            for a in (annotations.get(ANNOTATION_UNREADY) or "").split(",")
-            if a
-        )
-    except ValueError:
-        return None
-    return LeaseRecord(
-        node=holder,
-        holder=holder,
-        duration=float(spec.get("leaseDurationSeconds") or 0),
-        renewed=str(spec.get("renewTime") or ""),
-        labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-        unready=unready,
-    )
-
-
-class Liveness:
-    """The agents alive as this node sees them: a Lease is fresh until its duration has passed
-    since this node last saw its ``renewTime`` change. Pure: the caller passes the clock."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[str, float]] = {}
-        self._records: dict[str, LeaseRecord] = {}
-
-    def observe(self, records: Iterable[LeaseRecord], now: float) -> None:
-        """The Leases as they are now (a Lease that is gone is gone at once)."""
-        current = {r.node: r for r in records}
-        for node in list(self._seen):
-            if node not in current:
-                del self._seen[node]
-        for node, record in current.items():
-            before = self._seen.get(node)
-            if before is None or before[0] != record.renewed:
-                self._seen[node] = (record.renewed, now)
-        self._records = current
-
-    def alive(self, now: float) -> list[Member]:
-        members = []
-        for node, record in sorted(self._records.items()):
-            observed = self._seen[node][1]
-            if now < observed + record.duration:
-                members.append(Member(node, record.labels, record.unready))
-        return members
-
-    def next_expiry(self, now: float) -> float | None:
-        """When the next alive Lease goes stale, to re-elect right then."""
-        times = [
-            self._seen[n][1] + r.duration
-            for n, r in self._records.items()
-            if now < self._seen[n][1] + r.duration
-        ]
-        return min(times) if times else None
 
 
 def micro_time(at: datetime | None = None) -> str:
@@ -156,7 +77,10 @@ class LeaseKeeper:
     """Keeps this node's Lease: created once the agent is ready, renewed every ``renew``
     seconds, deleted when the agent stops (thread body :meth:`run`).
 
-    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (plain dicts, no models).
+    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (plain dicts, no models), best on an
+    API client of its own: every write then reuses the keeper's one warm connection, and the
+    delete of a planned handover costs no new TLS handshake. Only the keeper's thread writes;
+    :meth:`leave` asks it to delete the Lease and waits for that.
     """
 
     def __init__(
@@ -184,6 +108,13 @@ class LeaseKeeper:
         self._current: dict[str, Any] | None = None
         self.writes = 0
         self.failures = 0
+        self._released = False
+        self._wake = threading.Event()
+        self._gone = threading.Event()
+        self._leaving = False
+        self._leave_at: float | None = None
+        #: renewTime values this keeper wrote, with the monotonic time each was written at.
+        self._written: dict[str, float] = {}
 
     def want(self, ready: bool, labels: Mapping[str, str], unready: Iterable[IPAddress]) -> None:
         """Hold the Lease (or not) with these facts from the next renewal on."""
@@ -201,13 +132,15 @@ class LeaseKeeper:
         with self._lock:
             wanted, labels, unready = self._wanted, self._labels, self._unready
         if not wanted:
-            if self._current is not None:
+            if self._current is not None or self._leaving:
                 self.release()
             return
         body = lease_body(self.namespace, self.node, self.duration, labels, unready, self._clock())
+        self._remember(body["spec"]["renewTime"])
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
+        self._released = False
         try:
             if self._current is None:
                 try:
@@ -228,17 +161,67 @@ class LeaseKeeper:
             log.warning("could not renew Lease %s: %s", lease_name(self.node), error.reason)
         except Exception as error:  # API server away: the Lease goes stale, others take over
             self.failures += 1
-            log.warning("could not renew Lease %s: %s", lease_name(self.node), error)
+            log.warning("could not renew Lease %s: %s", lease_name(self.node), _short(error))
+
+    def _remember(self, renewed: str) -> None:
+        self._written[renewed] = time.monotonic()
+        while len(self._written) > 64:  # only the latest few are ever looked up
+            del self._written[next(iter(self._written))]
+
+    def written(self, renewed: str) -> float | None:
+        """When this keeper wrote ``renewed`` (monotonic seconds), if it did."""
+        return self._written.get(renewed)
+
+    def renew_now(self) -> None:
+        """Renew at once rather than at the next period (to prove this node's view)."""
+        self._wake.set()
 
     def release(self) -> None:
         """Delete the Lease, so the others take over at once (a planned handover)."""
+        from kubernetes.client.exceptions import ApiException
+
+        if self._released:
+            return
         self._current = None
+        started = time.monotonic()
         try:
             self._call("delete_namespaced_custom_object", lease_name(self.node))
-        except Exception as error:  # gone already, or the API is away: it goes stale
-            log.info("could not delete Lease %s: %s", lease_name(self.node), error)
+            self._released = True
+            log.info(
+                "released Lease %s (%.2f s after the handover began, the delete took %.2f s)",
+                lease_name(self.node),
+                time.monotonic() - (self._leave_at or started),
+                time.monotonic() - started,
+            )
+        except ApiException as error:
+            self._released = error.status == 404
+            if error.status != 404:
+                log.warning("could not release Lease %s: %s", lease_name(self.node), error.reason)
+        except Exception as error:  # the API is away: the Lease goes stale instead
+            log.warning("could not release Lease %s: %s", lease_name(self.node), error)
+
+    def give_up(self) -> None:
+        """Ask the keeper's thread to delete the Lease now (returns at once)."""
+        with self._lock:
+            self._wanted = False
+            self._leaving = True
+            self._leave_at = self._leave_at or time.monotonic()
+        self._wake.set()
+
+    def leave(self, timeout: float = 10.0) -> bool:
+        """Give the Lease up now (the keeper's thread deletes it); True once it is gone."""
+        self.give_up()
+        return self._gone.wait(timeout)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.renew_once()
-            stop.wait(self.renew)
+            if self._leaving and self._current is None:
+                self._gone.set()
+            self._wake.wait(self.renew)
+            self._wake.clear()
+
+
+def _short(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]

@@ -223,17 +223,19 @@ def parse_advertisement(frame: bytes) -> tuple[ipaddress.IPv6Address, bytes, int
 # ---------------------------------------------------------------- kernel filters
 
 
-def bpf_neighbour_solicitations() -> bytes:
-    """A classic BPF program passing only IPv6 neighbour solicitations without extension
-    headers (ethertype 0x86dd, next header 58, ICMPv6 type 135), so a busy interface's other
-    IPv6 traffic never reaches user space."""
+def bpf_neighbour_discovery() -> bytes:
+    """A classic BPF program passing only IPv6 neighbour solicitations and advertisements
+    without extension headers (ethertype 0x86dd, next header 58, ICMPv6 type 135 or 136), so a
+    busy interface's other IPv6 traffic never reaches user space. Solicitations are answered;
+    advertisements show another host claiming a VIP."""
     program = [
         (0x28, 0, 0, 12),  # ldh [12]        ethertype
-        (0x15, 0, 5, ETH_P_IPV6),  # jeq #0x86dd   else drop
+        (0x15, 0, 6, ETH_P_IPV6),  # jeq #0x86dd   else drop
         (0x30, 0, 0, 20),  # ldb [20]        next header
-        (0x15, 0, 3, ICMPV6),  # jeq #58
+        (0x15, 0, 4, ICMPV6),  # jeq #58
         (0x30, 0, 0, 54),  # ldb [54]        ICMPv6 type
-        (0x15, 0, 1, NS),  # jeq #135
+        (0x15, 1, 0, NS),  # jeq #135        accept
+        (0x15, 0, 1, NA),  # jeq #136        else drop
         (0x06, 0, 0, 0x40000),  # ret #262144  accept
         (0x06, 0, 0, 0),  # ret #0      drop
     ]

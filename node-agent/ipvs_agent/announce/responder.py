@@ -20,6 +20,7 @@ import ctypes
 import errno
 import heapq
 import ipaddress
+import itertools
 import logging
 import os
 import select
@@ -27,8 +28,10 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ipvs_agent.announce import packets
 from ipvs_agent.host._netns import entered
@@ -60,6 +63,27 @@ def _membership(sock: socket.socket, index: int, mac: bytes, add: bool) -> None:
     mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, mac + b"\x00\x00")
     option = PACKET_ADD_MEMBERSHIP if add else PACKET_DROP_MEMBERSHIP
     sock.setsockopt(SOL_PACKET, option, mreq)
+
+
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+
+
+def read_nics(rtnl: Any) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    """The interfaces that are up and have carrier, with their addresses (pyroute2 ``rtnl``)."""
+    names: dict[int, str] = {}
+    for link in rtnl.link("dump"):
+        if link["flags"] & IFF_UP and link["flags"] & IFF_LOWER_UP:
+            names[int(link["index"])] = str(link.get_attr("IFLA_IFNAME"))
+    found: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
+        name: [] for name in names.values()
+    }
+    for msg in rtnl.addr("dump"):
+        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        name = names.get(int(msg["index"]))
+        if raw is not None and name is not None:
+            found[name].append(ipaddress.ip_interface(f"{raw}/{msg['prefixlen']}"))
+    return found
 
 
 def link_local(ifname: str) -> ipaddress.IPv6Address | None:
@@ -104,11 +128,19 @@ class Responder:
         self.burst = burst
         self._lock = threading.Lock()
         self._interfaces: dict[str, _Interface] = {}
-        self._pending: list[tuple[float, IPAddress, str]] = []
+        #: Given up, closed by the thread that selects on them (closing a socket another
+        #: thread is selecting on is a race: EBADF, or a reused descriptor read by mistake).
+        self._retired: list[_Interface] = []
+        self._pending: list[tuple[float, int, IPAddress, str]] = []
+        self._order = itertools.count()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.replies = 0
         self.announcements = 0
+        #: Frames from other hosts claiming a VIP this node answers for (a gratuitous ARP or
+        #: ARP reply, a neighbour advertisement), per VIP; see :meth:`claims`.
+        self._claims: Counter[IPAddress] = Counter()
+        self._claimed_by: dict[IPAddress, bytes] = {}
         self.errors: dict[str, str] = {}
 
     # ---------------------------------------------------------------- what to answer for
@@ -121,6 +153,23 @@ class Responder:
                     found.setdefault(vip, []).append(name)
         return {vip: tuple(sorted(names)) for vip, names in found.items()}
 
+    def claims(self) -> dict[IPAddress, int]:
+        """How many frames of other hosts claimed each VIP while this node answered for it.
+
+        Another node's takeover shows here (its gratuitous ARP or unsolicited advertisement), as
+        does a host on the LAN configured with a VIP by mistake.
+        """
+        with self._lock:
+            return dict(self._claims)
+
+    def _claimed(self, iface: _Interface, vip: IPAddress, mac: bytes) -> None:
+        if mac == iface.mac:
+            return
+        self._claims[vip] += 1
+        if self._claimed_by.get(vip) != mac:
+            self._claimed_by[vip] = mac
+            log.info("%s on %s is claimed by %s too", vip, iface.name, packets.mac_text(mac))
+
     def set(self, wanted: Mapping[IPAddress, tuple[str, ...]], now: float | None = None) -> None:
         """Answer for exactly these VIPs, each on its interfaces; announce the new ones."""
         now = time.monotonic() if now is None else now
@@ -130,7 +179,10 @@ class Responder:
                 by_interface.setdefault(name, set()).add(vip)
         with self._lock:
             for name in sorted(set(self._interfaces) - set(by_interface)):
-                self._interfaces.pop(name).close()
+                gone = self._interfaces.pop(name)
+                self._retired.append(gone)
+                for vip in sorted(gone.vips, key=str):
+                    log.info("no longer announcing %s on %s", vip, name)
             for name, vips in sorted(by_interface.items()):
                 iface = self._interfaces.get(name)
                 if iface is None:
@@ -151,7 +203,7 @@ class Responder:
                         self._join(iface, vip, True)
                     log.info("announcing %s on %s", vip, name)
                     for delay in self.burst:
-                        heapq.heappush(self._pending, (now + delay, vip, name))
+                        heapq.heappush(self._pending, (now + delay, next(self._order), vip, name))
                 iface.vips = set(vips)
         os.write(self._wake_w, b"x")
 
@@ -162,7 +214,7 @@ class Responder:
             source6 = link_local(name)
             index = socket.if_nametoindex(name)
         try:
-            _attach(ndp, packets.bpf_neighbour_solicitations())
+            _attach(ndp, packets.bpf_neighbour_discovery())
             arp.bind((name, packets.ETH_P_ARP))
             ndp.bind((name, packets.ETH_P_IPV6))
         except OSError:
@@ -208,24 +260,30 @@ class Responder:
                 frame, address = sock.recvfrom(2048)
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as error:  # ENETDOWN once when the link goes down, and the like
+                log.warning("reading on %s: %s", iface.name, error)
+                return
             if address[2] == PACKET_OUTGOING:
                 continue
             if sock is iface.arp:
-                request = packets.parse_arp(frame)
-                if (
-                    request is not None
-                    and request.op == packets.ARP_REQUEST
-                    and request.target_ip in iface.vips
-                    and request.sender_ip != request.target_ip  # another node's gratuitous ARP
-                ):
-                    self._send(iface, packets.arp_reply(request, iface.mac))
+                arp = packets.parse_arp(frame)
+                if arp is None:
+                    continue
+                if arp.sender_ip in iface.vips:  # another host's gratuitous ARP or reply
+                    self._claimed(iface, arp.sender_ip, arp.sender_mac)
+                elif arp.op == packets.ARP_REQUEST and arp.target_ip in iface.vips:
+                    self._send(iface, packets.arp_reply(arp, iface.mac))
                     self.replies += 1
-            else:
-                asked = packets.parse_solicitation(frame)
-                if asked is not None and asked.target in iface.vips:
-                    source = iface.source6 or asked.target
-                    self._send(iface, packets.answer(asked, iface.mac, source))
-                    self.replies += 1
+                continue
+            asked = packets.parse_solicitation(frame)
+            if asked is not None and asked.target in iface.vips:
+                source = iface.source6 or asked.target
+                self._send(iface, packets.answer(asked, iface.mac, source))
+                self.replies += 1
+                continue
+            told = packets.parse_advertisement(frame)
+            if told is not None and told[0] in iface.vips:
+                self._claimed(iface, told[0], told[1])
 
     def _sockets(self) -> Iterator[tuple[_Interface, socket.socket]]:
         for iface in self._interfaces.values():
@@ -233,30 +291,41 @@ class Responder:
             yield iface, iface.ndp
 
     def run(self, stop: threading.Event) -> None:
-        """Thread body: answer and announce until ``stop``."""
+        """Thread body: answer and announce until ``stop``; an error never ends it."""
         while not stop.is_set():
-            with self._lock:
-                owners = {sock.fileno(): (iface, sock) for iface, sock in self._sockets()}
-                wait = 1.0
-                if self._pending:
-                    wait = max(0.0, min(wait, self._pending[0][0] - time.monotonic()))
-            ready, _, _ = select.select([self._wake_r, *owners], [], [], wait)
-            with self._lock:
-                if self._wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                for fd in ready:
-                    if fd in owners and owners[fd][0].name in self._interfaces:
-                        self._read(*owners[fd])
-                now = time.monotonic()
-                while self._pending and self._pending[0][0] <= now:
-                    _, vip, name = heapq.heappop(self._pending)
-                    self._announce(vip, name)
+            try:
+                self._turn()
+            except Exception:  # a bug here must not leave the VIPs unanswered for good
+                log.exception("responder")
+                stop.wait(0.5)
         self.close()
+
+    def _turn(self) -> None:
+        with self._lock:
+            for iface in self._retired:
+                iface.close()
+            self._retired.clear()
+            owners = {sock.fileno(): (iface, sock) for iface, sock in self._sockets()}
+            wait = 1.0
+            if self._pending:
+                wait = max(0.0, min(wait, self._pending[0][0] - time.monotonic()))
+        ready, _, _ = select.select([self._wake_r, *owners], [], [], wait)
+        with self._lock:
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            for fd in ready:
+                if fd in owners and self._interfaces.get(owners[fd][0].name) is owners[fd][0]:
+                    self._read(*owners[fd])
+            now = time.monotonic()
+            while self._pending and self._pending[0][0] <= now:
+                _, _, vip, name = heapq.heappop(self._pending)
+                self._announce(vip, name)
 
     def close(self) -> None:
         with self._lock:
-            for iface in self._interfaces.values():
+            for iface in [*self._interfaces.values(), *self._retired]:
                 iface.close()
             self._interfaces.clear()
+            self._retired.clear()
             self._pending.clear()

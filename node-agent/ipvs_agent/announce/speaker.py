@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ipvs_agent.announce.election import Member, Wanted, mine
-from ipvs_agent.announce.members import LeaseKeeper, Liveness, read_lease
+from ipvs_agent.announce.members import LeaseKeeper
 from ipvs_agent.desired import EndpointIndex, Outcome, State
 from ipvs_agent.model import IPAddress
+from ipvs_api.leases import LeaseRecord, Liveness, lease_name, read_lease
 from ipvs_api.types import AddressPool, LabelSelector, TrafficPolicy, VirtualServer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ def interfaces_for(vip: IPAddress, patterns: Sequence[str], nics: Nics) -> tuple
             for a in nics[n]
         )
     )
+
+
+def _members(records: Iterable[LeaseRecord]) -> list[Member]:
+    return [Member(r.node, r.labels, r.unready) for r in records]
 
 
 def _selected(selectors: Iterable[LabelSelector], labels: Mapping[str, str]) -> bool:
@@ -123,6 +128,8 @@ class Answering(Protocol):
 
     def announced(self) -> dict[IPAddress, tuple[str, ...]]: ...
 
+    def claims(self) -> dict[IPAddress, int]: ...
+
 
 class LeaseSource(Protocol):
     synced: threading.Event
@@ -134,7 +141,9 @@ class Speaker:
     """Keeps the responder answering for this node's share of the VIPs.
 
     ``leases``: a mirror of the agents' Leases whose changes set ``wake``; ``keeper`` keeps this
-    node's own Lease; ``on_change`` is called when the announced set changes (to report it).
+    node's own Lease; ``on_change`` is called when the announced set changes (to report it);
+    ``nics`` reads the interfaces that are up, polled every second so a link going down hands
+    its VIPs over without waiting for a pass.
     """
 
     def __init__(
@@ -146,6 +155,7 @@ class Speaker:
         wake: threading.Event,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        nics: Callable[[], Nics] | None = None,
     ) -> None:
         self.node = node
         self.keeper = keeper
@@ -154,34 +164,44 @@ class Speaker:
         self.wake = wake
         self.on_change = on_change
         self.clock = clock
-        self.liveness = Liveness()
+        self.liveness = Liveness(node)
+        self._given = Inputs()
         self._inputs = Inputs()
+        self.nics = nics
         self._lock = threading.Lock()
         self.elections = 0
         self.members: list[Member] = []
         self._left = False
+        #: Claims seen when this node lost sight of its own Lease (None: it sees it).
+        self._blind: dict[IPAddress, int] | None = None
 
     def update(self, inputs: Inputs) -> None:
-        """New facts from a pass; the Lease carries them from its next renewal on.
+        """New facts from a pass; the Lease carries them from its next renewal on."""
+        with self._lock:
+            self._given = inputs
+        self._settle(inputs.nics)
+        self.wake.set()
 
-        An interface the responder cannot answer on (no ``CAP_NET_RAW``, gone) does not count:
-        a VIP left without one is reported unready, so another node is elected for it.
-        """
+    def _settle(self, nics: Nics) -> None:
+        """The inputs with the interfaces as they are now: one that is down, or that the
+        responder cannot answer on (no ``CAP_NET_RAW``, gone), does not count, and a VIP left
+        without an interface is reported unready, so another node is elected for it."""
         broken = set(getattr(self.responder, "errors", {}))
-        if broken:
-            nics = {n: a for n, a in inputs.nics.items() if n not in broken}
+        with self._lock:
+            given = self._given
+            usable = {n: a for n, a in nics.items() if n not in broken}
             lost = {
                 w.vip
-                for w in inputs.wanted
-                if _selected(w.selectors, inputs.labels)
-                and not interfaces_for(w.vip, w.interfaces, nics)
+                for w in given.wanted
+                if _selected(w.selectors, given.labels)
+                and not interfaces_for(w.vip, w.interfaces, usable)
             }
-            inputs = replace(inputs, nics=nics, unready=inputs.unready | lost)
-        with self._lock:
+            inputs = replace(given, nics=usable, unready=given.unready | lost)
+            changed = inputs != self._inputs
             self._inputs = inputs
-        if self.keeper is not None:
+        if changed and self.keeper is not None:
             self.keeper.want(inputs.ready and bool(inputs.wanted), inputs.labels, inputs.unready)
-        self.wake.set()
+            self.keeper.renew_now()  # the others re-elect on the news, not a period later
 
     def elect(self) -> dict[IPAddress, tuple[str, ...]]:
         """This node's VIPs now, each with the interfaces to answer on."""
@@ -189,10 +209,26 @@ class Speaker:
             inputs = self._inputs
         records = [r for r in map(read_lease, self.leases.items()) if r is not None]
         now = self.clock()
-        self.liveness.observe(records, now)
-        self.members = self.liveness.alive(now)
+        if self.keeper is not None:
+            self.liveness.observe(records, now, self.keeper.written)
+            if self.liveness.awaiting_proof(now):
+                self.keeper.renew_now()
+        else:
+            self.liveness.observe(records, now)
+        self.members = _members(self.liveness.alive(now))
         if self._left or not inputs.ready or not self.leases.synced.is_set():
+            self._blind = None
             return {}
+        sighted = any(m.node == self.node for m in self.members)
+        if not sighted and any(r.node == self.node for r in records):
+            return self._blindly(inputs)
+        if self._blind is not None:
+            # Sight is back: every Lease gets one duration from now to show a renewal (the
+            # others could not renew either), so nobody is declared gone by the outage itself.
+            log.info("Lease %s is current again: electing", lease_name(self.node))
+            self._blind = None
+            self.liveness.refresh(now)
+            self.members = _members(self.liveness.alive(now))
         chosen = mine(self.node, inputs.wanted, self.members)
         out: dict[IPAddress, tuple[str, ...]] = {}
         for vip, wanted in chosen.items():
@@ -200,6 +236,37 @@ class Speaker:
             if names:
                 out[vip] = names
         return out
+
+    @property
+    def blind(self) -> bool:
+        """This node cannot see its own Lease renewed: it keeps the VIPs it answers for."""
+        return self._blind is not None
+
+    def _blindly(self, inputs: Inputs) -> dict[IPAddress, tuple[str, ...]]:
+        """This node's own Lease is stale in its own view: its renewals fail, or its watch
+        brings nothing. It cannot tell an API outage (where every node is in the same state)
+        from its own isolation, so it keeps answering what it answers — an API outage never
+        takes the VIPs off the LAN — and yields each VIP another host claims meanwhile (the
+        takeover of a node that still sees the Leases shows as its gratuitous ARP or
+        unsolicited advertisement)."""
+        current = self.responder.announced()
+        claims = self.responder.claims()
+        if self._blind is None:
+            log.warning(
+                "Lease %s is stale in this node's view (API server unreachable?): keeping %d "
+                "VIPs until another node claims them",
+                lease_name(self.node),
+                len(current),
+            )
+            self._blind = claims
+        wanted = {w.vip for w in inputs.wanted}
+        kept = {}
+        for vip, names in current.items():
+            if claims.get(vip, 0) > self._blind.get(vip, 0):
+                log.warning("%s is claimed by another node: no longer answering for it", vip)
+            elif vip in wanted:
+                kept[vip] = names
+        return kept
 
     def step(self) -> None:
         before = self.responder.announced()
@@ -212,6 +279,11 @@ class Speaker:
     def run(self, stop: threading.Event) -> None:
         """Thread body: re-elect on every Lease change, stale Lease and new input."""
         while not stop.is_set():
+            if self.nics is not None:  # a link that went down moves its VIPs within a second
+                try:
+                    self._settle(self.nics())
+                except OSError as error:
+                    log.warning("cannot read the interfaces: %s", error)
             self.step()
             expiry = self.liveness.next_expiry(self.clock())
             timeout = 1.0 if expiry is None else max(0.01, min(1.0, expiry - self.clock()))
@@ -219,9 +291,12 @@ class Speaker:
             self.wake.clear()
 
     def leave(self) -> None:
-        """Stop answering first, then give the Lease up: never two nodes answering."""
+        """Stop answering first, then give the Lease up: never two nodes answering. The
+        report that this node no longer announces is queued at once."""
         self._left = True
         self.responder.set({})
         if self.keeper is not None:
-            self.keeper.want(False, {}, ())
-            self.keeper.release()
+            self.keeper.give_up()  # first: the others take over once the Lease is gone
+        self.on_change()
+        if self.keeper is not None:
+            self.keeper.leave()

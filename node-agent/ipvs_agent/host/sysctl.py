@@ -157,7 +157,8 @@ def keep_router_advertisements(interfaces: Mapping[str, tuple[str, str]]) -> lis
 
     Turning IPv6 forwarding on would otherwise make the kernel ignore their RAs, and a SLAAC
     node would lose its IPv6 default route. Loopback and interfaces that already ignore RAs
-    (0) or already accept them while forwarding (2) are left alone.
+    (0) or already accept them while forwarding (2) are left alone, and so are the agent's own
+    devices (``ipvs0``, ``ipvs-rs0``, its tunnels), which never take router advertisements.
     """
     return [
         interface_sysctl(
@@ -168,7 +169,7 @@ def keep_router_advertisements(interfaces: Mapping[str, tuple[str, str]]) -> lis
             "keeps accepting router advertisements once IPv6 forwarding is on (SLAAC routes)",
         )
         for name, (accept_ra, _forwarding) in sorted(interfaces.items())
-        if name not in ("all", "default", "lo") and accept_ra == "1"
+        if name not in ("all", "default", "lo") and not name.startswith("ipvs") and accept_ra == "1"
     ]
 
 
