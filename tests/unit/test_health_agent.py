@@ -386,3 +386,28 @@ def test_a_report_without_health_has_no_health_fields() -> None:
     out = entry("ns/web", p.outcomes["ns/web"])
     assert "downRealServers" not in out and "realServerHealth" not in out
     assert p.outcomes["ns/web"].state is State.PROGRAMMED
+
+
+def test_a_protected_port_of_this_node_is_never_probed_nor_polled() -> None:
+    """The node's own kubelet, API server, etcd... are no target, as they are no real server:
+    a check there fails without a packet sent, a feedback agent there is never asked."""
+    node = Node(
+        "node-a",
+        {"edge": "true"},
+        addresses=frozenset({ipaddress.ip_address(RS1)}),
+        protected_ports=frozenset({10250}),
+    )
+    fb = {"agent": {"port": 10250}, "period": "1s", "expiry": "5s"}
+    t = targets([checked(healthCheck={**TCP, "port": 10250}, feedback=fb)], {}, node)
+    why = "not probed: 10250 is a protected port of this node"
+    assert {str(p.address): p.refused for p in t.probes} == {RS1: why, RS2: ""}
+    assert {ref[1][0]: ft.poll.refused for ref, ft in t.feeds.items()} == {RS1: why, RS2: ""}
+    bed = Bed()
+    bed.answers[RS1] = [b"drain\n"] * 20
+    bed.answers[RS2] = [b"100%\n"] * 20
+    bed.checker.configure(t)
+    bed.advance(6.5)
+    assert {a for a, _ in bed.probed} == {RS2}  # RS1 was never probed
+    assert len(bed.answers[RS1]) == 20 and len(bed.answers[RS2]) < 20  # nor asked
+    out = bed.checker.adjustments()["ns/web"][(RS1, 0)]
+    assert out.down and out.attention is Attention.DOWN and out.message == why

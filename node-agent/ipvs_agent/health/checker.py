@@ -231,6 +231,8 @@ class Checker:
 
     @staticmethod
     def _safely(fn: ProbeFn, item: Probe) -> probes.Result:
+        if item.refused:
+            return probes.Result(False, item.refused)
         try:
             return fn(item)
         except Exception as error:  # a probe bug is a failed probe, never a dead checker
@@ -238,6 +240,8 @@ class Checker:
             return probes.Result(False, f"internal error: {type(error).__name__}")
 
     def _ask_safely(self, item: Poll) -> tuple[bytes, str]:
+        if item.refused:
+            return b"", item.refused
         try:
             return self._ask(item)
         except Exception as error:

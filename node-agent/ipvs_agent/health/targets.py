@@ -36,6 +36,8 @@ class Probe:
     check: HealthCheck
     address: IPAddress
     port: int
+    #: Why it is never sent (a protected port of this node); "" when it is.
+    refused: str = ""
 
     @property
     def thresholds(self) -> Thresholds:
@@ -52,6 +54,8 @@ class Poll:
     send: str
     period: float
     timeout: float
+    #: Why it is never sent (a protected port of this node); "" when it is.
+    refused: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,15 @@ def _check_port(vs: VirtualServer, rs: StaticRealServer, check: HealthCheck) -> 
     return first.target_port if isinstance(first.target_port, int) else first.port
 
 
+def _refused(node: Node, address: IPAddress, port: int) -> str:
+    """Why this node never probes ``address:port``: the node's own protected services
+    (kubelet, API server, etcd, sshd, the agent's metrics) are no more a health check's or a
+    feedback poll's target than a VIP's real server; a check there fails instead."""
+    if address in node.addresses and port in node.protected_ports:
+        return f"not probed: {port} is a protected port of this node"
+    return ""
+
+
 def _weight(vs: VirtualServer, rs: StaticRealServer) -> int:
     return vs.spec.backends.default_weight if rs.weight is None else rs.weight
 
@@ -110,7 +123,8 @@ def targets(
                 port = _check_port(vs, rs, check)
                 if _weight(vs, rs) == 0 or port is None:
                     continue  # quiesced by its spec: nothing to decide
-                probe = Probe(check, rs.check_address or rs.address, port)
+                address = rs.check_address or rs.address
+                probe = Probe(check, address, port, _refused(node, address, port))
                 probes.setdefault(probe, set()).add((vs.key, (str(rs.address), rs.port or 0)))
         fb = spec.feedback
         if fb is None:
@@ -127,6 +141,13 @@ def targets(
         for address, port, weight in servers:
             if not real_server_address_ok(address):
                 continue
-            poll = Poll(address, fb.agent_port, fb.agent_send, fb.period, fb.timeout)
+            poll = Poll(
+                address,
+                fb.agent_port,
+                fb.agent_send,
+                fb.period,
+                fb.timeout,
+                _refused(node, address, fb.agent_port),
+            )
             feeds[(vs.key, (str(address), port))] = FeedTarget(poll, law, weight)
     return Targets({p: frozenset(r) for p, r in probes.items()}, feeds, on_failure)
