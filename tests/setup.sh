@@ -22,9 +22,10 @@ t0=$SECONDS
 # Debian packages: qemu and a busybox for the VM, kmod/cpio to build its initramfs, etcd for the
 # API server, iproute2/nftables/ipvsadm used inside the VM (the VM runs the host's root read-only);
 # bird2: the independent BGP router the directors peer with in the VM (tests/kernel/bgpbed.py);
-# the image: buildah and mmdebstrap build it, umoci unpacks it, runc runs its programs (host and
-# VM), containerd, the CNI plugins and catatonit (the pause process) make the VM a node.
-packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm bird2
+# keepalived beside the agent in the health-check tests and benchmarks; the image: buildah and
+# mmdebstrap build it, umoci unpacks it, runc runs its programs (host and VM), containerd, the CNI
+# plugins and catatonit (the pause process) make the VM a node.
+packages=(qemu-system-x86 busybox-static cpio kmod etcd-server iproute2 nftables ipvsadm bird2 keepalived
           procps python3-venv buildah mmdebstrap umoci runc containerd
           containernetworking-plugins catatonit iptables)
 missing=()

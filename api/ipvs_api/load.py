@@ -15,21 +15,27 @@ import yaml
 
 from ipvs_api import constants, schema
 from ipvs_api.errors import FieldError, InvalidObject
-from ipvs_api.rules import parse_cidr, parse_ip
+from ipvs_api.rules import parse_cidr, parse_duration, parse_ip, parse_statuses
 from ipvs_api.types import (
     AddressPool,
     AddressRange,
     Backends,
     BGPAdvertisement,
     BGPPeer,
+    CheckType,
+    DNSCheck,
+    Feedback,
     Forwarding,
     ForwardingMethod,
+    HealthCheck,
+    HTTPCheck,
     IPAddress,
     IPFamily,
     LabelRequirement,
     LabelSelector,
     Layer2,
     MarkRange,
+    OnFailure,
     Persistence,
     Protocol,
     Scheduler,
@@ -41,6 +47,7 @@ from ipvs_api.types import (
     Tunnel,
     TunnelChecksum,
     TunnelType,
+    UDPCheck,
     VirtualServer,
     VirtualServerSpec,
 )
@@ -132,6 +139,7 @@ def virtual_server_spec(spec: dict[str, Any]) -> VirtualServerSpec:
                     weight=r.get("weight"),
                     upper_threshold=r.get("upperThreshold", 0),
                     lower_threshold=r.get("lowerThreshold"),
+                    check_address=_ip(r["checkAddress"]) if "checkAddress" in r else None,
                 )
                 for r in backends.get("static", ())
             ),
@@ -140,6 +148,58 @@ def virtual_server_spec(spec: dict[str, Any]) -> VirtualServerSpec:
         drain_timeout_seconds=spec["drainTimeoutSeconds"],
         traffic_policy=TrafficPolicy(spec["trafficPolicy"]),
         node_selector=label_selector(spec.get("nodeSelector")),
+        health_check=health_check(spec["healthCheck"]) if "healthCheck" in spec else None,
+        feedback=feedback(spec["feedback"]) if "feedback" in spec else None,
+    )
+
+
+def _seconds(text: str) -> float:
+    found = parse_duration(text)
+    assert found is not None, "validated before"
+    return found
+
+
+def health_check(raw: dict[str, Any]) -> HealthCheck:
+    """Build a validated, defaulted ``spec.healthCheck``."""
+    http, udp, dns = raw.get("http"), raw.get("udp"), raw.get("dns")
+    return HealthCheck(
+        type=CheckType(raw["type"]),
+        port=raw.get("port"),
+        interval=_seconds(raw["interval"]),
+        timeout=_seconds(raw["timeout"]),
+        failure_threshold=raw["failureThreshold"],
+        success_threshold=raw["successThreshold"],
+        initially_up=raw["initialState"] == "Up",
+        on_failure=OnFailure(raw["onFailure"]),
+        http=None
+        if http is None
+        else HTTPCheck(
+            path=http["path"],
+            host=http.get("host"),
+            sni=http.get("sni"),
+            statuses=parse_statuses(http["statuses"]),
+            body_contains=http.get("bodyContains"),
+        ),
+        udp=None if udp is None else UDPCheck(udp["send"], udp.get("expect"), udp["requireReply"]),
+        dns=None if dns is None else DNSCheck(dns["name"], dns["type"]),
+    )
+
+
+def feedback(raw: dict[str, Any]) -> Feedback:
+    """Build a validated, defaulted ``spec.feedback``."""
+    agent = raw["agent"]
+    return Feedback(
+        agent_port=agent["port"],
+        agent_send=agent.get("send", ""),
+        period=_seconds(raw["period"]),
+        timeout=_seconds(raw["timeout"]),
+        gain=raw["gain"],
+        target=raw["targetLoadPercent"] / 100,
+        scale=raw["scale"],
+        min_weight=raw["minWeight"],
+        threshold=raw["thresholdPercent"] / 100,
+        blackout=_seconds(raw["blackout"]),
+        expiry=_seconds(raw["expiry"]),
     )
 
 

@@ -10,6 +10,7 @@ defaulted node exactly as CEL's ``self`` would and returns True when the node is
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,34 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | Non
         return ipaddress.ip_network(text, strict=True)
     except ValueError:
         return None
+
+
+#: Durations as the Gateway API writes them (GEP-2257): up to four number+unit pairs, e.g.
+#: ``500ms``, ``2s``, ``1m30s``; CEL's ``duration()`` parses every one of them.
+DURATION_PATTERN = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"
+_DURATION_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration in :data:`DURATION_PATTERN` (None when it is not one)."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        return None
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def _seconds(text: str) -> float:
+    found = parse_duration(text)
+    return -1.0 if found is None else found
+
+
+def parse_statuses(text: str) -> tuple[tuple[int, int], ...]:
+    """``200-299,401`` → ((200, 299), (401, 401)); the pattern was checked before."""
+    ranges = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        ranges.append((int(first), int(last or first)))
+    return tuple(ranges)
 
 
 def _has(node: dict[str, Any], key: str) -> bool:
@@ -145,8 +174,6 @@ def _static_family_matches_ip_family(s: dict[str, Any]) -> bool:
 
 
 def _target_port_ok(v: Any) -> bool:
-    import re
-
     if _is_int(v):
         return bool(1 <= v <= 65535)
     return bool(
@@ -307,6 +334,79 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
             _static_family_matches_ip_family,
             "backends.static",
         ),
+        Rule(
+            "healthCheck checks static real servers: endpoints of a Service have Kubernetes "
+            "readiness",
+            lambda s: "healthCheck" not in s or "static" in s["backends"],
+            "healthCheck",
+        ),
+        Rule(
+            "a firewall-mark service has no port to check: set healthCheck.port",
+            lambda s: "healthCheck" not in s or "fwmark" not in s or "port" in s["healthCheck"],
+            "healthCheck.port",
+        ),
+        Rule(
+            "checkAddress needs healthCheck: it is where the check connects",
+            lambda s: "healthCheck" in s or all("checkAddress" not in r for r in _static(s)),
+            "backends.static",
+        ),
+    ),
+    ("VirtualServer", "spec.healthCheck"): (
+        Rule(
+            "timeout must not exceed interval: one probe per real server at a time",
+            lambda h: _seconds(h["timeout"]) <= _seconds(h["interval"]),
+            "timeout",
+        ),
+        Rule(
+            "http is only valid with type HTTP or HTTPS",
+            lambda h: "http" not in h or h["type"] in ("HTTP", "HTTPS"),
+            "http",
+        ),
+        Rule(
+            "sni is only valid with type HTTPS",
+            lambda h: "sni" not in h.get("http", {}) or h["type"] == "HTTPS",
+            "http.sni",
+        ),
+        Rule(
+            "udp is required for type UDP and only valid with it",
+            lambda h: (h["type"] == "UDP") == ("udp" in h),
+            "udp",
+        ),
+        Rule(
+            "dns is required for type DNS and only valid with it",
+            lambda h: (h["type"] == "DNS") == ("dns" in h),
+            "dns",
+        ),
+    ),
+    ("VirtualServer", "spec.healthCheck.interval"): (
+        Rule("must be between 100ms and 1h", lambda d: 0.1 <= _seconds(d) <= 3600),
+    ),
+    ("VirtualServer", "spec.healthCheck.timeout"): (
+        Rule("must be at least 10ms", lambda d: _seconds(d) >= 0.01),
+    ),
+    ("VirtualServer", "spec.healthCheck.http.statuses"): (
+        Rule(
+            "each range must start at or below its end, e.g. 200-299",
+            lambda t: all(a <= b for a, b in parse_statuses(t)),
+        ),
+    ),
+    ("VirtualServer", "spec.feedback"): (
+        Rule(
+            "timeout must not exceed period: one poll per feedback agent at a time",
+            lambda f: _seconds(f["timeout"]) <= _seconds(f["period"]),
+            "timeout",
+        ),
+        Rule(
+            "expiry must be longer than period: a fresh report would go stale between polls",
+            lambda f: _seconds(f["expiry"]) > _seconds(f["period"]),
+            "expiry",
+        ),
+    ),
+    ("VirtualServer", "spec.feedback.period"): (
+        Rule("must be between 100ms and 1h", lambda d: 0.1 <= _seconds(d) <= 3600),
+    ),
+    ("VirtualServer", "spec.feedback.timeout"): (
+        Rule("must be at least 10ms", lambda d: _seconds(d) >= 0.01),
     ),
     ("VirtualServer", "spec.address"): (
         Rule(
@@ -367,6 +467,13 @@ RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
         ),
     ),
     ("VirtualServer", "spec.backends.static[].address"): (
+        Rule(
+            "must be a unicast IPv4 or IPv6 address, not loopback, link-local (169.254.0.0/16 "
+            "and fe80::/10, where cloud metadata services answer), multicast or unspecified",
+            _real_server_ok,
+        ),
+    ),
+    ("VirtualServer", "spec.backends.static[].checkAddress"): (
         Rule(
             "must be a unicast IPv4 or IPv6 address, not loopback, link-local (169.254.0.0/16 "
             "and fe80::/10, where cloud metadata services answer), multicast or unspecified",

@@ -141,6 +141,14 @@ def _walk(
             errors.append(
                 FieldError(path, f"Too long: may not be more than {schema['maxLength']} bytes")
             )
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            errors.append(
+                FieldError(
+                    path,
+                    f"Invalid value: {value!r}: should be at least {schema['minLength']} "
+                    "chars long",
+                )
+            )
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(
                 FieldError(path, f"Invalid value: {value!r}: should match '{schema['pattern']}'")

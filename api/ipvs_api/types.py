@@ -146,6 +146,95 @@ class StaticRealServer:
     weight: int | None = None
     upper_threshold: int = 0
     lower_threshold: int | None = None
+    #: Where the health check connects instead of ``address`` (keepalived's connect_ip).
+    check_address: IPAddress | None = None
+
+
+class CheckType(StrEnum):
+    """What a health check does to a real server (no exec: it would run code on nodes)."""
+
+    TCP = "TCP"
+    HTTP = "HTTP"
+    HTTPS = "HTTPS"
+    UDP = "UDP"
+    DNS = "DNS"
+
+
+class OnFailure(StrEnum):
+    """What a failed real server becomes: quiesced (weight 0, keepalived's inhibit_on_failure:
+    its connections finish, it gets no new ones) or removed from the table."""
+
+    QUIESCE = "Quiesce"
+    REMOVE = "Remove"
+
+
+@dataclass(frozen=True)
+class HTTPCheck:
+    path: str = "/"
+    #: Host header; None: the address checked.
+    host: str | None = None
+    #: TLS server name (HTTPS); None: ``host`` when set.
+    sni: str | None = None
+    #: Inclusive status ranges that count as healthy.
+    statuses: tuple[tuple[int, int], ...] = ((200, 299),)
+    #: Text the first 64 KiB of the body must contain.
+    body_contains: str | None = None
+
+
+@dataclass(frozen=True)
+class UDPCheck:
+    send: str
+    #: Text the reply must contain; None: any reply.
+    expect: str | None = None
+    #: False: silence counts as healthy, only an ICMP error (port unreachable) fails.
+    require_reply: bool = True
+
+
+@dataclass(frozen=True)
+class DNSCheck:
+    name: str
+    type: str = "A"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One check per static real server, run by every director from its own node.
+
+    Durations are seconds. The thresholds make one rise/fall state machine whatever the type.
+    """
+
+    type: CheckType
+    port: int | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    #: False (``initialState: Down``, keepalived's alpha): down until the first success.
+    initially_up: bool = True
+    on_failure: OnFailure = OnFailure.QUIESCE
+    http: HTTPCheck | None = None
+    udp: UDPCheck | None = None
+    dns: DNSCheck | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """LVS dynamic feedback: load from each real server's agent (HAProxy agent-check protocol)
+    moves its weight by ``gain * cbrt(target - load)`` every ``period``, between ``min_weight``
+    and ``scale`` times the configured weight; the kernel is written only past ``threshold``.
+    Durations are seconds, ``target`` and ``threshold`` fractions."""
+
+    agent_port: int
+    agent_send: str = ""
+    period: float = 5.0
+    timeout: float = 1.0
+    gain: int = 5
+    target: float = 0.95
+    scale: int = 10
+    min_weight: int = 1
+    threshold: float = 0.15
+    blackout: float = 10.0
+    expiry: float = 180.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +263,8 @@ class VirtualServerSpec:
     drain_timeout_seconds: int = 300
     traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     node_selector: LabelSelector = field(default_factory=LabelSelector)
+    health_check: HealthCheck | None = None
+    feedback: Feedback | None = None
 
     @property
     def family(self) -> IPFamily:

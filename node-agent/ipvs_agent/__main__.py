@@ -227,6 +227,8 @@ def _uninstalling(mirror: Mirror, wait: float = 2.0) -> bool:
 def run_command(args: argparse.Namespace) -> int:
     from ipvs_agent.agent import Agent, Settings, serve_http
     from ipvs_agent.cluster import daemon_set_mirror, mirrors
+    from ipvs_agent.health import metrics as health_metrics
+    from ipvs_agent.health.checker import Checker
     from ipvs_agent.kernel.ipvs import IPVSKernel
     from ipvs_agent.report import NodeReporter, Outbox
     from ipvs_agent.syncd import SyncDaemons
@@ -271,6 +273,7 @@ def run_command(args: argparse.Namespace) -> int:
             kernel.set_timeouts(timeouts)
         host = _host(args)
         sync = SyncDaemons(_sync_settings(args), host.state)
+        checker = Checker(changed.set, workers=args.probe_workers)
         agent = Agent(
             Settings(
                 args.node_name,
@@ -285,7 +288,10 @@ def run_command(args: argparse.Namespace) -> int:
             speaker=speaker,
             bgp=bgp,
             sync=sync,
+            checker=checker,
         )
+        checker.observer = health_metrics.register(agent.metrics.registry, checker)
+        checker.start(own_stop)
         if speaker is not None:
             speaker.on_change = agent.send_report
             agent.metrics.watch_speaker(speaker)
@@ -554,6 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="",
         help="NAMESPACE/NAME of the agent's DaemonSet: when it is deleted (uninstall), the "
         "agent removes what it created before it exits",
+    )
+    run.add_argument(
+        "--probe-workers",
+        type=int,
+        default=16,
+        help="threads that run health probes and feedback polls; each probe is bounded by its "
+        "timeout, so this many cover workers x interval / timeout probes per interval "
+        "(default %(default)s)",
     )
     run.add_argument(
         "--timeouts",

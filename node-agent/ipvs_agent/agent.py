@@ -17,6 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
+from ipvs_agent.health.checker import Checker
+from ipvs_agent.health.targets import targets
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
@@ -78,11 +80,14 @@ class Agent:
         speaker: Speaker | None = None,
         bgp: BGPAnnouncer | None = None,
         sync: SyncDaemons | None = None,
+        checker: Checker | None = None,
     ) -> None:
         self.settings = settings
         self.speaker = speaker
         self.bgp = bgp
         self.sync = sync
+        #: Health checks and feedback: configured from each snapshot, its decisions planned.
+        self.checker = checker
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -134,6 +139,9 @@ class Agent:
             admitted_only=self.settings.admitted_only,
             cache=self.read_cache,
         )
+        if self.checker is not None:
+            self.checker.configure(targets(snap.virtual_servers, snap.endpoints, node))
+            snap = replace(snap, adjustments=self.checker.adjustments())
         draining = set(self.memory.draining)
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())

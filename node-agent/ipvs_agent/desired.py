@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ipvs_agent import model
+from ipvs_agent.health.verdict import Adjustment, Adjustments, RealServerHealth, RealServerKey
 from ipvs_agent.host.realserver import Decap, RealServerSpec
 from ipvs_agent.host.sysctl import Needs
 from ipvs_agent.model import (
@@ -128,6 +129,10 @@ class Outcome:
     generation: int = 0
     real_servers: int = 0
     draining_real_servers: int = 0
+    #: Real servers that health checks or feedback agents took out (weight 0 or removed).
+    down_real_servers: int = 0
+    #: The real servers that need attention (down, drained, feedback agent silent).
+    health: tuple[RealServerHealth, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,9 @@ class Plan:
     #: False when a broken VirtualServer's real-server part is unknown (no earlier pass): the
     #: real-server side must then change nothing it cannot account for.
     real_servers_complete: bool = True
+    #: Real servers a failed health check removes (``onFailure: Remove``): deleted at once,
+    #: not drained.
+    remove_now: frozenset[tuple[ServiceKey, DestKey]] = frozenset()
 
     def real_server_targets(self) -> list[RealServerNetns]:
         """The namespaces of :attr:`real_servers`, the node's own first, then pods by IP."""
@@ -276,9 +284,44 @@ def _family_ok(vs: VirtualServer, key: ServiceKey, address: IPAddress) -> bool:
     return vs.spec.forwarding.method is ForwardingMethod.TUN or AddressFamily.of(address) is key.af
 
 
+@dataclass
+class _Health:
+    """Health and feedback adjustments of one VirtualServer, and what they did to its table."""
+
+    mine: Mapping[RealServerKey, Adjustment] = field(default_factory=dict)
+    #: Dests held at weight 0 by health (not draining), and dests removed by it.
+    held: set[tuple[ServiceKey, DestKey]] = field(default_factory=set)
+    removed: set[tuple[ServiceKey, DestKey]] = field(default_factory=set)
+
+    def weigh(
+        self, key: ServiceKey, dkey: DestKey, rs: RealServerKey, weight: int
+    ) -> tuple[int | None, Adjustment | None]:
+        """The weight health and feedback give a real server configured ``weight`` (None:
+        removed from the table)."""
+        adjust = self.mine.get(rs)
+        if adjust is None or weight == 0:
+            return weight, None
+        if adjust.down and adjust.remove:
+            self.removed.add((key, dkey))
+            return None, adjust
+        if adjust.down:
+            self.held.add((key, dkey))
+            return 0, adjust
+        return (weight if adjust.weight is None else adjust.weight), adjust
+
+
+def _upper(adjust: Adjustment | None, upper: int, lower: int | None) -> tuple[int, int | None]:
+    """The thresholds with a feedback agent's maxconn in force (its own lower: 3/4)."""
+    if adjust is None or adjust.upper_threshold is None:
+        return upper, lower
+    new = adjust.upper_threshold
+    return new, (lower if lower is not None and lower <= new else None)
+
+
 def _static_dests(
-    vs: VirtualServer, key: ServiceKey, port: ServicePort | None
+    vs: VirtualServer, key: ServiceKey, port: ServicePort | None, health: _Health | None = None
 ) -> dict[DestKey, Dest]:
+    health = health or _Health()
     dests: dict[DestKey, Dest] = {}
     for rs in vs.spec.backends.static:
         if not _family_ok(vs, key, rs.address) or not real_server_address_ok(rs.address):
@@ -291,8 +334,13 @@ def _static_dests(
             rport = port.target_port
         else:
             rport = port.port
-        weight = vs.spec.backends.default_weight if rs.weight is None else rs.weight
-        d = _dest(vs, key, rs.address, rport, weight, rs.upper_threshold, rs.lower_threshold)
+        configured = vs.spec.backends.default_weight if rs.weight is None else rs.weight
+        dkey = DestKey(str(rs.address), rport)
+        weight, adjust = health.weigh(key, dkey, (str(rs.address), rs.port or 0), configured)
+        if weight is None:
+            continue
+        upper, lower = _upper(adjust, rs.upper_threshold, rs.lower_threshold)
+        d = _dest(vs, key, rs.address, rport, weight, upper, lower)
         dests[d.key] = d
     return dests
 
@@ -314,7 +362,9 @@ def _service_dests(
     port: ServicePort | None,
     endpoints: Sequence[Endpoint],
     node: Node,
+    health: _Health | None = None,
 ) -> dict[DestKey, Dest]:
+    health = health or _Health()
     dests: dict[DestKey, Dest] = {}
     local_only = vs.spec.traffic_policy is TrafficPolicy.LOCAL
     for ep in endpoints:
@@ -329,8 +379,13 @@ def _service_dests(
         rport = _endpoint_port(port, ep)
         if rport is None:
             continue  # this slice has no port of that name
-        weight = vs.spec.backends.default_weight if ep.ready else 0
-        d = _dest(vs, key, ep.address, rport, weight)
+        weight: int | None = vs.spec.backends.default_weight if ep.ready else 0
+        dkey = DestKey(str(ep.address), rport)
+        weight, adjust = health.weigh(key, dkey, (str(ep.address), 0), weight or 0)
+        if weight is None:
+            continue
+        upper, _ = _upper(adjust, 0, None)
+        d = _dest(vs, key, ep.address, rport, weight, upper)
         old = dests.get(d.key)
         if old is None or (old.weight == 0 and weight > 0):
             dests[d.key] = d  # the same address in two slices: the ready one wins
@@ -373,6 +428,7 @@ def _services(
     endpoints: EndpointIndex,
     node: Node,
     routes: Mapping[IPAddress, Route],
+    health: _Health | None = None,
 ) -> tuple[list[DesiredService], LeftOut]:
     """The kernel services of one VirtualServer, and the real servers left out: DR ones
     off-link, and DR/TUN endpoints that listen on another port than the service's (DR and TUN
@@ -402,7 +458,7 @@ def _services(
     protected: dict[IPAddress, int] = {}
     for key, port in ports:
         if spec.backends.service is not None:
-            dests = _service_dests(vs, key, port, backends, node)
+            dests = _service_dests(vs, key, port, backends, node, health)
             if same_port and port is not None:
                 for ep in backends:
                     proto = str(port.protocol)
@@ -412,7 +468,7 @@ def _services(
                         del dests[dkey]
                         other_port[ep.address] = (f"{port.port}/{proto}", listening)
         else:
-            dests = _static_dests(vs, key, port)
+            dests = _static_dests(vs, key, port, health)
             for dkey in list(dests):
                 address = _ip(dkey.address)
                 if address in node.addresses and dkey.port in node.protected_ports:
@@ -599,6 +655,7 @@ def plan(
     node: Node,
     routes: Mapping[IPAddress, Route] | None = None,
     previous: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] | None = None,
+    adjustments: Adjustments | None = None,
 ) -> Plan:
     """The whole desired table of ``node``; the earliest VirtualServer wins a conflict.
 
@@ -610,8 +667,13 @@ def plan(
     what already works: the VirtualServer is ``broken`` (Failed, InternalError), its real-server
     part is the one of the last pass (``previous``, :attr:`Plan.real_server_parts`), and the
     reconciler leaves its kernel entries as they are.
+
+    ``adjustments``: what health checks and feedback decided per real server (weight 0 for a
+    failed one, removal, a feedback weight or upper threshold); real servers without one keep
+    their configured weight.
     """
     table: dict[ServiceKey, DesiredService] = {}
+    remove_now: set[tuple[ServiceKey, DestKey]] = set()
     owners: dict[ServiceKey, str] = {}
     drain: dict[ServiceKey, int] = {}
     outcomes: dict[str, Outcome] = {}
@@ -645,8 +707,9 @@ def plan(
                 )
             continue
         roles = frozenset({Role.DIRECTOR}) | rs_role
+        health = _Health((adjustments or {}).get(vs.key, {}))
         try:
-            services, left_out = _services(vs, endpoints, node, routes or {})
+            services, left_out = _services(vs, endpoints, node, routes or {}, health)
         except Unprogrammable as e:
             outcomes[vs.key] = Outcome(e.state, e.reason, e.message, roles, vs.generation)
             continue
@@ -690,6 +753,8 @@ def plan(
                 masquerade.add(key)
         if vs.address is not None and vs.spec.fwmark is None:
             addresses.add(vs.address)
+        remove_now |= health.removed
+        attention = _attention(health.mine)
         outcomes[vs.key] = Outcome(
             State.PROGRAMMED,
             left_out.reason,
@@ -697,7 +762,9 @@ def plan(
             roles,
             vs.generation,
             real_servers=sum(1 for w in weights if w > 0),
-            draining_real_servers=sum(1 for w in weights if w == 0),
+            draining_real_servers=sum(1 for w in weights if w == 0) - len(health.held),
+            down_real_servers=sum(1 for a in health.mine.values() if a.down),
+            health=attention,
         )
     return Plan(
         table,
@@ -711,7 +778,18 @@ def plan(
         frozenset(broken),
         parts,
         complete,
+        frozenset(remove_now),
     )
+
+
+def _attention(mine: Mapping[RealServerKey, Adjustment]) -> tuple[RealServerHealth, ...]:
+    """The real servers to name in the node's report, by address."""
+    named = [
+        RealServerHealth(address, port, a.attention, a.message)
+        for (address, port), a in mine.items()
+        if a.attention is not None
+    ]
+    return tuple(sorted(named, key=lambda h: (_ip(h.address).version, int(_ip(h.address)), h.port)))
 
 
 def node_needs(p: Plan, node: Node | None = None) -> Needs:

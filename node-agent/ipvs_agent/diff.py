@@ -132,8 +132,13 @@ def diff(
     drain_seconds: Mapping[ServiceKey, int],
     draining: DrainBook,
     now: float,
+    remove_now: frozenset[tuple[ServiceKey, DestKey]] = frozenset(),
 ) -> Diff:
-    """The operations that turn ``observed`` into ``desired`` for the services we own."""
+    """The operations that turn ``observed`` into ``desired`` for the services we own.
+
+    A real server in ``remove_now`` (taken out by a failed health check with ``onFailure:
+    Remove``) is deleted at once instead of drained.
+    """
     ops: list[Op] = []
     book: dict[tuple[ServiceKey, DestKey], float] = {}
     conflicts: set[ServiceKey] = set()
@@ -163,7 +168,7 @@ def diff(
                 key,
                 want.service,
                 have.dests[dkey],
-                drain_seconds.get(key, 0),
+                0 if (key, dkey) in remove_now else drain_seconds.get(key, 0),
                 draining.get((key, dkey)),
                 now,
             )

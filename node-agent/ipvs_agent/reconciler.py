@@ -219,7 +219,14 @@ def reconcile(
 ) -> PassResult:
     """Bring the kernel to the snapshot's desired table; touch only what the agent owns."""
     previous = memory.real_server_parts
-    p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, previous=previous)
+    adjustments = snapshot.adjustments
+    p = plan(
+        snapshot.virtual_servers,
+        snapshot.endpoints,
+        snapshot.node,
+        previous=previous,
+        adjustments=adjustments,
+    )
     side = host if isinstance(host, RealServerSide) else None
     if side is not None:
         # DR reaches only real servers on the director's segment: ask the kernel's FIB, and plan
@@ -227,14 +234,29 @@ def reconcile(
         dr = dr_destinations(p)
         routes = side.routes(set(dr)) if dr else {}
         if any(not route.on_link for route in routes.values()):
-            p = plan(snapshot.virtual_servers, snapshot.endpoints, snapshot.node, routes, previous)
+            p = plan(
+                snapshot.virtual_servers,
+                snapshot.endpoints,
+                snapshot.node,
+                routes,
+                previous,
+                adjustments,
+            )
     recorded = host.recorded()
     owned_before = set(recorded.owned)
     observed = kernel.dump()
     frozen = frozen_services(p, memory.owners, owned_before & set(observed))
     # What a broken VirtualServer programmed stays: desired exactly as the kernel has it.
     table = {**_as_desired(observed, frozen), **p.table}
-    d = diff(table, observed, owned_before.__contains__, p.drain_seconds, memory.draining, now)
+    d = diff(
+        table,
+        observed,
+        owned_before.__contains__,
+        p.drain_seconds,
+        memory.draining,
+        now,
+        p.remove_now,
+    )
     outcomes = {**p.outcomes, **snapshot.rejected}
     if dry_run:
         return PassResult(p, observed, d.ops, [], _with_failures(outcomes, p, d.conflicts, []))

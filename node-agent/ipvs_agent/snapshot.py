@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
+from ipvs_agent.health.verdict import Adjustments
 from ipvs_agent.model import KernelInfo
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
@@ -29,6 +30,8 @@ class Snapshot:
     node: Node
     #: Outcomes of objects that could not even be read (invalid spec).
     rejected: Mapping[str, Outcome] = field(default_factory=dict)
+    #: What health checks and feedback decided per real server (``ipvs-agent run`` only).
+    adjustments: Adjustments = field(default_factory=dict)
 
 
 def _key(obj: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ipvs_agent.desired import Outcome, State
+from ipvs_agent.health.verdict import RealServerHealth
 from ipvs_agent.model import KernelInfo
 from ipvs_api import conditions
 
@@ -45,6 +46,23 @@ def entry(
         # Layer2: the interfaces answered on; BGP: the peers the route reaches.
         field = "peers" if mode == "BGP" else "interfaces"
         out["announcement"] = {"mode": mode, field: list(where)}
+    if outcome.down_real_servers:
+        out["downRealServers"] = outcome.down_real_servers
+    if outcome.health:
+        out["realServerHealth"] = [_health(h) for h in outcome.health[:MAX_HEALTH]]
+    return out
+
+
+#: Real servers named per VirtualServer (the rest only counted); the CRD allows 64.
+MAX_HEALTH = 64
+
+
+def _health(h: RealServerHealth) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": h.address, "state": str(h.attention)}
+    if h.port:
+        out["port"] = h.port
+    if h.message:
+        out["message"] = h.message[:256]
     return out
 
 

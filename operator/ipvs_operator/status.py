@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from ipvs_api import conditions
 from ipvs_api.types import IPAddress
+from ipvs_operator import health
 from ipvs_operator.backends import Counts
 
 NO_DIRECTORS: Final = "NoDirectors"
@@ -32,6 +33,8 @@ class DirectorReport:
     generation: int | None = None
     reason: str = ""
     message: str = ""
+    #: Real servers it names for their health (taken out, drained, or a silent agent).
+    health: tuple[health.RealServerReport, ...] = ()
     #: How the node announces the address to the network (``Layer2``, ``BGP``), if it does.
     announcement: str | None = None
 
@@ -132,6 +135,9 @@ def compute(
         generation,
         at=now,
     )
+    unhealthy = health.summarize({n: r.health for n, r in reports.items()})
+    if unhealthy:  # taken out by at least one director: not counted ready
+        counts = Counts(max(0, counts.ready - len(unhealthy)), counts.total)
     prog, prog_reason, prog_message, done = programmed(generation, desired, reports)
     conds = conditions.set_condition(
         conds, conditions.PROGRAMMED, prog, prog_reason, prog_message, generation, at=now
@@ -167,6 +173,9 @@ def compute(
         "total": counts.total,
         "summary": counts.summary,
     }
+    if unhealthy:
+        status["realServers"]["down"] = len(unhealthy)
+        status["realServers"]["unhealthy"] = unhealthy
     announcement = announced(reports)
     if announcement is not None:
         status["announcement"] = announcement
@@ -245,6 +254,8 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
         out.append(
             Event("Warning", "NotReady", f"{new_ready.get('reason')}: {new_ready.get('message')}")
         )
+    unhealthy = [(s.get("realServers") or {}).get("unhealthy") or () for s in (old, new)]
+    out.extend(Event(*e) for e in health.events(*unhealthy))
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any, Final, Protocol
 from ipvs_api import constants
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
 from ipvs_operator import annotations as ann
+from ipvs_operator import health
 from ipvs_operator.status import DirectorReport
 
 NamespacedKey = tuple[str, str]
@@ -154,6 +155,7 @@ def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorRepor
             generation=int(generation) if generation is not None else None,
             reason=str(entry.get("reason") or ""),
             message=str(entry.get("message") or ""),
+            health=health.parse(entry),
             announcement=str((entry.get("announcement") or {}).get("mode") or "") or None,
         )
     return out

@@ -41,7 +41,21 @@ def meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """A merge patch that turns status ``old`` into ``new`` (removed fields set to null)."""
-    return {"status": {**{k: None for k in old if k not in new}, **new}}
+    return {"status": _merge_patch(old, new)}
+
+
+def _merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merges objects key by key at every depth, so a field removed inside an object
+    that stays (``realServers.unhealthy`` once every real server is back) must be set to null
+    there too; lists are replaced whole."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            patch[key] = _merge_patch(before, value)
+        else:
+            patch[key] = value
+    return patch
 
 
 def always_leading() -> float:

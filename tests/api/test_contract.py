@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ipvs_api import constants, load, schema
 from tests.apiserver.cluster import LocalApiServer
+from tests.unit.test_health_api import VALID_SPECS
 from tests.unit.test_validation import CORPUS, corpus_object
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,3 +177,16 @@ def test_crd_manifests_round_trip_through_yaml() -> None:
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         assert doc["kind"] == "CustomResourceDefinition"
+
+
+@pytest.mark.parametrize("name", sorted(VALID_SPECS))
+def test_valid_health_and_feedback_specs_apply(name: str, applier: Applier, namespace: str) -> None:
+    """Every check type and option that the offline tests read, the API server takes too."""
+    obj = {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.VIRTUAL_SERVER,
+        "metadata": {"name": name},
+        "spec": VALID_SPECS[name],
+    }
+    applier.create(obj, namespace)
+    applier.delete(obj, namespace)

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from ipvs_agent.health import metrics as health_metrics
+from ipvs_agent.health.checker import RealServerState
 from ipvs_agent.metrics import AgentMetrics
 from tests.apiserver.cluster import REPO_ROOT
 from tests.chart.helm import CHART
@@ -43,6 +45,13 @@ def test_chart_has_no_symlinks() -> None:
 
 
 DASHBOARD = CHART / "files" / "dashboards" / "ipvs-agent.json"
+
+
+class _Checker:
+    """Stands in for the health checker: one real server checked and fed back."""
+
+    def states(self) -> list[RealServerState]:
+        return [RealServerState("ns/vs", ("198.51.100.11", 0), True, 0.01, 10, 0.5, False)]
 
 
 class _Speaker:
@@ -74,7 +83,8 @@ def exposed_series() -> dict[str, set[str]]:
     metrics = AgentMetrics()
     metrics.watch_speaker(_Speaker())  # the layer-2 families, as a speaker exports them
     metrics.watch_bgp(_BGPSpeaker())  # and the BGP ones
-    for value in vars(metrics).values():
+    health = health_metrics.register(metrics.registry, _Checker())  # as ipvs-agent run does
+    for value in [*vars(metrics).values(), *vars(health).values()]:
         # A labelled metric shows its label names only once it has a child.
         if isinstance(value, MetricWrapperBase) and value._labelnames:
             value.labels(*("x" for _ in value._labelnames))

@@ -309,3 +309,70 @@ def test_bgp_announcements_do_not_need_a_lease(
         "announced over BGP by a, with no Lease",
         lambda: status_of(admin, ns).get("announcement") == {"mode": "BGP", "nodes": [node]},
     )
+
+
+def test_real_servers_the_directors_took_out_are_in_status_and_events(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """Health as the agents report it in their IPVSNodes (issue 10): a real server taken out
+    by two directors is listed once with both, is not counted ready, and its going out,
+    changing how and coming back are Events; both CRDs keep the fields (nothing pruned)."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    harness.discovery(admin).create_namespaced_endpoint_slice(
+        ns, endpoint_slice("web", ["10.1.0.1", "10.1.0.2"], [])
+    )
+    first, second = nodes.add("a", {}), nodes.add("b", {})
+    for node in (first, second):
+        nodes.report(node, [entry(ns, 1, realServers=2)])
+    wait_for("Ready", lambda: reason(admin, ns, "Ready") == ("True", "Serving"))
+
+    def real_servers() -> dict[str, Any]:
+        found: dict[str, Any] = status_of(admin, ns).get("realServers") or {}
+        return found
+
+    def posted() -> list[tuple[str, str, str]]:
+        return [e for e in harness.events(admin, ns, name="web") if "RealServer" in e[1]]
+
+    down = {"address": "10.1.0.1", "port": 8080, "state": "Down", "message": "refused"}
+    for node in (first, second):
+        nodes.report(
+            node, [entry(ns, 1, realServers=2, downRealServers=1, realServerHealth=[down])]
+        )
+    wait_for("listed by both directors", lambda: real_servers().get("down") == 1)
+    wait_for("two directors", lambda: real_servers()["unhealthy"][0]["directors"] == 2)
+    rs = real_servers()
+    assert (rs["ready"], rs["total"], rs["summary"]) == (1, 2, "1/2")
+    assert rs["unhealthy"] == [
+        {
+            "address": "10.1.0.1",
+            "port": 8080,
+            "state": "Down",
+            "directors": 2,
+            "message": f"down on {first}, {second}: refused",
+        }
+    ]
+    wait_for("a RealServerDown Warning", lambda: [e[:2] for e in posted()] != [])
+    assert [e[:2] for e in posted()] == [("Warning", "RealServerDown")], posted()
+    assert "real server 10.1.0.1:8080 down on " in posted()[0][2]
+
+    # Its feedback agent says drain on one director, the other sees it healthy again.
+    drain = {**down, "state": "Drain", "message": "drain"}
+    stale = {"address": "10.1.0.2", "port": 8080, "state": "FeedbackStale"}
+    nodes.report(first, [entry(ns, 1, realServers=2, realServerHealth=[drain, stale])])
+    nodes.report(second, [entry(ns, 1, realServers=2)])
+    wait_for(
+        "drained", lambda: (real_servers().get("unhealthy") or [{}])[0].get("state") == "Drain"
+    )
+    assert real_servers()["unhealthy"][0]["message"] == f"drain on {first}: drain"
+    wait_for("a RealServerDrained Event", lambda: "RealServerDrained" in [e[1] for e in posted()])
+
+    # Back on every director: the fields go, the real server is ready, and an Event says so.
+    nodes.report(first, [entry(ns, 1, realServers=2, realServerHealth=[stale])])
+    wait_for("no real server out", lambda: "unhealthy" not in real_servers())
+    assert real_servers() == {"ready": 2, "total": 2, "summary": "2/2"}
+    wait_for("a RealServerUp Event", lambda: "RealServerUp" in [e[1] for e in posted()])
+    node_status = harness.custom(admin).get_cluster_custom_object_status(
+        harness.GROUP, harness.VERSION, "ipvsnodes", first
+    )
+    assert node_status["status"]["virtualServers"][0]["realServerHealth"] == [stale]

@@ -15,7 +15,7 @@ from ipvs_operator.controller import Controller, Settings
 from ipvs_operator.events import EventPoster
 from ipvs_operator.leader import LeaderElector, LeaseSettings
 from ipvs_operator.workqueue import VS
-from ipvs_operator.writer import WRITE_FLOOR, NotLeading, Writer
+from ipvs_operator.writer import WRITE_FLOOR, NotLeading, Writer, status_patch
 
 KEY = (VS, "shop", "web")
 PATH = kube.vs_path("shop", "web", status=True)
@@ -273,3 +273,27 @@ def test_a_key_refused_for_want_of_lease_time_is_reconciled_after_a_renewal() ->
             await controller.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_status_patch_removes_fields_at_every_depth_and_replaces_lists() -> None:
+    """A merge patch merges objects key by key: a field gone from an object that stays
+    (``realServers.unhealthy`` once every real server is back) must be nulled inside it."""
+    old = {
+        "address": "192.0.2.1",
+        "announcement": {"mode": "Layer2", "nodes": ["a"]},
+        "realServers": {"ready": 1, "total": 2, "down": 1, "unhealthy": [{"address": "x"}]},
+        "conditions": [{"type": "Ready"}, {"type": "Programmed"}],
+    }
+    new = {
+        "address": "192.0.2.1",
+        "realServers": {"ready": 2, "total": 2},
+        "conditions": [{"type": "Ready"}],
+    }
+    assert status_patch(old, new) == {
+        "status": {
+            "announcement": None,
+            "address": "192.0.2.1",
+            "realServers": {"down": None, "unhealthy": None, "ready": 2, "total": 2},
+            "conditions": [{"type": "Ready"}],
+        }
+    }
