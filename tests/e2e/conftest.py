@@ -100,3 +100,35 @@ def l2lab(request: pytest.FixtureRequest) -> Iterator[tuple[LabBed, str, str, li
         yield bed, v4, v6, order
     finally:
         bed.close()
+
+
+@pytest.fixture(scope="module")
+def bgplab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
+    """The lab in BGP mode (two directors and a BIRD router, tests/e2e/bgpguest.py), with the
+    router's BGPPeers, a pool announced over BGP and one VirtualServer per family."""
+    from tests.e2e import bgpguest, bgpscenario
+
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def log(message: str) -> None:
+        if capture is None or reporter is None:
+            print(f"bgp lab: {message}", flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"bgp lab: {message}")
+
+    bed = LabBed(log, resync_seconds=10, guest="tests.e2e.bgpguest", nodes=bgpguest.NODES)
+    failure = ""
+    try:
+        bed.start()
+        bgpscenario.prepare(bed)
+    except (LabError, AssertionError) as error:
+        failure = f"{error}\n{bed.diagnostics()}"
+    if failure:
+        bed.close()
+        pytest.fail(f"the BGP lab did not come up (docs/testing.md):\n{failure}", pytrace=False)
+    try:
+        yield bed
+    finally:
+        bed.close()

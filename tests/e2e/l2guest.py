@@ -66,28 +66,34 @@ class Stream:
     seconds passed. A UDP datagram whose answer is lost is retried by the next one."""
 
     def __init__(self, client: Netns, vip: str, interval: float, probe: float, limit: float):
+        """``probe`` 0: no ARP/NDP probes (a client behind a router has no link to the VIP)."""
         self.client, self.vip = client, ipaddress.ip_address(vip)
         self.interval, self.probe, self.limit = interval, probe, limit
         self.tcp: list[tuple[float, str]] = []  # (time, identity or "")
         self.udp: list[tuple[float, str]] = []
         self.answers: list[tuple[float, str]] = []  # (time, MAC that answered for the VIP)
         self.stop = threading.Event()
-        family = socket.AF_INET6 if self.vip.version == 6 else socket.AF_INET
-        with client.entered():
-            self.raw = socket.socket(
-                socket.AF_PACKET,
-                socket.SOCK_RAW,
-                socket.htons(packets.ETH_P_ARP if self.vip.version == 4 else packets.ETH_P_IPV6),
-            )
-            self.family = family
-        self.raw.bind(("eth0", 0))
-        self.mac = self.raw.getsockname()[4]
+        self.family = socket.AF_INET6 if self.vip.version == 6 else socket.AF_INET
         self.threads = [
             threading.Thread(target=self._connections, daemon=True),
             threading.Thread(target=self._datagrams, daemon=True),
-            threading.Thread(target=self._probes, daemon=True),
-            threading.Thread(target=self._listen, daemon=True),
         ]
+        self.raw: socket.socket | None = None
+        if probe > 0:
+            with client.entered():
+                self.raw = socket.socket(
+                    socket.AF_PACKET,
+                    socket.SOCK_RAW,
+                    socket.htons(
+                        packets.ETH_P_ARP if self.vip.version == 4 else packets.ETH_P_IPV6
+                    ),
+                )
+            self.raw.bind(("eth0", 0))
+            self.mac = self.raw.getsockname()[4]
+            self.threads += [
+                threading.Thread(target=self._probes, daemon=True),
+                threading.Thread(target=self._listen, daemon=True),
+            ]
         self.began = time.monotonic()
         for thread in self.threads:
             thread.start()
@@ -128,6 +134,7 @@ class Stream:
                 self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def _probes(self) -> None:
+        assert self.raw is not None
         source4 = ipaddress.IPv4Address(CLIENT4)
         source6 = ipaddress.IPv6Address(CLIENT6)
         while self._running():
@@ -143,6 +150,7 @@ class Stream:
             self.stop.wait(self.probe)
 
     def _listen(self) -> None:
+        assert self.raw is not None
         self.raw.settimeout(0.2)
         while self._running():
             try:
@@ -163,12 +171,18 @@ class Stream:
         self.stop.set()
         for thread in self.threads:
             thread.join(5)
-        self.raw.close()
+        if self.raw is not None:
+            self.raw.close()
         return {"tcp": self.tcp, "udp": self.udp, "answers": self.answers}
 
 
 class Cluster:
     """The LAN, the nodes with their API paths, and one agent process per node."""
+
+    #: The director nodes, each with its agent (a subclass may run fewer).
+    node_names: tuple[str, ...] = NODES
+    #: More arguments of every ``ipvs-agent run`` (a subclass's mode).
+    agent_args: tuple[str, ...] = ()
 
     def __init__(self, share: Path, kubeconfig: str, resync: float) -> None:
         self.share = share
@@ -193,19 +207,11 @@ class Cluster:
         )
         subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
         (switch,) = self.lab.netns("sw")
+        self.switch = switch
         switch.ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_mcast_snooping=0)
         switch.link_up("br0")
-
-        def plug(ns: Netns, v4: str, v6: str) -> None:
-            port = f"p-{ns.name.rsplit('-', 1)[-1]}"[:15]
-            self.lab.veth(ns, "eth0", switch, port)
-            index = switch.index(port)
-            switch.ipr.link("set", index=index, master=switch.index("br0"), state="up")
-            ns.link_up("eth0")
-            ns.add_address("eth0", v4, 24)
-            ns.add_address("eth0", v6, 64)
-
-        for index, ns in enumerate(self.lab.netns(*NODES), start=1):
+        plug = self.plug
+        for index, ns in enumerate(self.lab.netns(*self.node_names), start=1):
             self.nodes[ns.name.rsplit("-", 1)[-1]] = ns
             plug(ns, *node_addresses(index))
             host, inner = f"198.18.1.{4 * index - 3}", f"198.18.1.{4 * index - 2}"
@@ -229,6 +235,16 @@ class Cluster:
         for v4, _ in REAL_SERVERS.values():
             wait_tcp_port(client, v4, PORT)
 
+    def plug(self, ns: Netns, v4: str, v6: str) -> None:
+        """``ns``'s ``eth0`` on the LAN's bridge, with these addresses."""
+        port = f"p-{ns.name.rsplit('-', 1)[-1]}"[:15]
+        self.lab.veth(ns, "eth0", self.switch, port)
+        index = self.switch.index(port)
+        self.switch.ipr.link("set", index=index, master=self.switch.index("br0"), state="up")
+        ns.link_up("eth0")
+        ns.add_address("eth0", v4, 24)
+        ns.add_address("eth0", v6, 64)
+
     # -- agents ----------------------------------------------------------------------
 
     def start_agent(self, node: str) -> None:
@@ -244,6 +260,7 @@ class Cluster:
             "ip", "netns", "exec", ns.name, sys.executable, "-m", "ipvs_agent", "run",
             "--node-name", node, "--metrics-port", "0", "--resync-seconds", str(self.resync),
             "--state-dir", f"/run/ipvs-agent-{node}", "--netns-dir", f"/run/ipvs-none-{node}",
+            *self.agent_args,
         ]  # fmt: skip
         self.agents[node] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -276,7 +293,7 @@ class Cluster:
         self, vip: str, interval: float = 0.05, probe: float = 0.1, limit: float = 300.0
     ) -> int:
         assert self.client is not None
-        handle = len(self.streams) + 1
+        handle = max(self.streams, default=0) + 1
         self.streams[handle] = Stream(self.client, vip, interval, probe, limit)
         return handle
 
@@ -321,19 +338,19 @@ class Cluster:
         self.ipr.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start the agents first (their imports take minutes under TCG), build, then call home."""
+def main(argv: list[str] | None = None, kind: type[Cluster] = Cluster) -> int:
+    """Build, start the agents (their imports take minutes under TCG), then call home."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--control", required=True, help="ADDRESS:PORT of the host controller")
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--resync-seconds", type=float, default=30.0)
     args, _ = parser.parse_known_args(argv)
     address, port = args.control.rsplit(":", 1)
-    cluster = Cluster(Path(args.kubeconfig).parent, args.kubeconfig, args.resync_seconds)
+    cluster = kind(Path(args.kubeconfig).parent, args.kubeconfig, args.resync_seconds)
     try:
         started = time.monotonic()
         cluster.build()
-        for node in NODES:
+        for node in cluster.node_names:
             cluster.start_agent(node)
         hello = {
             "kernel": platform.release(),

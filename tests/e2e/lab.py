@@ -9,6 +9,7 @@ prints where they went per scheduler and forwarding method.
 
     tests/lab                 # up, demo, down
     tests/lab --stay          # and keep it up until Ctrl-C (prints a KUBECONFIG to play with)
+    tests/lab --bgp           # BGP mode: two directors announce to a BIRD router (bgpguest.py)
 """
 
 from __future__ import annotations
@@ -110,21 +111,62 @@ def report(results: list[tuple[Row, dict[str, int]]]) -> str:
     return "\n".join(lines)
 
 
+def bgp_demo(bed: LabBed) -> str:
+    """BGP mode: the objects of tests/e2e/bgpscenario.py applied, the router's view, and where
+    connections from the client behind the router went (per director, per real server)."""
+    from tests.e2e import bgpscenario as bs
+    from tests.e2e.bgpguest import NODES
+
+    bs.prepare(bed)
+    bed.log("applied BGPPeers r1 and r1-v6, AddressPool anycast (bgp), VirtualServers web4, web6")
+    bs.wait_announced(bed, NODES)
+    lines = [f"The router's BGP sessions (BIRD, {' '.join(NODES)} as d1 d2):"]
+    lines += bed.call("birdc", args=["show", "protocols"]).splitlines()[1:]
+    for name, vip in bs.VIPS.items():
+        lines += ["", f"VirtualServer {bs.NAMESPACE}/{name} {vip}:{sc.PORT} (mh, DR):"]
+        lines += bed.call("birdc", args=["show", "route", "for", vip]).splitlines()[1:]
+        before = {n: bs.director_connections(bed, n, vip) for n in NODES}
+        held = bed.call("hold_open", vip=vip, count=CONNECTIONS)
+        bed.call("hold_close", handle=held["handle"])
+        spread = {n: bs.director_connections(bed, n, vip) - before[n] for n in NODES}
+        counts = {who: held["identities"].count(who) for who in sorted(set(held["identities"]))}
+        lines.append(
+            f"{CONNECTIONS} TCP connections from 198.51.100.100 behind the router: per director "
+            f"{spread}, per real server {counts}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stay", action="store_true", help="keep the lab up until Ctrl-C")
+    parser.add_argument(
+        "--bgp", action="store_true", help="two directors announcing over BGP to a BIRD router"
+    )
     args = parser.parse_args(argv)
+    mode: dict[str, Any] = {}
+    if args.bgp:
+        from tests.e2e.bgpguest import NODES
+
+        mode = {"guest": "tests.e2e.bgpguest", "nodes": NODES, "resync_seconds": 10}
     began = time.monotonic()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        with LabBed(stderr_progress, vm_timeout=8 * 3600 if args.stay else None) as bed:
-            rows = apply_demo(bed)
-            results = measure(bed, rows)
-            print(report(results))
-            print("\nthe node's table (ipvsadm -Ln inside the VM):")
-            table: dict[str, Any] = bed.call("run", argv=["ipvsadm", "-L", "-n"])
-            print(table["stdout"], end="")
+        timeout = 8 * 3600 if args.stay else None
+        with LabBed(stderr_progress, vm_timeout=timeout, **mode) as bed:
+            if args.bgp:
+                print(bgp_demo(bed))
+            else:
+                rows = apply_demo(bed)
+                results = measure(bed, rows)
+                print(report(results))
+            for node in bed.nodes:
+                print(f"\n{node}'s table (ipvsadm -Ln inside the VM):")
+                table: dict[str, Any] = bed.call(
+                    "run", argv=["ipvsadm", "-L", "-n"], **({"node": node} if args.bgp else {})
+                )
+                print(table["stdout"], end="")
             stderr_progress(f"demo done {time.monotonic() - began:.0f}s after start")
             if args.stay:
                 assert bed.api is not None

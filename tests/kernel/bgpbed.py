@@ -228,7 +228,7 @@ def pool_object(**bgp: Any) -> dict[str, Any]:
         "apiVersion": "ipvs.io/v1alpha1",
         "kind": "AddressPool",
         "metadata": {"name": "anycast"},
-        "spec": {"addresses": ["203.0.113.0/28", "2001:db8:f::/124"], "bgp": bgp},
+        "spec": {"addresses": ["203.0.113.0/28", "2001:db8:f::/120"], "bgp": bgp},
     }
 
 
@@ -264,9 +264,17 @@ def virtual_server(
     }
 
 
-def _bird_config(directors: int, password: str) -> str:
+def bird_config(
+    directors: int,
+    password: str,
+    neighbors: Sequence[tuple[str, str]] | None = None,
+    router_id: str = fabric4(254),
+) -> str:
+    """BIRD's configuration: ECMP into the kernel, one session per director and family (the
+    fabric's addresses), or per (IPv4, IPv6) pair of ``neighbors``."""
+    pairs = neighbors or [(fabric4(i), fabric6(i)) for i in range(1, directors + 1)]
     lines = [
-        f"router id {fabric4(254)};",
+        f"router id {router_id};",
         "protocol device { scan time 1; }",
         "protocol kernel k4 { ipv4 { export all; import none; }; merge paths on; }",
         "protocol kernel k6 { ipv6 { export all; import none; }; merge paths on; }",
@@ -279,13 +287,16 @@ def _bird_config(directors: int, password: str) -> str:
     if password:
         lines.append(f'  password "{password}";')
     lines.append("}")
-    for i in range(1, directors + 1):
+    for i, (v4, v6) in enumerate(pairs, start=1):
         lines += [
-            f"protocol bgp d{i} from directors {{ neighbor {fabric4(i)} as {DIRECTOR_ASN};",
+            f"protocol bgp d{i} from directors {{ neighbor {v4} as {DIRECTOR_ASN};",
             "  ipv4 { import all; export none; }; }",
-            f"protocol bgp d{i}v6 from directors {{ neighbor {fabric6(i)} as {DIRECTOR_ASN};",
-            "  ipv6 { import all; export none; }; }",
         ]
+        if v6:
+            lines += [
+                f"protocol bgp d{i}v6 from directors {{ neighbor {v6} as {DIRECTOR_ASN};",
+                "  ipv6 { import all; export none; }; }",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +381,7 @@ def build(
         syncd = SyncDaemons(SyncSettings("eth0", sync_id=7), agent.host.state) if sync else None
         made.append(Director(f"d{i}", ns, i, agent, speaker, stop, thread, syncd))
     config = workdir / "bird.conf"
-    config.write_text(_bird_config(directors, password))
+    config.write_text(bird_config(directors, password))
     bed = BGPBed(lab, workdir, router, Client(client_ns, "198.51.100.100"),
                  Client(client_ns, "2001:db8:c::100"), made, hosts, password)  # fmt: skip
     bed.bird = router.popen(

@@ -43,7 +43,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 def exabgp_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """ExaBGP's settings (its environment variables): stay root (the agent is), no CLI pipes,
-    log to standard output for the agent to pass on, acknowledge every command."""
+    log to standard output for the agent to pass on but not its per-message statistics (two
+    lines per keepalive, each way, would drown the agent's log), acknowledge every command."""
     env = dict(os.environ if base is None else base)
     env.update(
         {
@@ -55,6 +56,7 @@ def exabgp_environment(base: dict[str, str] | None = None) -> dict[str, str]:
             "exabgp_api_respawn": "false",
             "exabgp_log_destination": "stdout",
             "exabgp_log_level": "INFO",
+            "exabgp_log_statistics": "false",
         }
     )
     return env
