@@ -2,8 +2,9 @@
 
 Shared by the agent (which writes its own Lease and reads everyone's to elect the node that
 announces each VIP on layer 2) and the operator (which names in a VirtualServer's status only
-nodes whose agent is alive). One ``coordination.k8s.io`` Lease per agent, ``ipvs-agent-<node>``
-in the agents' namespace, carrying the node's labels and the VIPs it cannot serve.
+nodes whose agent is alive, and sets aside what an agent whose Lease is stale said). One
+``coordination.k8s.io`` Lease per agent, ``ipvs-agent-<node>`` in the agents' namespace,
+carrying the node's labels and the VIPs it cannot serve.
 
 Liveness is judged as client-go judges a Lease: the holder is alive until ``duration`` has
 passed since *this* node last saw its record change, so no two clocks are ever compared
@@ -129,11 +130,26 @@ class Liveness:
         """Count every Lease as renewed ``now`` (after this node could not see them)."""
         self._seen = {node: (renewed, now) for node, (renewed, _) in self._seen.items()}
 
+    def unseen(self, since: float, now: float) -> None:
+        """This node could not see the Leases from ``since`` until ``now``: that time counts
+        against nobody (each Lease keeps the time it had left, a stale one stays stale)."""
+        gap = max(0.0, now - since)
+        self._seen = {node: (renewed, at + gap) for node, (renewed, at) in self._seen.items()}
+
     def alive(self, now: float) -> list[LeaseRecord]:
         return [
             record
             for node, record in sorted(self._records.items())
             if self._alive(node, record, now)
+        ]
+
+    def stale(self, now: float) -> list[LeaseRecord]:
+        """The Leases still there but not renewed in time: their agents died (a stopping
+        agent deletes its Lease), or cannot reach the API server."""
+        return [
+            record
+            for node, record in sorted(self._records.items())
+            if not self._alive(node, record, now)
         ]
 
     def next_expiry(self, now: float) -> float | None:

@@ -82,8 +82,10 @@ class Controller:
         #: most events are the operator's own status writes.
         self._parsed: dict[tuple[str, str], tuple[Any, VirtualServer | None]] = {}
         self._workers: list[asyncio.Task[None]] = []
-        #: Nodes whose agent holds a fresh Lease (None: not known yet).
+        #: Nodes whose agent holds a fresh Lease (None: not known yet), and those whose
+        #: agent's Lease is stale (a dead agent).
         self._live_agents: frozenset[str] | None = None
+        self._stale_agents: frozenset[str] = frozenset()
         self._client = client
 
     # -- triggers (from kopf event handlers) ---------------------------------------------
@@ -150,26 +152,17 @@ class Controller:
             self._node_labels[name] = new
         self._all_virtual_servers()
 
-    def agents_changed(self, alive: frozenset[str]) -> None:
-        """The set of live agents moved: their VirtualServers' announcements may have."""
+    def agents_changed(self, alive: frozenset[str], stale: frozenset[str]) -> None:
+        """The live or the stale agents moved: what their reports count for may have."""
         before, self._live_agents = self._live_agents, alive
+        before_stale, self._stale_agents = self._stale_agents, stale
         moved = set(self._node_reports) if before is None else alive ^ before
-        for node in moved:
+        for node in moved | (stale ^ before_stale):
             for namespace, name in self._node_reports.get(node, ()):
                 self.queue.add((VS, namespace, name))
 
     def _live(self, reports: Mapping[str, DirectorReport]) -> dict[str, DirectorReport]:
-        """The reports, with a layer-2 announcement only from nodes whose agent is alive (an
-        agent that died cannot take its report back; its Lease goes stale instead)."""
-        alive = self._live_agents
-        return {
-            node: (
-                replace(r, announcement=None)
-                if alive is not None and r.announcement == "Layer2" and node not in alive
-                else r
-            )
-            for node, r in reports.items()
-        }
+        return status.live_reports(reports, self._live_agents, self._stale_agents)
 
     def _all_virtual_servers(self) -> None:
         for namespace, name in self.views.virtual_server_keys():

@@ -9,7 +9,7 @@ the unit tests see. Conditions go through :func:`ipvs_api.conditions.set_conditi
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from ipvs_api import conditions
@@ -37,6 +37,32 @@ class DirectorReport:
     health: tuple[health.RealServerReport, ...] = ()
     #: How the node announces the address to the network (``Layer2``, ``BGP``), if it does.
     announcement: str | None = None
+
+
+def live_reports(
+    reports: Mapping[str, DirectorReport],
+    alive: Collection[str] | None,
+    stale: Collection[str] = frozenset(),
+) -> dict[str, DirectorReport]:
+    """The reports as far as their agents still stand by them (``alive``: nodes whose agent
+    holds a fresh Lease, None while unknown; ``stale``: nodes whose agent's Lease is there but
+    was not renewed in time).
+
+    An agent that dies cannot take its report back. A stale Lease says it died (one that
+    stops deletes its Lease after its last report), so nothing it announced (a BGP session
+    dies with it) and none of its health verdicts stand. Without a Lease nothing is known (an
+    agent with layer 2 off keeps none): the report stands, but a layer-2 announcement, which
+    the agents elect through their Leases, needs a fresh one. The programming state stays:
+    the node's kernel keeps the table when its agent dies.
+    """
+    out: dict[str, DirectorReport] = {}
+    for node, report in reports.items():
+        if node in stale:
+            report = replace(report, announcement=None, health=())
+        elif alive is not None and report.announcement == "Layer2" and node not in alive:
+            report = replace(report, announcement=None)
+        out[node] = report
+    return out
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,8 @@ def test_bgp_announcements_do_not_need_a_lease(
     """The agents' Leases belong to the layer-2 election: an agent that only peers over BGP
     keeps none, and whether its routes are used is the router's call (a dead agent's ExaBGP
     dies with its container and the session closes; a dead node's after the hold time). So a
-    BGP announcement is named without a Lease, next to a layer-2 one that needs it."""
+    BGP announcement is named without a Lease, next to a layer-2 one that needs it (a stale
+    Lease is another matter: the next test)."""
     pool(4)
     harness.core(admin).create_namespaced_service(ns, harness.service("web"))
     wait_for("an address", lambda: bool(status_of(admin, ns).get("address")))
@@ -309,6 +310,64 @@ def test_bgp_announcements_do_not_need_a_lease(
         "announced over BGP by a, with no Lease",
         lambda: status_of(admin, ns).get("announcement") == {"mode": "BGP", "nodes": [node]},
     )
+
+
+def test_an_agent_whose_lease_went_stale_stands_by_no_announcement_or_verdict(
+    admin: Any, ns: str, pool: PoolFactory, nodes: Nodes, operator: harness.Operator
+) -> None:
+    """A stale Lease says its agent died (one that stops deletes it): its BGP announcement and
+    the real servers it took out leave status, its programming stays. A director with no
+    Lease at all (layer 2 off) keeps both, and so does the first once its Lease is deleted."""
+    pool(4)
+    harness.core(admin).create_namespaced_service(ns, harness.service("web"))
+    harness.discovery(admin).create_namespaced_endpoint_slice(
+        ns, endpoint_slice("web", ["10.1.0.1", "10.1.0.2"], [])
+    )
+    dying, leaseless = nodes.add("a", {}), nodes.add("b", {})
+    bgp = {"mode": "BGP", "peers": ["r1"]}
+    for node, address in ((dying, "10.1.0.1"), (leaseless, "10.1.0.2")):
+        down = {"address": address, "port": 8080, "state": "Down", "message": "refused"}
+        nodes.report(
+            node,
+            [
+                entry(
+                    ns,
+                    1,
+                    realServers=2,
+                    downRealServers=1,
+                    realServerHealth=[down],
+                    announcement=bgp,
+                )
+            ],
+        )
+    nodes.keep_lease(dying)
+
+    def shown() -> tuple[list[str], list[str], int, int]:
+        st = status_of(admin, ns)
+        rs = st.get("realServers") or {}
+        return (
+            list((st.get("announcement") or {}).get("nodes") or []),
+            [u["address"] for u in rs.get("unhealthy") or ()],
+            int(rs.get("ready", -1)),
+            int((st.get("nodes") or {}).get("programmed", -1)),
+        )
+
+    both = ([dying, leaseless], ["10.1.0.1", "10.1.0.2"], 0, 2)
+    wait_for("both announce and took one out each", lambda: shown() == both)
+    nodes.keep_lease(dying, duration=2.0)  # its last renewal: then it dies
+    wait_for(
+        "only the leaseless director is heard once a's Lease is stale",
+        lambda: shown() == ([leaseless], ["10.1.0.2"], 1, 2),
+        30,
+    )
+    assert status_of(admin, ns)["announcement"] == {"mode": "BGP", "nodes": [leaseless]}
+    assert reason(admin, ns, "Programmed") == ("True", "AllProgrammed")
+    wait_for(
+        "a RealServerUp Event for what only the dead agent said",
+        lambda: "RealServerUp" in [e[1] for e in harness.events(admin, ns, name="web")],
+    )
+    nodes.drop_lease(dying)  # deleted: nothing is known of it any more, its report stands
+    wait_for("a heard again without a Lease", lambda: shown() == both)
 
 
 def test_real_servers_the_directors_took_out_are_in_status_and_events(

@@ -104,8 +104,11 @@ def test_a_lease_is_alive_until_its_duration_passed_since_this_node_saw_it_chang
     live.observe([record("a", "t2"), record("b", "t1")], now=101.5)  # a renewed, b did not
     assert [m.node for m in live.alive(102.1)] == ["a"]
     assert live.next_expiry(102.1) == pytest.approx(103.5)
+    assert [m.node for m in live.stale(102.1)] == ["b"]
     live.observe([record("a", "t2")], now=102.2)  # b's Lease deleted: gone at once
     assert [m.node for m in live.alive(102.2)] == ["a"]
+    assert live.stale(102.2) == [], "no Lease is neither alive nor stale"
+    assert [m.node for m in live.stale(103.5)] == ["a"]
 
 
 def test_a_lagging_observer_declares_nobody_dead_before_it_sees_its_own_later_renewal() -> None:
@@ -117,6 +120,7 @@ def test_a_lagging_observer_declares_nobody_dead_before_it_sees_its_own_later_re
     live.observe([record("a", "a1"), record("b", "b1")], now=100.0, written=written.get)
     live.observe([record("a", "a2"), record("b", "b1")], now=101.5, written=written.get)
     assert [m.node for m in live.alive(102.5)] == ["a", "b"]  # b past 102.0, unproven
+    assert live.stale(102.5) == []
     assert live.awaiting_proof(102.5)
     # Seen late: written before b's deadline, it proves nothing.
     live.observe([record("a", "a3"), record("b", "b1")], now=102.6, written=written.get)
@@ -124,9 +128,23 @@ def test_a_lagging_observer_declares_nobody_dead_before_it_sees_its_own_later_re
     # Written after b's deadline: had b renewed in time, that would have come first.
     live.observe([record("a", "a4"), record("b", "b1")], now=102.7, written=written.get)
     assert [m.node for m in live.alive(102.7)] == ["a"]
+    assert [m.node for m in live.stale(102.7)] == ["b"]
     assert not live.awaiting_proof(102.7)
     # This node's own Lease goes stale on its own clock alone (it is then blind).
     assert [m.node for m in live.alive(104.8)] == []
+
+
+def test_time_this_node_could_not_see_counts_against_nobody() -> None:
+    live = Liveness()
+    live.observe([record("a", "t1"), record("b", "t1")], now=100.0)
+    live.observe([record("a", "t1"), record("b", "t2")], now=101.0)
+    live.unseen(since=102.5, now=110.0)  # a was stale (102.0) when the view was lost, b not
+    live.observe([record("a", "t1"), record("b", "t2")], now=110.0)
+    assert ([m.node for m in live.alive(110.0)], [m.node for m in live.stale(110.0)]) == (
+        ["b"],
+        ["a"],
+    )
+    assert live.next_expiry(110.0) == pytest.approx(110.5)
 
 
 def test_the_lease_carries_labels_and_unready_vips_and_reads_back() -> None:
