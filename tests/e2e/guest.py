@@ -52,6 +52,9 @@ from tests.image.runner import (
 )
 from tests.kernel.topology import Lab, Netns, wait_tcp_port
 
+#: A BGP router on the client LAN (``start_router``), peering with the node's address there.
+ROUTER = "198.51.100.254"
+ROUTER_DIR = Path("/run/ipvs-lab-router")
 NODE_LAN_CLIENT = "198.51.100.1"
 NODE_LAN_SERVER = "192.0.2.1"
 NAT_CLIENT = "198.51.100.101"
@@ -80,6 +83,8 @@ class Node:
         self.container: Container | None = None  # the agent from the image (runc)
         self.held: dict[int, list[tuple[str, socket.socket]]] = {}
         self._next_hold = 0
+        self.router: Netns | None = None
+        self.bird: subprocess.Popen[bytes] | None = None
 
     # -- building ---------------------------------------------------------------------
 
@@ -137,9 +142,34 @@ class Node:
         self.agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
+    def start_router(self) -> None:
+        """BIRD 2 (tests/kernel/bgpbed.py's configuration) in a router namespace on the client
+        LAN, peering with the node at ``NODE_LAN_CLIENT``: the agent's ExaBGP has a peer."""
+        from tests.kernel import bgpbed
+
+        (router,) = self.lab.netns("r1")
+        self.router = router
+        self._plug(router, "labc", ROUTER, NODE_LAN_CLIENT)
+        ROUTER_DIR.mkdir(parents=True, exist_ok=True)
+        config = ROUTER_DIR / "bird.conf"
+        config.write_text(bgpbed.bird_config(1, "", [(NODE_LAN_CLIENT, "")], router_id=ROUTER))
+        log = (self.share / "bird.log").open("ab")
+        self.bird = router.popen(
+            ["bird", "-f", "-c", str(config), "-s", str(ROUTER_DIR / "bird.ctl")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+
+    def router_routes(self) -> str:
+        """The router's IPv4 kernel routes (what BGP installed)."""
+        assert self.router is not None
+        return self.router.run("ip", "-4", "route", "show", "proto", "bird", check=False).stdout
+
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """The requests the host may send."""
         return {
+            "start_router": self.start_router,
+            "router_routes": self.router_routes,
             "agent_alive": self.agent_alive,
             "container_status": self.container_status,
             "http_get": self.http_get,
@@ -286,6 +316,10 @@ class Node:
                 self.agent.wait(30)
             except subprocess.TimeoutExpired:
                 self.agent.kill()
+        if self.bird is not None:
+            self.bird.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.bird.wait(10)
         self.lab.close()
         self.ipr.close()
 

@@ -209,3 +209,44 @@ def test_agent_from_the_image_programs_ipvs_and_serves(
     )
     assert vs[0]["status"]["address"] == address
     assert lab.call("agent_alive"), lab.agent_log_tail()
+
+
+@pytest.mark.apiserver
+@pytest.mark.kernel
+def test_agent_from_the_image_peers_over_bgp(image_lab: LabBed) -> None:
+    """ExaBGP from the image, in the chart's agent container (read-only root, its files under
+    the state directory, the chart's capabilities): a session with BIRD, a VIP announced."""
+    from tests.e2e import guest
+
+    lab = image_lab
+    lab.call("start_router")
+    api = harness.custom(lab.admin)
+    api.create_cluster_custom_object(
+        harness.GROUP, harness.VERSION, "bgppeers",
+        {"apiVersion": "ipvs.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "r1"},
+         "spec": {"address": guest.ROUTER, "asn": 64512, "localASN": 64513,
+                  "holdTimeSeconds": 9}},
+    )  # fmt: skip
+    pool = harness.address_pool("image-bgp", ["203.0.113.248/29"], autoAssign=False, bgp={})
+    api.create_cluster_custom_object(harness.GROUP, harness.VERSION, "addresspools", pool)
+    vip = "203.0.113.249"
+    body = sc.virtual_server("image-bgp", vip, weights=(1, 1, 1))
+    body["spec"]["addressPool"] = "image-bgp"
+    sc.apply_virtual_server(lab, body)
+
+    def session() -> dict[str, Any]:
+        node = api.get_cluster_custom_object(
+            harness.GROUP, harness.VERSION, "ipvsnodes", lab.nodes[0]
+        )
+        sessions = ((node.get("status") or {}).get("bgp") or {}).get("sessions") or []
+        return next((s for s in sessions if s.get("peer") == "r1"), {})
+
+    wait_for("the session with r1 Established", lambda: session().get("state") == "Established",
+             300)  # fmt: skip
+    wait_for(
+        f"{vip} in the router's FIB via the node",
+        lambda: f"{vip} via {guest.NODE_LAN_CLIENT}" in lab.call("router_routes"),
+        120,
+    )
+    assert session()["prefixes"] == 1, session()
+    assert lab.call("agent_alive"), lab.agent_log_tail()
