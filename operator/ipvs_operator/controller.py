@@ -26,7 +26,7 @@ from ipvs_api import conditions, constants, load
 from ipvs_api.errors import InvalidObject
 from ipvs_api.rules import parse_ip
 from ipvs_api.types import IPAddress, VirtualServer
-from ipvs_operator import backends, kube, pools, status
+from ipvs_operator import backends, bgp, kube, pools, status
 from ipvs_operator.agent_leases import AgentLeases
 from ipvs_operator.allocator import Allocator, Claim
 from ipvs_operator.events import EventPoster
@@ -76,6 +76,8 @@ class Controller:
         self._waiting: set[Key] = set()
         self._node_labels: dict[str, dict[str, str]] = {}
         self._node_reports: dict[str, set[tuple[str, str]]] = {}
+        #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
+        self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
         self._namespace_labels: dict[str, dict[str, str]] = {}
         self._pool_generations: dict[str, int] = {}
         #: Parsed VirtualServers by (uid, generation): validation is the costliest step, and
@@ -141,6 +143,30 @@ class Controller:
             return
         for namespace, name in now | before:
             self.queue.add((VS, namespace, name))
+
+    async def sessions_changed(
+        self, node: str, report: Mapping[str, Any] | None, *, listing: bool, gone: bool
+    ) -> None:
+        """Post an Event on each BGPPeer whose session from ``node`` became established or
+        stopped being so; ``report`` is the IPVSNode's ``status.bgp``.
+
+        The sessions before are the last report seen here. A node first seen in a listing (the
+        operator's start, a new leader) is only remembered, so a restart repeats no Event; one
+        created meanwhile starts from no sessions.
+        """
+        after = {} if gone else bgp.sessions(report)
+        before = self._node_sessions.pop(node, None) if gone else self._node_sessions.get(node)
+        if not gone:
+            self._node_sessions[node] = after
+        if before is None and listing:
+            return
+        for event in bgp.events(node, before or {}, after):
+            peer = self.views.peer(event.peer) or _peer_reference(event.peer)
+            try:
+                await self.writer.post(peer, event.type, event.reason, event.message)
+            except NotLeading:  # kopf retries no event handler, and an Event is only a hint
+                log.warning("too little of the Lease left: %s not posted", event.reason)
+                return
 
     def node_changed(self, name: str, labels: Mapping[str, str] | None) -> None:
         new = None if labels is None else dict(labels)
@@ -504,6 +530,15 @@ class Controller:
                 conditions.POOL_EXHAUSTED,
                 f"all {new['allocated']} addresses of AddressPool {name} are allocated",
             )
+
+
+def _peer_reference(name: str) -> dict[str, Any]:
+    """A BGPPeer the index does not hold (deleted meanwhile): its Event goes by name alone."""
+    return {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.BGP_PEER,
+        "metadata": {"name": name},
+    }
 
 
 #: VirtualServer Events worth repeating on the Service that made it.

@@ -20,6 +20,7 @@ from ipvs_operator.events import EventPoster
 
 VIRTUAL_SERVERS = (constants.GROUP, constants.VERSION, constants.VIRTUAL_SERVERS)
 ADDRESS_POOLS = (constants.GROUP, constants.VERSION, constants.ADDRESS_POOLS)
+BGP_PEERS = (constants.GROUP, constants.VERSION, constants.BGP_PEERS)
 IPVS_NODES = (constants.GROUP, constants.VERSION, constants.IPVS_NODES)
 SERVICES = ("v1", "services")
 NAMESPACES = ("v1", "namespaces")
@@ -75,6 +76,7 @@ _INDEXES: list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]] 
     (IPVS_NODES, views.REPORTS, views.report_entries),
     (IPVS_NODES, views.AGENTS, views.agent_entry),
     (NODES, views.NODES, views.node_entry),
+    (BGP_PEERS, views.PEERS, views.peer_entry),
 ]
 
 
@@ -134,6 +136,12 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     ) -> None:
         listed = views.report_entries(body)
         app.controller.report_changed(name, listed, gone=_deleted(event))
+        await app.controller.sessions_changed(
+            name,
+            (body.get("status") or {}).get("bgp"),
+            listing=event.get("type") is None,  # kopf's initial listing
+            gone=_deleted(event),
+        )
 
     @kopf.on.event(*NODES, registry=registry)
     async def node(

@@ -31,6 +31,7 @@ SLICES: Final = "slice_index"
 REPORTS: Final = "report_index"
 AGENTS: Final = "agent_index"
 NODES: Final = "node_index"
+PEERS: Final = "peer_index"
 ALL: Final = (
     VIRTUAL_SERVERS,
     VS_BY_SERVICE,
@@ -42,6 +43,7 @@ ALL: Final = (
     REPORTS,
     AGENTS,
     NODES,
+    PEERS,
 )
 
 _META_KEYS = (
@@ -169,6 +171,20 @@ def node_entry(body: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return namespace_entry(body)
 
 
+def peer_entry(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A BGPPeer's identity only: what an Event about it needs (``kubectl describe`` finds
+    Events by the object's uid)."""
+    meta = _meta(body)
+    identity = {"name": str(meta.get("name")), "uid": str(meta.get("uid") or "")}
+    return {
+        identity["name"]: {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": identity,
+        }
+    }
+
+
 # -- reading ------------------------------------------------------------------------------
 
 
@@ -188,6 +204,7 @@ class Views(Protocol):
     def reports(self, namespace: str, name: str) -> dict[str, DirectorReport]: ...
     def agents(self) -> list[str]: ...
     def node_labels(self, name: str) -> dict[str, str] | None: ...
+    def peer(self, name: str) -> dict[str, Any] | None: ...
 
 
 def _one(index: Mapping[Any, Iterable[Any]], key: Any) -> Any:
@@ -243,4 +260,8 @@ class IndexViews:
 
     def node_labels(self, name: str) -> dict[str, str] | None:
         found: dict[str, str] | None = _one(self._i[NODES], name)
+        return found
+
+    def peer(self, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _one(self._i[PEERS], name)
         return found

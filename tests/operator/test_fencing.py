@@ -88,6 +88,9 @@ class LiveViews:
     def node_labels(self, name: str) -> dict[str, str] | None:
         return None
 
+    def peer(self, name: str) -> dict[str, Any] | None:
+        return None
+
 
 class RecordingKube(kube.Kube):
     """The operator's client, noting the status of every answer it got."""

@@ -34,7 +34,7 @@ OPERATOR_ALLOWED: list[Check] = [
     *[
         (v, "ipvs.io", r, "", "", "")
         for v in ("list", "watch")
-        for r in ("addresspools", "ipvsnodes")
+        for r in ("addresspools", "bgppeers", "ipvsnodes")
     ],
     ("create", "", "events", "", "shop", ""),
     *[
@@ -63,6 +63,7 @@ OPERATOR_DENIED: list[Check] = [
     *[(v, "ipvs.io", "addresspools", "", "", "default") for v in ("create", "patch", "delete")],
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "patch", "delete")],
     ("patch", "ipvs.io", "ipvsnodes", "status", "", "n1"),
+    *[(v, "ipvs.io", "bgppeers", "", "", "tor-a") for v in ("create", "patch", "delete")],
     ("update", "coordination.k8s.io", "leases", "", SYSTEM, "someone-else"),
     ("delete", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1"),
     ("list", "coordination.k8s.io", "leases", "", "kube-system", ""),
