@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ipvs_agent.host.nftables import Ruleset
+    from ipvs_agent.host.state import Repair
     from ipvs_agent.model import IPAddress, ServiceKey
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -136,16 +138,20 @@ def virtual_server(i: int, dests: int, replaced: int | None = None) -> dict[str,
 
 
 class OwnsAll:
-    """The reconciler's host for a table this benchmark made: every service is ours."""
+    """The reconciler's host (``reconciler.Host``) for a table this benchmark made: every
+    service is ours; no nftables, state file or addresses (not what is measured)."""
 
     def __init__(self, keys: Iterable[ServiceKey]) -> None:
-        self.keys = set(keys)
+        from ipvs_agent.host.nftables import Ruleset
 
-    def owned(self) -> set[ServiceKey]:
-        return self.keys
+        self.ruleset = Ruleset.of(keys)
 
-    def record(self, owned: set[ServiceKey], masquerade: set[ServiceKey]) -> None:
-        self.keys = set(owned)
+    def recorded(self) -> Ruleset:
+        return self.ruleset
+
+    def record(self, ruleset: Ruleset) -> list[Repair]:
+        self.ruleset = ruleset
+        return []
 
     def sync_addresses(self, wanted: set[IPAddress]) -> None:
         pass
