@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import scenario
-from tests.e2e.bed import LabBed, LabError
+from tests.e2e.bed import LabBed
+from tests.e2e.fixtures import lab_up, terminal_log
 
 _HERE = Path(__file__).resolve().parent
 
@@ -43,30 +44,8 @@ def _apiserver_for_marked_tests() -> None:
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
     """The lab, up, with the demo namespace and AddressPools; torn down after the module."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def log(message: str) -> None:
-        if capture is None or reporter is None:
-            print(f"lab: {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"lab: {message}")
-
-    bed = LabBed(log, resync_seconds=10)
-    failure = ""
-    try:
-        bed.start()
-        scenario.prepare(bed)
-    except (LabError, AssertionError) as error:
-        failure = f"{error}\n{bed.diagnostics()}"
-    if failure:
-        bed.close()
-        pytest.fail(f"the lab did not come up (see docs/testing.md):\n{failure}", pytrace=False)
-    try:
-        yield bed
-    finally:
-        bed.close()
+    bed = LabBed(terminal_log(request, "lab"), resync_seconds=10)
+    yield from lab_up(bed, "the lab", lambda: scenario.prepare(bed))
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +54,11 @@ def l2lab(request: pytest.FixtureRequest) -> Iterator[tuple[LabBed, str, str, li
     2 and one VirtualServer per family; the VIPs and the order the nodes hold them in."""
     from tests.e2e import l2scenario
 
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def log(message: str) -> None:
-        if capture is None or reporter is None:
-            print(f"l2 lab: {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"l2 lab: {message}")
-
+    log = terminal_log(request, "l2 lab")
     bed = LabBed(log, resync_seconds=10, guest="tests.e2e.l2guest", nodes=l2scenario.NODES)
     v4, v6, order = l2scenario.pick_addresses()
-    failure = ""
-    try:
-        bed.start()
-        l2scenario.prepare(bed, v4, v6)
-    except (LabError, AssertionError) as error:
-        failure = f"{error}\n{bed.diagnostics()}"
-    if failure:
-        bed.close()
-        pytest.fail(f"the layer-2 lab did not come up (docs/testing.md):\n{failure}", pytrace=False)
-    try:
-        yield bed, v4, v6, order
-    finally:
-        bed.close()
+    for up in lab_up(bed, "the layer-2 lab", lambda: l2scenario.prepare(bed, v4, v6)):
+        yield up, v4, v6, order
 
 
 @pytest.fixture(scope="module")
@@ -108,27 +67,6 @@ def bgplab(request: pytest.FixtureRequest) -> Iterator[LabBed]:
     router's BGPPeers, a pool announced over BGP and one VirtualServer per family."""
     from tests.e2e import bgpguest, bgpscenario
 
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def log(message: str) -> None:
-        if capture is None or reporter is None:
-            print(f"bgp lab: {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"bgp lab: {message}")
-
+    log = terminal_log(request, "bgp lab")
     bed = LabBed(log, resync_seconds=10, guest="tests.e2e.bgpguest", nodes=bgpguest.NODES)
-    failure = ""
-    try:
-        bed.start()
-        bgpscenario.prepare(bed)
-    except (LabError, AssertionError) as error:
-        failure = f"{error}\n{bed.diagnostics()}"
-    if failure:
-        bed.close()
-        pytest.fail(f"the BGP lab did not come up (docs/testing.md):\n{failure}", pytrace=False)
-    try:
-        yield bed
-    finally:
-        bed.close()
+    yield from lab_up(bed, "the BGP lab", lambda: bgpscenario.prepare(bed))

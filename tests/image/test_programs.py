@@ -28,7 +28,8 @@ from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, TestBedError, bui
 from tests.apiserver.fixtures import repo_crd_files, running_apiserver
 from tests.chart.helm import Helm, container
 from tests.e2e import scenario as sc
-from tests.e2e.bed import GUEST_ADDRESS, LabBed, LabError, free_port
+from tests.e2e.bed import GUEST_ADDRESS, LabBed, free_port
+from tests.e2e.fixtures import lab_up, terminal_log
 from tests.image.oci import Image
 from tests.image.pods import ImageOperator, ImageRun, pod_specs
 from tests.image.runner import capability_names, process_status, root_mount_options
@@ -128,30 +129,8 @@ def test_operator_from_the_image_allocates_and_reports(
 
 @pytest.fixture(scope="module")
 def image_lab(image_run: ImageRun, request: pytest.FixtureRequest) -> Iterator[LabBed]:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def log(message: str) -> None:
-        if capture is None or reporter is None:
-            print(f"lab: {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"image lab: {message}")
-
-    bed = LabBed(log, resync_seconds=10, image=image_run)
-    failure = ""
-    try:
-        bed.start()
-        sc.prepare(bed)
-    except (LabError, AssertionError) as error:
-        failure = f"{error}\n{bed.diagnostics()}"
-    if failure:
-        bed.close()
-        pytest.fail(f"the lab (image mode) did not come up:\n{failure}", pytrace=False)
-    try:
-        yield bed
-    finally:
-        bed.close()
+    bed = LabBed(terminal_log(request, "image lab"), resync_seconds=10, image=image_run)
+    yield from lab_up(bed, "the lab (image mode)", lambda: sc.prepare(bed))
 
 
 @pytest.mark.apiserver

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.bed import LabError
+from tests.e2e.fixtures import terminal_log
 from tests.image.oci import ImageError
 from tests.node.bed import NodeBed
 
@@ -40,16 +41,7 @@ def _apiserver_for_marked_tests() -> None:
 
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest) -> Iterator[NodeBed]:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def log(message: str) -> None:
-        if capture is None or reporter is None:
-            print(f"node: {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"node: {message}")
-
+    log = terminal_log(request, "node")
     bed = NodeBed(log)
     failure = ""
     try:
