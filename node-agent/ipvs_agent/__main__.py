@@ -329,6 +329,11 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
 
     namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE", "")
     if not args.layer2:
+        if namespace:
+            # A Lease left behind by an earlier run with layer 2 on (one that died) would stay
+            # stale for ever, and the operator sets a stale Lease's node's reports aside.
+            old = LeaseKeeper(client.CustomObjectsApi(_api_client()), namespace, args.node_name)
+            threading.Thread(target=old.release, name="lease-cleanup", daemon=True).start()
         return None
     if not namespace:
         log.warning("layer-2 announcement off: no namespace for Leases (--lease-namespace)")

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from ipvs_agent.cluster import mirrors
@@ -84,3 +85,34 @@ def test_status_writes_the_agent_does_not_read_wake_no_pass(
             finally:
                 stop.set()
                 vs_mirror.stop()
+
+
+def test_an_agent_with_layer_2_off_deletes_the_lease_an_earlier_run_left(
+    apiserver: LocalApiServer, k8s_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that died with layer 2 on leaves its Lease; the operator takes a stale Lease for
+    a dead agent and sets its reports aside. Restarted with layer 2 off, it keeps no Lease, so
+    it must delete that one, or its node would look dead for ever."""
+    import argparse
+
+    from ipvs_agent import __main__ as agent_main
+    from ipvs_agent.announce.members import lease_body
+    from ipvs_api.leases import lease_name
+
+    with apiserver.api_client() as admin:
+        objects = client.CustomObjectsApi(admin)
+        body = lease_body(k8s_namespace, "node-a", 2.0, {}, (), "2026-12-03T00:00:00.000000Z")
+        objects.create_namespaced_custom_object(
+            "coordination.k8s.io", "v1", k8s_namespace, "leases", body
+        )
+        monkeypatch.setattr(agent_main, "_api_client", apiserver.api_client)
+        args = argparse.Namespace(layer2=False, lease_namespace=k8s_namespace, node_name="node-a")
+        assert agent_main._speaker(args, admin, threading.Event()) is None
+
+        def gone() -> bool:
+            listed: Any = objects.list_namespaced_custom_object(
+                "coordination.k8s.io", "v1", k8s_namespace, "leases"
+            )
+            return lease_name("node-a") not in {i["metadata"]["name"] for i in listed["items"]}
+
+        wait_for("the leftover Lease deleted", gone, 30)
