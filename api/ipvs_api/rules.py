@@ -53,9 +53,12 @@ def family(text: str) -> int:
     return 0 if addr is None else addr.version
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def is_global_unicast(addr: IPAddress) -> bool:
     """Go's ``netip.Addr.IsGlobalUnicast``, which CEL's ``isGlobalUnicast`` uses."""
-    if addr == ipaddress.IPv4Address("255.255.255.255"):
+    if addr == _BROADCAST:  # parsed once: the agent asks for every real server of every pass
         return False
     return not (addr.is_unspecified or addr.is_loopback or addr.is_multicast or addr.is_link_local)
 

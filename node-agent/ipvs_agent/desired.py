@@ -470,8 +470,10 @@ def _services(
         else:
             dests = _static_dests(vs, key, port, health)
             for dkey in list(dests):
+                if dkey.port not in node.protected_ports:  # before parsing: most are not
+                    continue
                 address = _ip(dkey.address)
-                if address in node.addresses and dkey.port in node.protected_ports:
+                if address in node.addresses:
                     protected[address] = dkey.port
                     del dests[dkey]
         if dr and routes:
