@@ -167,6 +167,8 @@ class Plan:
     #: Real servers a failed health check removes (``onFailure: Remove``): deleted at once,
     #: not drained.
     remove_now: frozenset[tuple[ServiceKey, DestKey]] = frozenset()
+    #: The DR real servers of the planned services, whose routes decide what is on-link.
+    dr_real_servers: frozenset[IPAddress] = frozenset()
 
     def real_server_targets(self) -> list[RealServerNetns]:
         """The namespaces of :attr:`real_servers`, the node's own first, then pods by IP."""
@@ -423,17 +425,26 @@ def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
         )
 
 
+def _off_link(route: Route | None) -> Route | None:
+    """What a route means for a DR real server: the route if it leaves it out, else None."""
+    return route if route is not None and not route.on_link else None
+
+
 def _services(
     vs: VirtualServer,
     endpoints: EndpointIndex,
     node: Node,
     routes: Mapping[IPAddress, Route],
     health: _Health | None = None,
+    looked: list[tuple[IPAddress, Route | None]] | None = None,
 ) -> tuple[list[DesiredService], LeftOut]:
     """The kernel services of one VirtualServer, and the real servers left out: DR ones
     off-link, and DR/TUN endpoints that listen on another port than the service's (DR and TUN
     cannot change the port; CEL refuses that in the spec, but a Service's targetPort is only
-    seen in its EndpointSlices)."""
+    seen in its EndpointSlices).
+
+    ``looked`` collects each DR real server with what its route meant (:func:`_off_link`), so
+    that a cached result can tell whether new routes would change it."""
     spec = vs.spec
     _check_kernel(vs, node.kernel)
     ports: list[tuple[ServiceKey, ServicePort | None]]
@@ -476,11 +487,13 @@ def _services(
                 if address in node.addresses:
                     protected[address] = dkey.port
                     del dests[dkey]
-        if dr and routes:
+        if dr and (routes or looked is not None):
             for dkey in list(dests):
                 address = _ip(dkey.address)
-                route = routes.get(address)
-                if route is not None and not route.on_link:
+                route = _off_link(routes.get(address))
+                if looked is not None:
+                    looked.append((address, route))
+                if route is not None:
                     off_link[address] = route
                     del dests[dkey]
         out.append(DesiredService(service_template(vs, key), dests))
@@ -577,13 +590,9 @@ def _off_link_message(off_link: Mapping[IPAddress, Route], remaining: int) -> st
 
 
 def dr_destinations(p: Plan) -> frozenset[IPAddress]:
-    """The real servers the plan sends DR traffic to: the addresses whose route to look up."""
-    return frozenset(
-        _ip(d.key.address)
-        for s in p.table.values()
-        for d in s.dests.values()
-        if d.forwarding is model.ForwardingMethod.ROUTE
-    )
+    """The real servers the plan sends DR traffic to: the addresses whose route to look up
+    (and, once routes are known, also those left out for being off-link)."""
+    return p.dr_real_servers
 
 
 def real_server_part(
@@ -651,6 +660,82 @@ def _internal_error(vs: VirtualServer, error: Exception, roles: frozenset[Role])
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One VirtualServer's share of a plan, and the inputs it was made from."""
+
+    vs: VirtualServer
+    backends: Sequence[Endpoint]
+    health: Mapping[RealServerKey, Adjustment]
+    part: Mapping[RealServerNetns, RealServerSpec]
+    #: As a director: its services (None: not planned as one), or why it cannot be programmed
+    #: here (state, reason, message).
+    services: tuple[DesiredService, ...] | None = None
+    unprogrammable: tuple[State, str, str] | None = None
+    left_out: LeftOut | None = None
+    held: frozenset[tuple[ServiceKey, DestKey]] = frozenset()
+    removed: frozenset[tuple[ServiceKey, DestKey]] = frozenset()
+    #: Each DR real server with what its route meant (:func:`_off_link`).
+    looked: tuple[tuple[IPAddress, Route | None], ...] = ()
+
+    def made_from(
+        self,
+        vs: VirtualServer,
+        backends: Sequence[Endpoint],
+        health: Mapping[RealServerKey, Adjustment],
+    ) -> bool:
+        return (
+            (self.vs is vs or self.vs == vs)
+            and (self.backends is backends or self.backends == backends)
+            and self.health == health
+        )
+
+    def routed_as(self, routes: Mapping[IPAddress, Route]) -> bool:
+        """Whether ``routes`` leave out exactly the DR real servers they left out before."""
+        return all(_off_link(routes.get(address)) == was for address, was in self.looked)
+
+
+class PlanMemo:
+    """Each VirtualServer's planned share, from one :func:`plan` to the next.
+
+    A resync mostly plans what it planned before, and building every VirtualServer's services
+    again (address parsing and formatting per real server) was most of a pass. A VirtualServer
+    whose inputs are the same — the same validated object (kept by
+    :class:`~ipvs_agent.snapshot.ReadCache`), endpoints, health verdicts and DR routes — gets
+    its last services back. Another node (labels, addresses, kernel) starts afresh, and only
+    the last plan's entries are kept, so the memo never outgrows the cluster's objects.
+    What :func:`plan` builds around the services (ownership, conflicts, outcomes) is done anew
+    on every pass: it depends on the other VirtualServers.
+    """
+
+    def __init__(self) -> None:
+        self._node: Node | None = None
+        self._entries: dict[str, _Planned] = {}
+        #: VirtualServers served from the memo, and planned anew, by the last plan.
+        self.hits = 0
+        self.misses = 0
+
+    def find(
+        self,
+        node: Node,
+        vs: VirtualServer,
+        backends: Sequence[Endpoint],
+        health: Mapping[RealServerKey, Adjustment],
+    ) -> _Planned | None:
+        if self._node is not node and self._node != node:
+            return None
+        found = self._entries.get(vs.key)
+        return found if found is not None and found.made_from(vs, backends, health) else None
+
+    def replace(self, node: Node, entries: dict[str, _Planned]) -> None:
+        self._node, self._entries = node, entries
+
+
+def _backends(vs: VirtualServer, endpoints: EndpointIndex) -> Sequence[Endpoint]:
+    service = vs.spec.backends.service
+    return () if service is None else endpoints.get((vs.namespace, service), ())
+
+
 def plan(
     virtual_servers: Iterable[VirtualServer],
     endpoints: EndpointIndex,
@@ -658,6 +743,7 @@ def plan(
     routes: Mapping[IPAddress, Route] | None = None,
     previous: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] | None = None,
     adjustments: Adjustments | None = None,
+    memo: PlanMemo | None = None,
 ) -> Plan:
     """The whole desired table of ``node``; the earliest VirtualServer wins a conflict.
 
@@ -673,7 +759,14 @@ def plan(
     ``adjustments``: what health checks and feedback decided per real server (weight 0 for a
     failed one, removal, a feedback weight or upper threshold); real servers without one keep
     their configured weight.
+
+    ``memo``: each VirtualServer's share of the last plan (:class:`PlanMemo`), reused where
+    its inputs are unchanged; the result is the same as without it.
     """
+    routes = routes or {}
+    entries: dict[str, _Planned] = {}
+    hits = 0
+    dr_real_servers: set[IPAddress] = set()
     table: dict[ServiceKey, DesiredService] = {}
     remove_now: set[tuple[ServiceKey, DestKey]] = set()
     owners: dict[ServiceKey, str] = {}
@@ -687,14 +780,20 @@ def plan(
     broken: dict[str, Exception] = {}
     complete = True
     for vs in sorted(virtual_servers, key=_sort_key):
+        backends = _backends(vs, endpoints)
+        mine = (adjustments or {}).get(vs.key, {})
+        known = memo.find(node, vs, backends, mine) if memo is not None else None
         part: Mapping[RealServerNetns, RealServerSpec]
-        try:
-            part = real_server_part(vs, endpoints, node)
-        except Exception as e:  # keep what the last pass set up for it, if it is known
-            broken[vs.key] = e
-            known = (previous or {}).get(vs.key)
-            complete = complete and known is not None
-            part = known or {}
+        if known is not None:
+            part = known.part
+        else:
+            try:
+                part = real_server_part(vs, endpoints, node)
+            except Exception as e:  # keep what the last pass set up for it, if it is known
+                broken[vs.key] = e
+                last = (previous or {}).get(vs.key)
+                complete = complete and last is not None
+                part = last or {}
         parts[vs.key] = part
         for target, rs_spec in part.items():
             real_servers[target] = merge_specs(real_servers.get(target), rs_spec)
@@ -707,21 +806,48 @@ def plan(
                 outcomes[vs.key] = Outcome(
                     State.PROGRAMMED, roles=rs_role, generation=vs.generation
                 )
+            if vs.key not in broken:
+                hits += known is not None
+                entries[vs.key] = known or _Planned(vs, backends, mine, part)
             continue
         roles = frozenset({Role.DIRECTOR}) | rs_role
-        health = _Health((adjustments or {}).get(vs.key, {}))
-        try:
-            services, left_out = _services(vs, endpoints, node, routes or {}, health)
-        except Unprogrammable as e:
-            outcomes[vs.key] = Outcome(e.state, e.reason, e.message, roles, vs.generation)
+        if known is not None and known.services is None and known.unprogrammable is None:
+            known = None  # planned before as a real server only
+        reused = known is not None and known.routed_as(routes)
+        if known is None or not reused:
+            health = _Health(mine)
+            looked: list[tuple[IPAddress, Route | None]] = []
+            try:
+                services_, left_out_ = _services(vs, endpoints, node, routes, health, looked)
+                known = _Planned(
+                    vs,
+                    backends,
+                    mine,
+                    part,
+                    tuple(services_),
+                    None,
+                    left_out_,
+                    frozenset(health.held),
+                    frozenset(health.removed),
+                    tuple(looked),
+                )
+            except Unprogrammable as e:
+                known = _Planned(vs, backends, mine, part, None, (e.state, e.reason, e.message))
+            except Exception as e:  # a planner bug must cost one object, not the node
+                broken[vs.key] = e
+                outcomes[vs.key] = _internal_error(vs, e, roles)
+                continue
+        if known.unprogrammable is not None:
+            outcomes[vs.key] = Outcome(*known.unprogrammable, roles, vs.generation)
+        if vs.key in broken:  # its real-server part: known.part is not what the memo may keep
+            if known.unprogrammable is None:
+                outcomes[vs.key] = _internal_error(vs, broken[vs.key], roles)
             continue
-        except Exception as e:  # a planner bug must cost one object, not the node
-            broken[vs.key] = e
-            outcomes[vs.key] = _internal_error(vs, e, roles)
+        entries[vs.key] = known
+        hits += reused
+        if known.unprogrammable is not None:
             continue
-        if vs.key in broken:
-            outcomes[vs.key] = _internal_error(vs, broken[vs.key], roles)
-            continue
+        services, left_out = known.services or (), known.left_out or LeftOut()
         weights = [d.weight for s in services for d in s.dests.values()]
         if left_out and not weights:
             outcomes[vs.key] = Outcome(
@@ -743,6 +869,7 @@ def plan(
                 vs.generation,
             )
             continue
+        dr_real_servers.update(address for address, _ in known.looked)
         for s in services:
             key = s.service.key
             table[key] = s
@@ -755,8 +882,7 @@ def plan(
                 masquerade.add(key)
         if vs.address is not None and vs.spec.fwmark is None:
             addresses.add(vs.address)
-        remove_now |= health.removed
-        attention = _attention(health.mine)
+        remove_now |= known.removed
         outcomes[vs.key] = Outcome(
             State.PROGRAMMED,
             left_out.reason,
@@ -764,10 +890,13 @@ def plan(
             roles,
             vs.generation,
             real_servers=sum(1 for w in weights if w > 0),
-            draining_real_servers=sum(1 for w in weights if w == 0) - len(health.held),
-            down_real_servers=sum(1 for a in health.mine.values() if a.down),
-            health=attention,
+            draining_real_servers=sum(1 for w in weights if w == 0) - len(known.held),
+            down_real_servers=sum(1 for a in mine.values() if a.down),
+            health=_attention(mine),
         )
+    if memo is not None:
+        memo.replace(node, entries)
+        memo.hits, memo.misses = hits, len(entries) - hits
     return Plan(
         table,
         owners,
@@ -781,6 +910,7 @@ def plan(
         parts,
         complete,
         frozenset(remove_now),
+        frozenset(dr_real_servers),
     )
 
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass, replace
 
 from ipvs_agent.model import (
     MANAGED_FLAGS,
+    DesiredService,
     DesiredTable,
     Dest,
     DestKey,
     ForwardingMethod,
     ObservedDest,
+    ObservedService,
     ObservedTable,
     Protocol,
     Service,
@@ -125,6 +127,17 @@ def _drain(
     return None, since
 
 
+def _same_dests(want: DesiredService, have: ObservedService) -> bool:
+    """Whether the kernel has exactly the wanted real servers, each as wanted."""
+    if len(want.dests) != len(have.dests):
+        return False
+    for dkey, d in want.dests.items():
+        current = have.dests.get(dkey)
+        if current is None or not same_dest(d, current.dest):
+            return False
+    return True
+
+
 def diff(
     desired: DesiredTable,
     observed: ObservedTable,
@@ -154,6 +167,8 @@ def diff(
             continue
         if not same_service(want.service, have.service):
             ops.append(Op(OpKind.EDIT_SERVICE, want.service))
+        if want.service.scheduler not in ORDERED_SCHEDULERS and _same_dests(want, have):
+            continue  # the common case of a resync, without sorting anything
         dest_ops: list[Op] = []
         final: dict[DestKey, Dest] = dict(want.dests)
         for dkey in sorted(want.dests):

@@ -7,12 +7,22 @@ observed tables is a comparison of values, and the netlink layer only encodes th
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parse_address(text: str) -> IPAddress:
+    """``ipaddress.ip_address`` for virtual addresses, remembered: every pass parses the same
+    few thousand VIPs of the table's keys again (the bound is far above a node's table).
+
+    Raises ValueError like ``ip_address``."""
+    return ipaddress.ip_address(text)
 
 
 class AddressFamily(IntEnum):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_address
 from typing import Protocol, runtime_checkable
 
 from ipvs_agent.desired import (
     Outcome,
     Plan,
+    PlanMemo,
     RealServerNetns,
     Route,
     State,
@@ -36,6 +36,7 @@ from ipvs_agent.model import (
     IPAddress,
     ObservedTable,
     ServiceKey,
+    parse_address,
 )
 from ipvs_agent.ops import Op, OpKind
 from ipvs_agent.snapshot import Snapshot
@@ -102,6 +103,8 @@ class Memory:
     real_server_parts: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] = field(
         default_factory=dict
     )
+    #: Each VirtualServer's planned services, reused while its inputs stay the same.
+    plans: PlanMemo = field(default_factory=PlanMemo)
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ def _as_desired(
 
 
 def _vips(keys: set[ServiceKey] | frozenset[ServiceKey]) -> set[IPAddress]:
-    return {ip_address(k.address) for k in keys if not k.fwmark}
+    return {parse_address(k.address) for k in keys if not k.fwmark}
 
 
 def reconcile(
@@ -226,6 +229,7 @@ def reconcile(
         snapshot.node,
         previous=previous,
         adjustments=adjustments,
+        memo=memory.plans,
     )
     side = host if isinstance(host, RealServerSide) else None
     if side is not None:
@@ -241,6 +245,7 @@ def reconcile(
                 routes,
                 previous,
                 adjustments,
+                memory.plans,
             )
     recorded = host.recorded()
     owned_before = set(recorded.owned)
@@ -265,7 +270,7 @@ def reconcile(
     masquerade = (set(p.masquerade) - d.conflicts) | (set(recorded.masquerade) & frozen)
     declared = set(table)  # the guard lets traffic reach every declared service
     wanted = set(p.addresses) | _vips(frozen)
-    going = {ip_address(k.address) for k in observed if k in owned_before and not k.fwmark}
+    going = {parse_address(k.address) for k in observed if k in owned_before and not k.fwmark}
     # Ownership is recorded before a service is created and dropped only after it is gone,
     # so a crash in between leaves at worst a record without a service (cleaned next pass).
     # The guard opens a new service before its address is local and closes an old one only

@@ -151,6 +151,9 @@ def test_a_planner_bug_leaves_what_the_virtual_server_programmed(
     reconcile(take(objects, [], NODE), kernel, host, memory, 0)
     before = kernel.dump()
     _breaks(monkeypatch, "a")
+    # An edit of a meets the bug (an unchanged object is not planned again: Memory.plans).
+    objects[0]["metadata"]["generation"] = 3
+    objects[0]["spec"]["backends"]["static"].append({"address": "198.51.100.14"})
     objects[1]["spec"]["backends"]["static"].append({"address": "198.51.100.13"})
     result = reconcile(take(objects, [], NODE), kernel, host, memory, 1)
     outcome = result.outcomes["ns/a"]

@@ -43,6 +43,7 @@ firewall-mark VirtualServer may not use a mark with the bit set (the API refuses
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ipvs_agent.host._netns import HostError, run
-from ipvs_agent.model import AddressFamily, IPAddress, ServiceKey
+from ipvs_agent.model import AddressFamily, IPAddress, ServiceKey, parse_address
 from ipvs_api.constants import MASQUERADE_MARK
 
 TABLE_FAMILY = "inet"
@@ -118,18 +119,25 @@ class Ruleset:
         return cls(
             frozenset(canonical(k) for k in owned),
             frozenset(canonical(k) for k in masquerade),
-            frozenset(ipaddress.ip_address(str(a)) for a in vips),
+            frozenset(_address(a) for a in vips),
             frozenset(canonical(k) for k in open),
         )
 
 
+def _address(a: IPAddress | str) -> IPAddress:
+    if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return a
+    return parse_address(str(a))
+
+
 def _address_key(key: ServiceKey) -> tuple[IPAddress, int, int]:
-    return (ipaddress.ip_address(key.address), key.protocol, key.port)
+    return (parse_address(key.address), key.protocol, key.port)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every pass asks again for every key of the table
 def canonical(key: ServiceKey) -> ServiceKey:
     """The key with its address written as nft and ``ipaddress`` write it (``2001:db8::1``)."""
-    address = str(ipaddress.ip_address(key.address))
+    address = str(parse_address(key.address))
     return key if address == key.address else replace(key, address=address)
 
 
