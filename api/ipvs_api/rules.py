@@ -9,6 +9,7 @@ defaulted node exactly as CEL's ``self`` would and returns True when the node is
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -31,6 +32,13 @@ class Rule:
 
 def parse_ip(text: str) -> IPAddress | None:
     """Parse like Kubernetes CEL ``ip()``: no zones, no IPv4-mapped IPv6, no leading zeros."""
+    if not isinstance(text, str):
+        return None  # what ip_address made of it before; the schema names the wrong type
+    return _parse_ip(text)
+
+
+@functools.lru_cache(maxsize=1024)  # one object's validation parses each address 4 times
+def _parse_ip(text: str) -> IPAddress | None:
     if "%" in text:
         return None
     try:
