@@ -7,8 +7,8 @@ annotation, the writer's managedFields), and writes on each the status the opera
 (conditions, counts, announcement; a second managedFields entry). Then fresh child processes
 list them through the agent's own VirtualServer mirror (``cluster.mirrors``): keeping whole
 objects from one list response (the agent before ``ipvs_agent.trim`` and paged lists),
-trimmed objects from one response, and trimmed objects listed 500 a page (the agent now);
-each child reports:
+trimmed objects from one response, and trimmed objects listed 500 and 100 a page (the agent
+now lists 100 a page); each child reports:
 
 - ``held_mb``: RSS after the list and a collection, minus RSS before it (the mirror's
   holdings, plus whatever the list response left in the heap);
@@ -49,12 +49,12 @@ from tests.served import LAST_APPLIED, operator_status  # noqa: E402
 
 NAMESPACE = "bench"
 #: whole: the agent before (whole objects, one list response); trimmed-unpaged: trimmed
-#: objects from one list response; trimmed: the agent now (trimmed, lists of 500 per page);
-#: trimmed-page100: the same with pages of 100.
+#: objects from one list response; trimmed-page500: trimmed, lists of 500 a page (client-go's
+#: page); trimmed-page100: the agent now (cluster.LIST_PAGE).
 MODES = {
     "whole": (False, 0),
     "trimmed-unpaged": (True, 0),
-    "trimmed": (True, 500),
+    "trimmed-page500": (True, 500),
     "trimmed-page100": (True, 100),
 }  # name: (trimmed, objects per list page; 0 all)
 
