@@ -10,8 +10,9 @@ Measures, in a private network namespace:
     reading an equivalent restore file (best of --rounds; the table is flushed in between);
 (b) a full read of that table: IPVSKernel.dump() vs ``ipvsadm -Ln`` and ``-Ln --stats``;
 (c) resident memory of a fresh process holding a dump of M services x D real servers, and of
-    one that runs the agent's whole reconcile pass over M VirtualServers (mirror-shaped dicts,
-    plan, dump, diff) as the in-cluster agent holds them;
+    one that runs the agent's whole reconcile pass over M VirtualServers (plan, dump, diff) as
+    the in-cluster agent holds them, with its VirtualServer mirror filled as the agent fills
+    it (objects as the API server serves them, listed in pages and trimmed by its transform);
 (d) the agent's reconcile pass over the S x D table: with nothing changed (a resync: full read
     and diff, against ``ipvsadm -Ln``), and with one real server of one service replaced (the
     netlink operations it sends, and its time).
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ipvs_agent.host.nftables import Ruleset
@@ -135,6 +136,36 @@ def virtual_server(i: int, dests: int, replaced: int | None = None) -> dict[str,
             "backends": {"static": [{"address": a} for a in reals]},
         },
     }
+
+
+def listed_mirror(count: int, dests: int) -> list[dict[str, object]]:
+    """What the agent's VirtualServer mirror holds after listing ``count`` of the objects of
+    :func:`virtual_server` as the API server serves them (``tests.served``: CRD defaults,
+    managedFields, kubectl's last-applied annotation, the operator's status): through the
+    agent's own ``cluster.Mirror``, in pages parsed from JSON, each object trimmed by the same
+    transform (``ipvs_agent.trim``)."""
+    import threading
+
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    from ipvs_agent import cluster, trim
+    from tests.served import served
+
+    def list_fn(limit: int = 0, _continue: str = "", **_: object) -> object:
+        start = int(_continue or 0)
+        end = min(count, start + limit) if limit else count
+        page = [served(virtual_server(i, dests), i, defaults=True) for i in range(start, end)]
+        more = str(end) if end < count else ""
+        text = json.dumps({"metadata": {"resourceVersion": "1", "continue": more}, "items": page})
+        del page
+        return json.loads(text)
+
+    api: Any = None  # lists are plain dicts: the client is never asked to convert one
+    mirror = cluster.Mirror(
+        "virtualservers", list_fn, api, threading.Event(), transform=trim.virtual_server
+    )
+    mirror._relist()
+    return mirror.items()
 
 
 class OwnsAll:
@@ -327,7 +358,7 @@ services = len(table)
 dests = sum(len(o.dests) for o in table.values())
 agent = None
 try:
-    import ipvs_agent.agent  # everything else the agent imports (kubernetes client, ...)
+    import ipvs_agent.agent  # the agent's other modules (the kubernetes client: below)
     gc.collect()
     agent = rss()
 except Exception as error:  # report, do not fail the memory figure
@@ -343,7 +374,10 @@ import bench_kernel
 from ipvs_agent.desired import Node
 from ipvs_agent.reconciler import Memory, reconcile
 from ipvs_agent.snapshot import take
-mirror = [bench_kernel.virtual_server(i, int(sys.argv[4])) for i in range(int(sys.argv[3]))]
+import ipvs_agent.cluster  # the kubernetes client, which the agent's mirrors use
+gc.collect()
+with_client = rss()
+mirror = bench_kernel.listed_mirror(int(sys.argv[3]), int(sys.argv[4]))
 gc.collect()
 with_mirror = rss()
 host = bench_kernel.OwnsAll(set(kernel.dump()))
@@ -353,7 +387,8 @@ gc.collect()
 after_pass = rss()
 print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
                   "holding_dump_mb": held, "dump_mb": held - opened,
-                  "with_agent_imports_mb": agent, "with_mirror_mb": with_mirror,
+                  "with_agent_imports_mb": agent, "with_client_imports_mb": with_client,
+                  "with_mirror_mb": with_mirror,
                   "agent_after_pass_mb": after_pass, "pass_ops": len(last.ops),
                   "services": services, "dests": dests}))
 """

@@ -35,6 +35,11 @@ def virtual_server() -> dict[str, Any]:
     }
 
 
+def in_namespace(items: list[dict[str, Any]], namespace: str) -> dict[str, Any]:
+    """The mirror's copy of a test's object (the mirror is cluster-wide)."""
+    return next(o for o in items if o["metadata"]["namespace"] == namespace)
+
+
 def quiet(changed: threading.Event, seconds: float = 2.0) -> bool:
     """Whether nothing woke the agent for ``seconds`` (the watch delivers within that)."""
     return not changed.wait(seconds)
@@ -59,19 +64,27 @@ def test_status_writes_the_agent_does_not_read_wake_no_pass(
                 assert changed.wait(10)
                 changed.clear()
 
-                def status(body: dict[str, Any]) -> None:
-                    objects.patch_namespaced_custom_object_status(
+                def status(body: dict[str, Any]) -> str:
+                    written: Any = objects.patch_namespaced_custom_object_status(
                         GROUP, VERSION, k8s_namespace, PLURAL, "web", {"status": body}
                     )
+                    return str(written["metadata"]["resourceVersion"])
 
                 status({"nodes": {"desired": 3, "programmed": 2, "summary": "2/3"}})
-                status({"announcement": {"mode": "Layer2", "nodes": ["n1"]}})
+                version = status({"announcement": {"mode": "Layer2", "nodes": ["n1"]}})
                 assert quiet(changed), "a status the agent never reads woke a pass"
                 wait_for(
-                    "the mirror to hold the new status",
-                    lambda: (vs_mirror.items()[0].get("status") or {}).get("announcement"),
+                    "the mirror to hold the new version",
+                    lambda: (
+                        in_namespace(vs_mirror.items(), k8s_namespace)["metadata"][
+                            "resourceVersion"
+                        ]
+                        == version
+                    ),
                     10,
                 )
+                kept = in_namespace(vs_mirror.items(), k8s_namespace)
+                assert "status" not in kept, "nothing the agent reads"
                 status({"address": "192.0.2.10", "addressPool": "p"})
                 assert changed.wait(10), "a confirmed address is news"
                 changed.clear()
@@ -116,3 +129,71 @@ def test_an_agent_with_layer_2_off_deletes_the_lease_an_earlier_run_left(
             return lease_name("node-a") not in {i["metadata"]["name"] for i in listed["items"]}
 
         wait_for("the leftover Lease deleted", gone, 30)
+
+
+def test_the_mirrors_keep_no_managed_fields_last_applied_or_unread_status(
+    apiserver: LocalApiServer, k8s_namespace: str
+) -> None:
+    """What the API server returns (managedFields of every writer, kubectl's last-applied
+    annotation, the operator's status) is trimmed on list and on watch to what the agent
+    reads, and the trimmed object reads exactly as the whole one."""
+    import json
+
+    from ipvs_agent import trim
+    from ipvs_api import load
+
+    manifest = virtual_server()
+    manifest["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(manifest)
+    }
+    with apiserver.api_client() as admin:
+        objects = client.CustomObjectsApi(admin)
+        objects.create_namespaced_custom_object(
+            GROUP, VERSION, k8s_namespace, PLURAL, manifest, field_manager="kubectl"
+        )
+        objects.patch_namespaced_custom_object_status(
+            GROUP, VERSION, k8s_namespace, PLURAL, "web",
+            {"status": {"address": "192.0.2.10", "addressPool": "p", "observedGeneration": 1,
+                        "nodes": {"desired": 1, "programmed": 1, "summary": "1/1"}}},
+            field_manager="ipvs-operator",
+        )  # fmt: skip
+        changed = threading.Event()
+        stop = threading.Event()
+        with apiserver.api_client() as api:
+            (vs_mirror, *_rest) = mirrors(api, "node-a", changed)
+            thread = threading.Thread(target=vs_mirror.run, args=(stop,), daemon=True)
+            thread.start()
+
+            def mine() -> dict[str, Any]:
+                return in_namespace(vs_mirror.items(), k8s_namespace)
+
+            try:
+                wait_for("the mirror synced", vs_mirror.synced.is_set, 30)
+                whole: Any = objects.get_namespaced_custom_object(
+                    GROUP, VERSION, k8s_namespace, PLURAL, "web"
+                )
+                assert whole["metadata"]["managedFields"]  # there is something to trim
+                listed = mine()
+                assert listed == trim.virtual_server(whole)
+                assert "managedFields" not in listed["metadata"]
+                assert "annotations" not in listed["metadata"]
+                assert listed["status"] == {"address": "192.0.2.10", "addressPool": "p"}
+                assert load.virtual_server(listed) == load.virtual_server(whole)
+
+                patched: Any = objects.patch_namespaced_custom_object(
+                    GROUP, VERSION, k8s_namespace, PLURAL, "web",
+                    {"spec": {"scheduler": {"name": "rr"}}}, field_manager="kubectl-edit",
+                )  # fmt: skip
+                version = patched["metadata"]["resourceVersion"]
+                wait_for(
+                    "the watched change",
+                    lambda: mine()["metadata"]["resourceVersion"] == version,
+                    10,
+                )
+                watched = mine()
+                assert watched == trim.virtual_server(patched)
+                assert "managedFields" not in watched["metadata"]
+                assert load.virtual_server(watched) == load.virtual_server(patched)
+            finally:
+                stop.set()
+                vs_mirror.stop()
