@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import kopf
 from aiohttp import web
@@ -26,9 +27,31 @@ from ipvs_operator.writer import always_leading
 log = logging.getLogger(__name__)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No "last handled" essence: the operator has no change handlers that would diff it.
+
+    kopf builds an object's essence (a deep copy without status) and diffs it against the last
+    one on every watch event, for ``on.create``/``on.update``/``on.resume`` handlers. The
+    operator registers none — only indexes and ``on.event`` handlers, which mark keys dirty —
+    so that work was pure overhead: at 2000 Services a third of kopf's time per event.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def kopf_settings() -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False  # Events are posted by ipvs_operator.events, on transitions
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
