@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 from aiohttp import web
 
+from ipvs_api import schema
 from ipvs_operator import handlers, kube
 from ipvs_operator.config import Config
 from ipvs_operator.controller import Settings
@@ -75,6 +76,7 @@ async def _health(port: int, state: Callable[[], str]) -> web.AppRunner:
 async def serve(config: Config) -> int:
     """Run until SIGTERM (exit 0) or until the Lease is lost (exit 1)."""
     info = kube.login()
+    schema.crds()  # parsed now, not in the first reconcile (the event loop would stall on it)
     client = kube.Kube(kube.login, limit=max(8, config.workers * 2))
     elector: LeaderElector | None = None
     if config.leader_election:
