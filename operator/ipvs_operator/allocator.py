@@ -207,7 +207,12 @@ class Allocator:
 
     def _take(self, claim: Claim, address: IPAddress, pool: str) -> None:
         live = self._live(claim, address)
-        self.release(claim.key)
+        before = self._holdings.get(claim.key)
+        if before is None or before.address != address:
+            # Not for a holder that keeps its address: a release would rewind the free-address
+            # cursors to it, and every reconcile of an old holder would make the next
+            # allocation scan the pool from there again (quadratic in a burst).
+            self.release(claim.key)
         holding = Holding(claim, address, pool, live)
         self._holdings[claim.key] = holding
         self._by_address.setdefault(address, {})[claim.key] = holding

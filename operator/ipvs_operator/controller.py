@@ -71,7 +71,7 @@ class Controller:
             settings.default_load_balancer, views, self.writer, self.queue
         )
         self.restored = False
-        self._pool_signature: tuple[tuple[str, str], ...] | None = None
+        self._pool_signature: tuple[tuple[str, str, str, str], ...] | None = None
         self._pool_views: dict[str, pools.PoolView] = {}
         self._waiting: set[Key] = set()
         self._node_labels: dict[str, dict[str, str]] = {}
@@ -280,11 +280,9 @@ class Controller:
 
     def _refresh_pools(self) -> None:
         bodies = self.views.pools()
-        signature = tuple(
-            sorted(
-                (str(_meta(b).get("name")), str(_meta(b).get("resourceVersion"))) for b in bodies
-            )
-        )
+        # What judging reads (spec, name, age), not resourceVersion: the pools' status, which
+        # this operator rewrites as addresses are handed out, changes nothing in a verdict.
+        signature = tuple(sorted(pool_signature(b) for b in bodies))
         if signature == self._pool_signature:
             return
         self._pool_signature = signature
@@ -530,6 +528,17 @@ class Controller:
                 conditions.POOL_EXHAUSTED,
                 f"all {new['allocated']} addresses of AddressPool {name} are allocated",
             )
+
+
+def pool_signature(body: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """What :func:`pools.judge` depends on in one pool: which object, and which spec."""
+    meta = _meta(body)
+    return (
+        str(meta.get("name")),
+        str(meta.get("uid")),
+        str(meta.get("creationTimestamp")),
+        str(meta.get("generation")),
+    )
 
 
 def _peer_reference(name: str) -> dict[str, Any]:

@@ -66,15 +66,12 @@ class App:
 
 
 _INDEXES: list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]] = [
-    (VIRTUAL_SERVERS, views.VIRTUAL_SERVERS, views.virtual_server_entry),
-    (VIRTUAL_SERVERS, views.VS_BY_SERVICE, views.vs_by_service_entry),
-    (VIRTUAL_SERVERS, views.VS_BY_BACKEND, views.vs_by_backend_entry),
+    (VIRTUAL_SERVERS, views.VIRTUAL_SERVERS, views.virtual_server_entries),
     (SERVICES, views.SERVICES, views.service_entry),
     (ADDRESS_POOLS, views.POOLS, views.pool_entry),
     (NAMESPACES, views.NAMESPACES, views.namespace_entry),
     (ENDPOINT_SLICES, views.SLICES, views.slice_entry),
-    (IPVS_NODES, views.REPORTS, views.report_entries),
-    (IPVS_NODES, views.AGENTS, views.agent_entry),
+    (IPVS_NODES, views.NODE_REPORTS, views.ipvs_node_entries),
     (NODES, views.NODES, views.node_entry),
     (BGP_PEERS, views.PEERS, views.peer_entry),
 ]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import kopf
 from aiohttp import web
 
+from ipvs_api import schema
 from ipvs_operator import handlers, kube
 from ipvs_operator.config import Config
 from ipvs_operator.controller import Settings
@@ -26,9 +28,31 @@ from ipvs_operator.writer import always_leading
 log = logging.getLogger(__name__)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No "last handled" essence: the operator has no change handlers that would diff it.
+
+    kopf builds an object's essence (a deep copy without status) and diffs it against the last
+    one on every watch event, for ``on.create``/``on.update``/``on.resume`` handlers. The
+    operator registers none — only indexes and ``on.event`` handlers, which mark keys dirty —
+    so that work was pure overhead: at 2000 Services a third of kopf's time per event.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def kopf_settings() -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False  # Events are posted by ipvs_operator.events, on transitions
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
@@ -52,6 +76,7 @@ async def _health(port: int, state: Callable[[], str]) -> web.AppRunner:
 async def serve(config: Config) -> int:
     """Run until SIGTERM (exit 0) or until the Lease is lost (exit 1)."""
     info = kube.login()
+    schema.crds()  # parsed now, not in the first reconcile (the event loop would stall on it)
     client = kube.Kube(kube.login, limit=max(8, config.workers * 2))
     elector: LeaderElector | None = None
     if config.leader_election:

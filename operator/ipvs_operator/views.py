@@ -18,33 +18,39 @@ from ipvs_operator import health
 from ipvs_operator.status import DirectorReport
 
 NamespacedKey = tuple[str, str]
-ALL_AGENTS: Final = "*"
 
-#: Index ids (also the names kopf passes them under to startup handlers).
+#: Index ids (also the names kopf passes them under to startup handlers). kopf invokes every
+#: index handler on every event of its resource, each through its whole handler machinery, so
+#: each resource has one index: VirtualServers are kept by name and found by the Service that
+#: owns them and by the backend Service they use through keys of one index (:data:`VS_KEY`,
+#: :data:`BY_SERVICE`, :data:`BY_BACKEND`), and IPVSNodes give reports and agents alike.
 VIRTUAL_SERVERS: Final = "vs_index"
-VS_BY_SERVICE: Final = "vs_by_service_index"
-VS_BY_BACKEND: Final = "vs_by_backend_index"
 SERVICES: Final = "service_index"
 POOLS: Final = "pool_index"
 NAMESPACES: Final = "namespace_index"
 SLICES: Final = "slice_index"
-REPORTS: Final = "report_index"
-AGENTS: Final = "agent_index"
+NODE_REPORTS: Final = "ipvs_node_index"
 NODES: Final = "node_index"
 PEERS: Final = "peer_index"
 ALL: Final = (
     VIRTUAL_SERVERS,
-    VS_BY_SERVICE,
-    VS_BY_BACKEND,
     SERVICES,
     POOLS,
     NAMESPACES,
     SLICES,
-    REPORTS,
-    AGENTS,
+    NODE_REPORTS,
     NODES,
     PEERS,
 )
+
+#: Key tags in the VirtualServer index: the object itself (trimmed), and its name under the
+#: Service that made it and under the Service its backends are.
+VS_KEY: Final = "vs"
+BY_SERVICE: Final = "by-service"
+BY_BACKEND: Final = "by-backend"
+#: Key tags in the IPVSNode index: a VirtualServer's director report, and the agent's node.
+REPORT_KEY: Final = "report"
+AGENT_KEY: Final = ("agent",)
 
 _META_KEYS = (
     "name",
@@ -68,7 +74,13 @@ def _key(body: Mapping[str, Any]) -> NamespacedKey:
 
 
 def trim(body: Mapping[str, Any], *, annotation_prefix: str | None = None) -> dict[str, Any]:
-    """A plain copy of what reconcilers read: identity, labels, owners, spec and status."""
+    """What reconcilers read: identity, labels, owners, spec and status.
+
+    The metadata is copied field by field (leaving managedFields and other annotations behind).
+    ``spec`` and ``status`` are kept as the parsed JSON of the watch event — plain dicts and
+    lists that kopf drops once the event is processed and nobody changes — rather than copied
+    again on every event: a deep copy of each was a tenth of the operator's time at scale.
+    """
     meta = _meta(body)
     out_meta = {k: _plain(meta[k]) for k in _META_KEYS if k in meta}
     if annotation_prefix is not None:
@@ -85,8 +97,9 @@ def trim(body: Mapping[str, Any], *, annotation_prefix: str | None = None) -> di
         "metadata": out_meta,
     }
     for part in ("spec", "status"):
-        if body.get(part) is not None:
-            out[part] = _plain(body[part])
+        value = body.get(part)
+        if value is not None:
+            out[part] = value if type(value) is dict else _plain(value)
     return out
 
 
@@ -102,20 +115,18 @@ def _plain(value: Any) -> Any:
 # -- index entries (object -> {key: value}) --------------------------------------------------
 
 
-def virtual_server_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, dict[str, Any]]:
-    return {_key(body): trim(body)}
-
-
-def vs_by_service_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, str]:
+def virtual_server_entries(body: Mapping[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """A VirtualServer's entries in the one VirtualServer index: its trimmed copy, and its name
+    under its owning Service (label) and under its backend Service."""
+    namespace, name = _key(body)
+    out: dict[tuple[str, str, str], Any] = {(VS_KEY, namespace, name): trim(body)}
     service = (_meta(body).get("labels") or {}).get(constants.LABEL_SERVICE_NAME)
-    namespace, name = _key(body)
-    return {(namespace, str(service)): name} if service else {}
-
-
-def vs_by_backend_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, str]:
+    if service:
+        out[(BY_SERVICE, namespace, str(service))] = name
     backend = (((body.get("spec") or {}).get("backends") or {}).get("service") or {}).get("name")
-    namespace, name = _key(body)
-    return {(namespace, str(backend)): name} if backend else {}
+    if backend:
+        out[(BY_BACKEND, namespace, str(backend))] = name
+    return out
 
 
 def service_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, dict[str, Any]]:
@@ -163,8 +174,12 @@ def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorRepor
     return out
 
 
-def agent_entry(body: Mapping[str, Any]) -> dict[str, str]:
-    return {ALL_AGENTS: str(_meta(body).get("name"))}
+def ipvs_node_entries(body: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """An IPVSNode's entries in the one IPVSNode index: its agent's node, and its reports."""
+    out: dict[tuple[str, ...], Any] = {AGENT_KEY: str(_meta(body).get("name"))}
+    for (namespace, name), report in report_entries(body).items():
+        out[(REPORT_KEY, namespace, name)] = report
+    return out
 
 
 def node_entry(body: Mapping[str, Any]) -> dict[str, dict[str, str]]:
@@ -219,20 +234,21 @@ class IndexViews:
         self._i = indices
 
     def virtual_server(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = _one(self._i[VIRTUAL_SERVERS], (namespace, name))
+        found: dict[str, Any] | None = _one(self._i[VIRTUAL_SERVERS], (VS_KEY, namespace, name))
         return found
 
     def virtual_servers(self) -> list[dict[str, Any]]:
-        return [v for store in self._i[VIRTUAL_SERVERS].values() for v in store]
+        index = self._i[VIRTUAL_SERVERS]
+        return [v for key, store in index.items() if key[0] == VS_KEY for v in store]
 
     def virtual_server_keys(self) -> list[NamespacedKey]:
-        return list(self._i[VIRTUAL_SERVERS].keys())
+        return [(key[1], key[2]) for key in self._i[VIRTUAL_SERVERS] if key[0] == VS_KEY]
 
     def owned_by_service(self, namespace: str, service: str) -> list[str]:
-        return sorted(self._i[VS_BY_SERVICE].get((namespace, service)) or ())
+        return sorted(self._i[VIRTUAL_SERVERS].get((BY_SERVICE, namespace, service)) or ())
 
     def using_service(self, namespace: str, service: str) -> list[str]:
-        return sorted(self._i[VS_BY_BACKEND].get((namespace, service)) or ())
+        return sorted(self._i[VIRTUAL_SERVERS].get((BY_BACKEND, namespace, service)) or ())
 
     def service(self, namespace: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = _one(self._i[SERVICES], (namespace, name))
@@ -253,10 +269,10 @@ class IndexViews:
         return [e for s in self._i[SLICES].get((namespace, service)) or () for e in s]
 
     def reports(self, namespace: str, name: str) -> dict[str, DirectorReport]:
-        return {r.node: r for r in self._i[REPORTS].get((namespace, name)) or ()}
+        return {r.node: r for r in self._i[NODE_REPORTS].get((REPORT_KEY, namespace, name)) or ()}
 
     def agents(self) -> list[str]:
-        return sorted(self._i[AGENTS].get(ALL_AGENTS) or ())
+        return sorted(self._i[NODE_REPORTS].get(AGENT_KEY) or ())
 
     def node_labels(self, name: str) -> dict[str, str] | None:
         found: dict[str, str] | None = _one(self._i[NODES], name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -263,6 +264,26 @@ def test_large_ipv6_pool_allocates_quickly_and_saturates_nothing() -> None:
     a = allocator(pool("big", "2001:db8::-2001:db8::ffff:ffff:ffff:ffff"))
     got = {a.ensure(claim(f"s{i}", family=V6)).address for i in range(2000)}
     assert len(got) == 2000
+
+
+def test_holders_reconciled_again_do_not_make_the_search_for_a_free_address_start_over() -> None:
+    """In a burst every holder is reconciled again (its own status write comes back as an
+    event) between new allocations; keeping its address must not rewind the search for a free
+    one, or n allocations look at n²/2 addresses."""
+    looked: list[object] = []
+
+    class Counting(dict[Any, Any]):
+        def __contains__(self, key: object) -> bool:
+            looked.append(key)
+            return super().__contains__(key)
+
+    a = allocator(pool("p", "10.0.0.0-10.0.255.255"))
+    a._by_address = Counting()
+    for i in range(300):
+        assert a.ensure(claim(f"s{i}")).ok
+        assert str(a.ensure(claim("s0")).address) == "10.0.0.0"  # the oldest holder again
+    assert len({a.holding(f"shop/s{i}").address for i in range(300)}) == 300  # type: ignore[union-attr]
+    assert len(looked) < 2 * 300
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ipvs_api import conditions
 from ipvs_operator import pools
+from ipvs_operator.controller import pool_signature
 
 
 def body(name: str, addresses: list[str], created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
@@ -95,3 +96,29 @@ def test_a_pool_that_is_not_ready_says_what_its_holders_keep() -> None:
     assert (st["allocated"], st["available"]) == (3, 0)
     alone = pools.status(young, 0, [])["conditions"][0]["message"]
     assert "stay with their holders" not in alone
+
+
+def test_a_pool_is_judged_again_for_a_new_spec_or_object_not_for_its_status() -> None:
+    """The operator rewrites pool status as addresses are handed out; judging every pool again
+    (and resetting the allocator's search for free addresses) on each of those would be waste."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "p",
+            "uid": "u1",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "generation": 1,
+            "resourceVersion": "10",
+        },
+        "spec": {"addresses": ["192.0.2.0/24"]},
+        "status": {"allocated": 1},
+    }
+    status_written = {
+        **body,
+        "metadata": {**body["metadata"], "resourceVersion": "11"},
+        "status": {"allocated": 2},
+    }
+    assert pool_signature(status_written) == pool_signature(body)
+    edited = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    recreated = {**body, "metadata": {**body["metadata"], "uid": "u2"}}
+    assert pool_signature(edited) != pool_signature(body)
+    assert pool_signature(recreated) != pool_signature(body)
