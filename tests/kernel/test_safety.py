@@ -556,6 +556,9 @@ def test_a_planner_bug_leaves_the_real_server_setup_and_the_services(
 
     monkeypatch.setattr(desired, "real_server_part", broken(real[0]))
     monkeypatch.setattr(desired, "_services", broken(real[1]))
+    for obj in objects:  # an edit meets the bug (unchanged objects are not planned again)
+        meta = obj.setdefault("metadata", {})
+        meta["generation"] = int(meta.get("generation") or 1) + 1
     result = agent.reconcile(objects)
     assert {o.reason for o in result.outcomes.values()} == {"InternalError"}
     assert ipvsadm_list(director) == table, "the director's services stay"
