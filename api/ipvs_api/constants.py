@@ -14,6 +14,9 @@ BGP_PEER: Final = "BGPPeer"
 BGP_PEERS: Final = "bgppeers"
 IPVS_NODE: Final = "IPVSNode"
 IPVS_NODES: Final = "ipvsnodes"
+#: Further slices of a node's IPVSNode entries, when they would not fit one object.
+IPVS_NODE_REPORT: Final = "IPVSNodeReport"
+IPVS_NODE_REPORTS: Final = "ipvsnodereports"
 
 #: spec.loadBalancerClass of the Services we serve.
 LOAD_BALANCER_CLASS: Final = "ipvs.io/lb"

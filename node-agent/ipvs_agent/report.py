@@ -1,4 +1,5 @@
-"""Writes this node's IPVSNode: one object per node, so agents never contend for one object.
+"""Writes this node's IPVSNode (and, on a node directing thousands of VirtualServers, its
+IPVSNodeReports): objects of one node each, so agents never contend for one object.
 
 Writes happen on a thread of their own (:class:`Outbox`): the reconcile loop hands over the
 latest report and goes on, so an API server that stalls or vanishes never stalls programming
@@ -16,20 +17,36 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ipvs_agent.cluster import REQUEST_TIMEOUT
-from ipvs_agent.status import same_report
+from ipvs_agent.status import SLICE_BYTES, same_report, slice_name, split
 from ipvs_api import constants
 
 log = logging.getLogger(__name__)
 
 
 class NodeReporter:
-    """Creates the IPVSNode once, then patches its status only when the report changed."""
+    """Creates the IPVSNode once, then patches its status only when the report changed.
+
+    A node with more entries than one object should hold (:func:`ipvs_agent.status.split`)
+    writes the rest to IPVSNodeReports ``<node>.1``, ``<node>.2``, …, each only when its own
+    part changed: one VirtualServer changing costs one write whatever the node's size.
+    """
 
     def __init__(self, api: client.ApiClient, node_name: str) -> None:
         self._custom = client.CustomObjectsApi(api)
         self._node = node_name
         self._last: dict[str, Any] | None = None
+        #: The IPVSNode status last written (the whole report when it has one slice).
+        self._head: dict[str, Any] | None = None
         self._exists = False
+        #: What each slice (index >= 1) holds on the API server as far as this agent knows.
+        self._slices: dict[int, tuple[dict[str, Any], ...]] = {}
+        self._count = 1
+        #: Whether slices an earlier run left beyond the current count were looked for.
+        self._swept = False
+        #: Bytes of entries per object (:data:`ipvs_agent.status.SLICE_BYTES`).
+        self.budget = SLICE_BYTES
+        #: Objects written and deleted (each write is one API request).
+        self.writes = 0
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -38,52 +55,129 @@ class NodeReporter:
     def _ensure(self, node_uid: str) -> None:
         if self._exists:
             return
-        body: dict[str, Any] = {
-            "apiVersion": constants.API_VERSION,
-            "kind": constants.IPVS_NODE,
-            "metadata": {
-                "name": self._node,
-                "labels": {constants.LABEL_MANAGED_BY: constants.MANAGED_BY},
-            },
-            "spec": {},
-        }
-        if node_uid:
-            # Deleted with its Node by the garbage collector.
-            body["metadata"]["ownerReferences"] = [
-                {"apiVersion": "v1", "kind": "Node", "name": self._node, "uid": node_uid}
-            ]
         try:
             self._custom.create_cluster_custom_object(
                 constants.GROUP,
                 constants.VERSION,
                 constants.IPVS_NODES,
-                body,
+                self._body(constants.IPVS_NODE, self._node, node_uid),
                 _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as e:
             if e.status != 409:
                 raise
         self._exists = True
+        # A new IPVSNode (its Node, and so its slices, may have been deleted meanwhile):
+        # write every part again, and look for leftovers again.
+        self._head = None
+        self._slices = {}
+        self._swept = False
+
+    def _body(self, kind: str, name: str, node_uid: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "apiVersion": constants.API_VERSION,
+            "kind": kind,
+            "metadata": {
+                "name": name,
+                "labels": {constants.LABEL_MANAGED_BY: constants.MANAGED_BY},
+            },
+            "spec": {"node": self._node} if kind == constants.IPVS_NODE_REPORT else {},
+        }
+        if node_uid:
+            # Deleted with its Node by the garbage collector.
+            body["metadata"]["ownerReferences"] = [
+                {"apiVersion": "v1", "kind": "Node", "name": self._node, "uid": node_uid}
+            ]
+        return body
 
     def report(self, status: dict[str, Any], node_uid: str = "") -> bool:
-        """Send ``status`` if it differs from the last one sent; True when written."""
+        """Send ``status`` if it differs from the last one sent; True when written.
+
+        New and changed slices are written before the IPVSNode and dropped ones after it, so
+        an entry moving between objects is for a moment in two (the operator takes the newer),
+        never in none.
+        """
         if self._last is not None and same_report(self._last, status):
             return False
+        slices = split(status, self._count, self.budget)
         self._ensure(node_uid)
+        for index, entries in enumerate(slices.rest, start=1):
+            if self._slices.get(index) != entries:
+                self._write_slice(index, entries, node_uid)
+        if self._head is None or not same_report(self._head, slices.head):
+            try:
+                self._custom.patch_cluster_custom_object_status(
+                    constants.GROUP,
+                    constants.VERSION,
+                    constants.IPVS_NODES,
+                    self._node,
+                    {"status": slices.head},
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            except ApiException as e:
+                if e.status == 404:
+                    self._exists = False  # deleted under us: recreate next time
+                raise
+            self.writes += 1
+            self._head = slices.head
+        self._count = slices.count
+        self._drop_slices_from(slices.count)
+        self._last = status
+        return True
+
+    def _write_slice(self, index: int, entries: tuple[dict[str, Any], ...], node_uid: str) -> None:
+        name = slice_name(self._node, index)
+        status = {"virtualServers": list(entries)}
         try:
-            self._custom.patch_cluster_custom_object_status(
+            self._custom.patch_cluster_custom_object(
                 constants.GROUP,
                 constants.VERSION,
-                constants.IPVS_NODES,
-                self._node,
+                constants.IPVS_NODE_REPORTS,
+                name,
                 {"status": status},
                 _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as e:
-            if e.status == 404:
-                self._exists = False  # deleted under us: recreate next time
-            raise
-        self._last = status
+            if e.status != 404:
+                raise
+            body = self._body(constants.IPVS_NODE_REPORT, name, node_uid)
+            body["status"] = status
+            self._custom.create_cluster_custom_object(
+                constants.GROUP,
+                constants.VERSION,
+                constants.IPVS_NODE_REPORTS,
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        self.writes += 1
+        self._slices[index] = entries
+
+    def _drop_slices_from(self, count: int) -> None:
+        """Delete slices ``count``.. (highest first, so what is left is always 1..k, and a
+        restarted agent finds an earlier run's leftovers by counting up to the first gap)."""
+        if not self._swept:
+            index = max(count, 1)
+            while self._delete_slice(index):
+                index += 1
+            self._swept = True
+        for index in sorted((i for i in self._slices if i >= count), reverse=True):
+            self._delete_slice(index)
+            del self._slices[index]
+
+    def _delete_slice(self, index: int) -> bool:
+        try:
+            self._custom.delete_cluster_custom_object(
+                constants.GROUP,
+                constants.VERSION,
+                constants.IPVS_NODE_REPORTS,
+                slice_name(self._node, index),
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            return False
+        self.writes += 1
         return True
 
 

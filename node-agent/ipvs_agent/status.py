@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ipvs_agent.desired import Outcome, State
 from ipvs_agent.health.verdict import RealServerHealth
 from ipvs_agent.model import KernelInfo
 from ipvs_api import conditions
-
-#: Entries reported per node; the CRD allows 20000, far beyond what one node programs.
-MAX_ENTRIES = 20000
 
 
 def kernel_status(info: KernelInfo) -> dict[str, Any]:
@@ -78,7 +78,8 @@ def node_status(
     bgp: Mapping[str, Any] | None = None,
     connection_sync: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``status`` of this node's IPVSNode."""
+    """The whole ``status`` of this node's IPVSNode, with every entry (:func:`split` then
+    spreads the entries over as many objects as keep each one small)."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
     conds = list(previous_conditions)
     conds = conditions.set_condition(
@@ -104,7 +105,7 @@ def node_status(
         "lastSyncTime": synced_at,
         "virtualServers": [
             entry(k, outcomes[k], (announcements or {}).get(k)) for k in sorted(outcomes)
-        ][:MAX_ENTRIES],
+        ],
         "conditions": conds,
     }
     if kernel is not None:
@@ -133,3 +134,90 @@ def same_report(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         return out
 
     return strip(a) == strip(b)
+
+
+# -- slices: every object bounded, whatever the number of VirtualServers ------------------
+
+#: Bytes of entries in one object. etcd refuses objects over 1.5 MiB; each write sends its
+#: object whole and wakes every watcher with it, so a change should cost a small write. At
+#: about 200 bytes per plain entry this holds some 1300 VirtualServers, so a node of an
+#: ordinary cluster keeps all its entries in its IPVSNode.
+SLICE_BYTES = 256 * 1024
+#: Slices at most: 1 GiB of entries (two names whose hashes agree would never part).
+MAX_SLICES = 4096
+
+
+@dataclass(frozen=True)
+class Slices:
+    """A node's report as written: the IPVSNode's status (its entries those of slice 0), and
+    the entries of slices 1.. (each an IPVSNodeReport)."""
+
+    head: dict[str, Any]
+    rest: tuple[tuple[dict[str, Any], ...], ...]
+
+    @property
+    def count(self) -> int:
+        return 1 + len(self.rest)
+
+
+def slice_of(namespace: str, name: str, count: int) -> int:
+    """The slice a VirtualServer's entry is in: a hash of its name, so one VirtualServer
+    changing rewrites one object, and an entry moves only when the count changes."""
+    return zlib.crc32(f"{namespace}/{name}".encode()) % count
+
+
+def _size(entry: Mapping[str, Any]) -> int:
+    return len(json.dumps(entry, separators=(",", ":")))
+
+
+def slice_count(
+    entries: Sequence[Mapping[str, Any]], previous: int = 1, budget: int = SLICE_BYTES
+) -> int:
+    """The number of slices (a power of two) that keeps each within ``budget``.
+
+    The previous count stays while it fits and is not four times more than needed, so a node
+    near a boundary does not move every entry back and forth as entries come and go. A slice
+    of one entry fits whatever its size (an entry is bounded by the CRD: messages are cut).
+    """
+    # Each entry with its comma, and a list's brackets: the JSON size of each slice's list.
+    sizes = [(str(e["namespace"]), str(e["name"]), _size(e) + 1) for e in entries]
+    total = sum(size for _, _, size in sizes)
+
+    def fits(count: int) -> bool:
+        used = [1] * count
+        held = [0] * count
+        for namespace, name, size in sizes:
+            i = slice_of(namespace, name, count)
+            used[i] += size
+            held[i] += 1
+        return all(u <= budget or h <= 1 for u, h in zip(used, held, strict=True))
+
+    count = previous if 1 <= previous <= MAX_SLICES and previous & (previous - 1) == 0 else 1
+    while count > 1 and total * 4 <= budget * count and fits(count // 2):
+        count //= 2
+    while count < MAX_SLICES and not fits(count):
+        count *= 2
+    return count
+
+
+def split(status: Mapping[str, Any], previous: int = 1, budget: int = SLICE_BYTES) -> Slices:
+    """Spread ``status``'s entries over slices; the head also says how many there are."""
+    entries = list(status.get("virtualServers") or ())
+    count = slice_count(entries, previous, budget)
+    parts: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    for e in entries:
+        parts[slice_of(str(e["namespace"]), str(e["name"]), count)].append(e)
+    head = dict(status)
+    head["virtualServers"] = parts[0]
+    head["reportSlices"] = count
+    head["virtualServerCount"] = len(entries)
+    return Slices(head, tuple(tuple(p) for p in parts[1:]))
+
+
+def slice_name(node: str, index: int) -> str:
+    """The IPVSNodeReport holding slice ``index`` (>= 1) of ``node``'s entries."""
+    suffix = f".{index}"
+    if len(node) + len(suffix) > 253:  # a DNS subdomain name's limit
+        digest = f"{zlib.crc32(node.encode()):08x}"
+        node = f"{node[: 253 - len(suffix) - 9].rstrip('.-')}-{digest}"
+    return node + suffix

@@ -75,7 +75,9 @@ class Controller:
         self._pool_views: dict[str, pools.PoolView] = {}
         self._waiting: set[Key] = set()
         self._node_labels: dict[str, dict[str, str]] = {}
-        self._node_reports: dict[str, set[tuple[str, str]]] = {}
+        #: What each node's report objects (its IPVSNode, and IPVSNodeReports on a big node)
+        #: list, by node, then by object name.
+        self._node_reports: dict[str, dict[str, set[tuple[str, str]]]] = {}
         #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
         self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
         self._namespace_labels: dict[str, dict[str, str]] = {}
@@ -131,17 +133,32 @@ class Controller:
         for name in self.views.using_service(namespace, service):
             self.queue.add((VS, namespace, name))
 
-    def report_changed(self, node: str, listed: Iterable[tuple[str, str]], gone: bool) -> None:
+    def report_changed(
+        self,
+        node: str,
+        source: str,
+        listed: Iterable[tuple[str, str]],
+        gone: bool,
+        part: bool = False,
+    ) -> None:
+        """The report object ``source`` of ``node`` now lists ``listed`` (or went).
+
+        An IPVSNode coming or going changes the set of directors of every VirtualServer that
+        names none; an IPVSNodeReport (``part``), only what it listed or lists.
+        """
         now = set() if gone else set(listed)
-        before = self._node_reports.get(node)
+        objects = self._node_reports.setdefault(node, {})
+        before = objects.get(source)
         if gone:
-            self._node_reports.pop(node, None)
+            objects.pop(source, None)
+            if not part or not objects:
+                self._node_reports.pop(node, None)
         else:
-            self._node_reports[node] = now
-        if before is None or gone:
+            objects[source] = now
+        if not part and (before is None or gone):
             self._all_virtual_servers()  # the set of directors changed
             return
-        for namespace, name in now | before:
+        for namespace, name in now | (before or set()):
             self.queue.add((VS, namespace, name))
 
     async def sessions_changed(
@@ -184,8 +201,9 @@ class Controller:
         before_stale, self._stale_agents = self._stale_agents, stale
         moved = set(self._node_reports) if before is None else alive ^ before
         for node in moved | (stale ^ before_stale):
-            for namespace, name in self._node_reports.get(node, ()):
-                self.queue.add((VS, namespace, name))
+            for listed in self._node_reports.get(node, {}).values():
+                for namespace, name in listed:
+                    self.queue.add((VS, namespace, name))
 
     def _live(self, reports: Mapping[str, DirectorReport]) -> dict[str, DirectorReport]:
         return status.live_reports(reports, self._live_agents, self._stale_agents)

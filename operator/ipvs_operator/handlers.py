@@ -22,6 +22,7 @@ VIRTUAL_SERVERS = (constants.GROUP, constants.VERSION, constants.VIRTUAL_SERVERS
 ADDRESS_POOLS = (constants.GROUP, constants.VERSION, constants.ADDRESS_POOLS)
 BGP_PEERS = (constants.GROUP, constants.VERSION, constants.BGP_PEERS)
 IPVS_NODES = (constants.GROUP, constants.VERSION, constants.IPVS_NODES)
+IPVS_NODE_REPORTS = (constants.GROUP, constants.VERSION, constants.IPVS_NODE_REPORTS)
 SERVICES = ("v1", "services")
 NAMESPACES = ("v1", "namespaces")
 NODES = ("v1", "nodes")
@@ -72,6 +73,7 @@ _INDEXES: list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]] 
     (NAMESPACES, views.NAMESPACES, views.namespace_entry),
     (ENDPOINT_SLICES, views.SLICES, views.slice_entry),
     (IPVS_NODES, views.NODE_REPORTS, views.ipvs_node_entries),
+    (IPVS_NODE_REPORTS, views.REPORT_SLICES, views.report_slice_entries),
     (NODES, views.NODES, views.node_entry),
     (BGP_PEERS, views.PEERS, views.peer_entry),
 ]
@@ -132,12 +134,21 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
         name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
     ) -> None:
         listed = views.report_entries(body)
-        app.controller.report_changed(name, listed, gone=_deleted(event))
+        app.controller.report_changed(name, name, listed, gone=_deleted(event))
         await app.controller.sessions_changed(
             name,
             (body.get("status") or {}).get("bgp"),
             listing=event.get("type") is None,  # kopf's initial listing
             gone=_deleted(event),
+        )
+
+    @kopf.on.event(*IPVS_NODE_REPORTS, registry=registry)
+    async def ipvs_node_report(
+        name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
+    ) -> None:
+        listed = views.report_entries(body)
+        app.controller.report_changed(
+            views.report_node(body), name, listed, gone=_deleted(event), part=True
         )
 
     @kopf.on.event(*NODES, registry=registry)

@@ -23,13 +23,15 @@ NamespacedKey = tuple[str, str]
 #: index handler on every event of its resource, each through its whole handler machinery, so
 #: each resource has one index: VirtualServers are kept by name and found by the Service that
 #: owns them and by the backend Service they use through keys of one index (:data:`VS_KEY`,
-#: :data:`BY_SERVICE`, :data:`BY_BACKEND`), and IPVSNodes give reports and agents alike.
+#: :data:`BY_SERVICE`, :data:`BY_BACKEND`), and IPVSNodes give reports and agents alike
+#: (IPVSNodeReports, the further slices of big nodes' reports, have an index of their own).
 VIRTUAL_SERVERS: Final = "vs_index"
 SERVICES: Final = "service_index"
 POOLS: Final = "pool_index"
 NAMESPACES: Final = "namespace_index"
 SLICES: Final = "slice_index"
 NODE_REPORTS: Final = "ipvs_node_index"
+REPORT_SLICES: Final = "ipvs_node_report_index"
 NODES: Final = "node_index"
 PEERS: Final = "peer_index"
 ALL: Final = (
@@ -39,6 +41,7 @@ ALL: Final = (
     NAMESPACES,
     SLICES,
     NODE_REPORTS,
+    REPORT_SLICES,
     NODES,
     PEERS,
 )
@@ -154,9 +157,16 @@ def slice_entry(body: Mapping[str, Any]) -> dict[NamespacedKey, tuple[Endpoint, 
     return {(_key(body)[0], str(service)): endpoints_from_slices([_plain(body)])}
 
 
+def report_node(body: Mapping[str, Any]) -> str:
+    """The node whose agent wrote an IPVSNode (its name) or an IPVSNodeReport (``spec.node``)."""
+    if body.get("kind") == constants.IPVS_NODE_REPORT:
+        return str((body.get("spec") or {}).get("node") or "")
+    return str(_meta(body).get("name"))
+
+
 def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
-    """The VirtualServers this node directs, from its IPVSNode status."""
-    node = str(_meta(body).get("name"))
+    """The VirtualServers a node directs, from its IPVSNode's or IPVSNodeReport's entries."""
+    node = report_node(body)
     out: dict[NamespacedKey, DirectorReport] = {}
     for entry in (body.get("status") or {}).get("virtualServers") or ():
         if "Director" not in (entry.get("roles") or ()):
@@ -179,6 +189,23 @@ def ipvs_node_entries(body: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
     out: dict[tuple[str, ...], Any] = {AGENT_KEY: str(_meta(body).get("name"))}
     for (namespace, name), report in report_entries(body).items():
         out[(REPORT_KEY, namespace, name)] = report
+    return out
+
+
+def report_slice_entries(body: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """An IPVSNodeReport's reports, keyed as in the IPVSNode index."""
+    return {(REPORT_KEY, ns, name): r for (ns, name), r in report_entries(body).items()}
+
+
+def newest(reports: Iterable[DirectorReport]) -> dict[str, DirectorReport]:
+    """One report per node. An agent moving entries between its objects (its report grew
+    or shrank past a slice) writes the new place first, so for a moment a VirtualServer may
+    be in two of them: the one for the later generation is the news."""
+    out: dict[str, DirectorReport] = {}
+    for r in reports:
+        have = out.get(r.node)
+        if have is None or (r.generation or 0) > (have.generation or 0):
+            out[r.node] = r
     return out
 
 
@@ -269,7 +296,10 @@ class IndexViews:
         return [e for s in self._i[SLICES].get((namespace, service)) or () for e in s]
 
     def reports(self, namespace: str, name: str) -> dict[str, DirectorReport]:
-        return {r.node: r for r in self._i[NODE_REPORTS].get((REPORT_KEY, namespace, name)) or ()}
+        key = (REPORT_KEY, namespace, name)
+        found = self._i[NODE_REPORTS].get(key) or ()
+        more = self._i[REPORT_SLICES].get(key)
+        return newest([*found, *more] if more else found)
 
     def agents(self) -> list[str]:
         return sorted(self._i[NODE_REPORTS].get(AGENT_KEY) or ())

@@ -21,7 +21,12 @@ from tests.apiserver.cluster import LocalApiServer
 from tests.chart.helm import CHART, RELEASE, Helm, container, documents, value_args
 
 NAMESPACE = "ipvs-system"
-CRDS = {"virtualservers.ipvs.io", "addresspools.ipvs.io", "ipvsnodes.ipvs.io"}
+CRDS = {
+    "virtualservers.ipvs.io",
+    "addresspools.ipvs.io",
+    "ipvsnodes.ipvs.io",
+    "ipvsnodereports.ipvs.io",
+}
 pytestmark = pytest.mark.apiserver
 
 

@@ -34,7 +34,7 @@ OPERATOR_ALLOWED: list[Check] = [
     *[
         (v, "ipvs.io", r, "", "", "")
         for v in ("list", "watch")
-        for r in ("addresspools", "bgppeers", "ipvsnodes")
+        for r in ("addresspools", "bgppeers", "ipvsnodes", "ipvsnodereports")
     ],
     ("create", "", "events", "", "shop", ""),
     *[
@@ -63,6 +63,7 @@ OPERATOR_DENIED: list[Check] = [
     *[(v, "ipvs.io", "addresspools", "", "", "default") for v in ("create", "patch", "delete")],
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "patch", "delete")],
     ("patch", "ipvs.io", "ipvsnodes", "status", "", "n1"),
+    *[(v, "ipvs.io", "ipvsnodereports", "", "", "n1.1") for v in ("create", "patch", "delete")],
     *[(v, "ipvs.io", "bgppeers", "", "", "tor-a") for v in ("create", "patch", "delete")],
     ("update", "coordination.k8s.io", "leases", "", SYSTEM, "someone-else"),
     ("delete", "coordination.k8s.io", "leases", "", SYSTEM, "ipvs-agent-n1"),
@@ -84,6 +85,10 @@ AGENT_ALLOWED: list[Check] = [
     ],
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("create", "get", "patch")],
     *[(v, "ipvs.io", "ipvsnodes", "status", "", "n1") for v in ("get", "patch")],
+    *[
+        (v, "ipvs.io", "ipvsnodereports", "", "", "n1.1")
+        for v in ("create", "get", "patch", "delete")
+    ],
     *[(v, "apps", "daemonsets", "", SYSTEM, "ipvs-agent") for v in ("get", "list", "watch")],
     *[(v, "ipvs.io", "addresspools", "", "", "") for v in ("list", "watch")],
     *[(v, "ipvs.io", "bgppeers", "", "", "") for v in ("list", "watch")],
@@ -104,6 +109,7 @@ AGENT_DENIED: list[Check] = [
     ("patch", "ipvs.io", "virtualservers", "status", "shop", "web"),
     *[(v, "ipvs.io", "ipvsnodes", "", "", "n1") for v in ("update", "delete")],
     ("list", "ipvs.io", "ipvsnodes", "", "", ""),
+    *[(v, "ipvs.io", "ipvsnodereports", "", "", "") for v in ("list", "watch")],
     ("update", "ipvs.io", "ipvsnodes", "status", "", "n1"),
     *[(v, "ipvs.io", "addresspools", "", "", "default") for v in ("create", "patch", "delete")],
     ("list", "coordination.k8s.io", "leases", "", "kube-system", ""),

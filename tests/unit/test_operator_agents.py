@@ -202,8 +202,8 @@ def test_a_node_moving_between_alive_stale_and_no_lease_requeues_its_virtual_ser
         None,  # type: ignore[arg-type]
         EventPoster(None, "t"),  # type: ignore[arg-type]
     )
-    controller.report_changed("a", [("shop", "web")], gone=False)
-    controller.report_changed("b", [("shop", "api")], gone=False)
+    controller.report_changed("a", "a", [("shop", "web")], gone=False)
+    controller.report_changed("b", "b", [("shop", "api")], gone=False)
     queued(controller)
     none: frozenset[str] = frozenset()
     controller.agents_changed(frozenset({"a"}), none)  # first word: every report is judged

@@ -74,6 +74,7 @@ def test_one_virtual_server_entry_serves_every_lookup_by_name_owner_and_backend(
         {
             views.VIRTUAL_SERVERS: index_of([web, api, bare], views.virtual_server_entries),
             views.NODE_REPORTS: {},
+            views.REPORT_SLICES: {},
         }
     )
     assert read.virtual_server("shop", "web") == kept
@@ -107,16 +108,31 @@ def test_one_ipvs_node_entry_gives_its_agent_and_its_director_reports() -> None:
     n1 = node_body("n1", [directing, serving_only])
     n2 = node_body("n2", [directing])
     idle = node_body("n3", [])
+    # n1's report is big enough for a further slice; web is moving into it (generation 4).
+    n1_slice = {
+        "kind": "IPVSNodeReport",
+        "metadata": {"name": "n1.1"},
+        "spec": {"node": "n1"},
+        "status": {
+            "virtualServers": [
+                {**directing, "observedGeneration": 4},
+                {**directing, "name": "db"},
+            ]
+        },
+    }
     read = views.IndexViews(
         {
             views.VIRTUAL_SERVERS: {},
             views.NODE_REPORTS: index_of([n1, n2, idle], views.ipvs_node_entries),
+            views.REPORT_SLICES: index_of([n1_slice], views.report_slice_entries),
         }
     )
     assert read.agents() == ["n1", "n2", "n3"]
     reports = read.reports("shop", "web")
     assert sorted(reports) == ["n1", "n2"]
-    assert (reports["n1"].state, reports["n1"].generation) == ("Programmed", 3)
+    assert (reports["n1"].state, reports["n1"].generation) == ("Programmed", 4)
+    assert (reports["n2"].state, reports["n2"].generation) == ("Programmed", 3)
+    assert sorted(read.reports("shop", "db")) == ["n1"]
     assert read.reports("shop", "api") == {}
 
 
