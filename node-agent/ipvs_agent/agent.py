@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
+from ipvs_agent.desired import services_used
 from ipvs_agent.health.checker import Checker
 from ipvs_agent.health.targets import targets
 from ipvs_agent.kernel import Kernel
@@ -139,6 +140,7 @@ class Agent:
             admitted_only=self.settings.admitted_only,
             cache=self.read_cache,
         )
+        self._publish_interest(services_used(snap.virtual_servers, node))
         if self.checker is not None:
             self.checker.configure(targets(snap.virtual_servers, snap.endpoints, node))
             snap = replace(snap, adjustments=self.checker.adjustments())
@@ -186,6 +188,15 @@ class Agent:
             )
         self.send_report()
         return result
+
+    def _publish_interest(self, used: frozenset[tuple[str, str]]) -> None:
+        """Tell the EndpointSlice mirror which Services this pass used, so a change to any
+        other's slices wakes no pass; wake one more if a newly used Service changed while this
+        pass was reading (``cluster.Interest``)."""
+        for m in self.mirrors:
+            interest = getattr(m, "interest", None)
+            if m.name == "endpointslices" and interest is not None and interest.publish(used):
+                self.changed.set()
 
     def send_report(self) -> None:
         """Report the last pass's outcomes (and what this node announces now) in IPVSNode."""

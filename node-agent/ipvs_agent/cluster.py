@@ -4,7 +4,11 @@ Each mirror keeps of an object only what the agent reads (:mod:`ipvs_agent.trim`
 ``managedFields``, no last-applied annotation, no status written for people.
 
 The agent watches only VirtualServers, EndpointSlices and its own Node (and, to know when it is
-being uninstalled, its own DaemonSet). A mirror keeps its last good contents through API
+being uninstalled, its own DaemonSet). Not every event wakes a reconcile pass: an update that
+leaves what the agent acts on alone (a mirror's ``fingerprint``) does not, and neither does a
+change to the EndpointSlices of a Service no VirtualServer on this node uses (its ``interest``,
+published by each pass); such slices are still kept, trimmed, so the pass that first uses their
+Service has its endpoints at once. A mirror keeps its last good contents through API
 outages — the kernel table then stays as it is — and reports itself synced only after a
 complete list, so an agent that starts while the API server is away never mistakes "no data
 yet" for "no VirtualServers" and wipes the table.
@@ -23,13 +27,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client import rest
 
 from ipvs_agent import trim
+from ipvs_agent.snapshot import service_of
 from ipvs_api import constants
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,44 @@ def configure(configuration: client.Configuration) -> client.Configuration:
     return configuration
 
 
+class Interest:
+    """Which objects of a mirror the last pass used, by ``key`` (for EndpointSlices, their
+    Service): an event for any other object is kept but wakes no pass.
+
+    Until the first :meth:`publish` every object is of interest. The race between a pass that
+    starts using a key and an event for that key is closed both ways: an event before the pass
+    read the mirror is in what the pass reads (and the VirtualServer change that made the key
+    used woke that pass); an event after the pass read the mirror but before it published is
+    remembered as missed, and :meth:`publish` reports it so the caller wakes one more pass.
+    """
+
+    def __init__(self, key: Callable[[dict[str, Any]], Hashable | None]) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        self._used: frozenset[Hashable] | None = None
+        #: Keys of events that woke nothing since the last publish (at most one per key).
+        self._missed: set[Hashable] = set()
+
+    def wants(self, *objects: dict[str, Any] | None) -> bool:
+        """Whether a change from one of ``objects`` to another (before and after an event) may
+        matter to a pass; if not, the keys are remembered as missed."""
+        keys = {self.key(o) for o in objects if o is not None}
+        with self._lock:
+            if self._used is None or not keys.isdisjoint(self._used):
+                return True
+            self._missed |= keys
+            return False
+
+    def publish(self, used: Collection[Hashable]) -> bool:
+        """Set the keys the last pass used; True if an event for one of them was missed since
+        the last publish (the pass may have read the mirror before it: wake another)."""
+        with self._lock:
+            self._used = frozenset(used)
+            missed = not self._missed.isdisjoint(self._used)
+            self._missed = set()
+            return missed
+
+
 class Mirror:
     """A list+watch cache of one resource, as plain dicts keyed by namespace/name."""
 
@@ -70,9 +113,15 @@ class Mirror:
         watch_seconds: int = WATCH_SECONDS,
         fingerprint: Callable[[dict[str, Any]], Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        interest: Interest | None = None,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        #: Which objects the last pass used; a watched change to no such object is kept but
+        #: wakes no pass (a relist always wakes one).
+        self.interest = interest
+        #: Watch events kept without waking a pass because no pass uses their object.
+        self.unused_events = 0
         #: What of each listed or watched object is kept (``ipvs_agent.trim``), applied before
         #: it is stored (and before ``fingerprint`` sees it), as client-go's SetTransform.
         self.transform = transform
@@ -183,7 +232,7 @@ class Mirror:
                     kept = raw if kind == "DELETED" else self._kept(raw)
                     with self._lock:
                         if kind == "DELETED":
-                            self._items.pop(self._key(kept), None)
+                            before = self._items.pop(self._key(kept), None)
                             news = True
                         else:
                             before = self._items.get(self._key(kept))
@@ -194,6 +243,9 @@ class Mirror:
                                 or self.fingerprint is None
                                 or self.fingerprint(before) != self.fingerprint(kept)
                             )
+                    if news and self.interest is not None and not self.interest.wants(before, kept):
+                        news = False
+                        self.unused_events += 1
                     if news:
                         self._changed.set()
             except Exception as e:  # the API server is away or silent: keep the cache, retry
@@ -353,6 +405,7 @@ def mirrors(
             changed,
             retry_seconds,
             transform=trim.endpoint_slice,
+            interest=Interest(service_of),
         ),
         Mirror(
             "node",

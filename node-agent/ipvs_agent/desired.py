@@ -731,6 +731,25 @@ class PlanMemo:
         self._node, self._entries = node, entries
 
 
+def services_used(
+    virtual_servers: Iterable[VirtualServer], node: Node
+) -> frozenset[tuple[str, str]]:
+    """The (namespace, Service) whose endpoints a pass on ``node`` reads: the backends of every
+    VirtualServer it directs (``nodeSelector``), and of every DR or TUN one whatever its
+    selector, since an endpoint landing on this node makes the node one of its real servers
+    (:func:`real_server_part`). A change to any other Service's endpoints cannot change the
+    plan, the health targets or the announcements, so it need not wake a pass."""
+    return frozenset(
+        (vs.namespace, vs.spec.backends.service)
+        for vs in virtual_servers
+        if vs.spec.backends.service is not None
+        and (
+            vs.spec.forwarding.method is not ForwardingMethod.NAT
+            or vs.spec.node_selector.matches(node.labels)
+        )
+    )
+
+
 def _backends(vs: VirtualServer, endpoints: EndpointIndex) -> Sequence[Endpoint]:
     service = vs.spec.backends.service
     return () if service is None else endpoints.get((vs.namespace, service), ())

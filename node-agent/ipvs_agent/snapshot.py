@@ -123,14 +123,23 @@ def read_virtual_servers(
     return tuple(good), bad
 
 
+def service_of(endpoint_slice: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (namespace, Service name) an EndpointSlice belongs to, by its service-name label
+    (None: no label; such a slice is nobody's endpoints)."""
+    meta = endpoint_slice.get("metadata") or {}
+    service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    return (
+        (str(meta.get("namespace", "")), service) if isinstance(service, str) and service else None
+    )
+
+
 def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
     """Endpoints grouped by (namespace, Service name), from the slices' service-name label."""
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for s in slices:
-        meta = s.get("metadata") or {}
-        service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if service:
-            grouped[(meta.get("namespace", ""), service)].append(s)
+        service = service_of(s)
+        if service is not None:
+            grouped[service].append(s)
     return {k: list(endpoints_from_slices(v)) for k, v in grouped.items()}
 
 

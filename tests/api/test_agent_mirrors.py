@@ -197,3 +197,129 @@ def test_the_mirrors_keep_no_managed_fields_last_applied_or_unread_status(
             finally:
                 stop.set()
                 vs_mirror.stop()
+
+
+class CountingEvent(threading.Event):
+    """The agent's wake-up event, counting the times something set it: a pass runs only when
+    it is set (or at a resync or drain check, neither of which happens in the test below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def ready(*addresses: str) -> list[dict[str, Any]]:
+    """An EndpointSlice's ``endpoints``: one ready endpoint per address."""
+    return [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]
+
+
+def endpoint_slice(name: str, service: str, *addresses: str) -> dict[str, Any]:
+    from ipvs_api.endpoints import SERVICE_NAME_LABEL
+
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {SERVICE_NAME_LABEL: service}},
+        "addressType": "IPv4",
+        "endpoints": ready(*addresses),
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }
+
+
+def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
+    apiserver: LocalApiServer, k8s_namespace: str
+) -> None:
+    """A change to the EndpointSlices of a Service no VirtualServer on this node uses is kept
+    but wakes no pass; one to a used Service's does. A Service that becomes used has its
+    endpoints, including changes that woke nothing, in the pass its VirtualServer woke."""
+    from ipvs_agent.agent import Agent, Settings
+    from ipvs_agent.kernel.fake import FakeKernel
+    from tests.unit.agent_helpers import FakeHost
+
+    vip = "203.0.113.77"
+
+    def real_servers() -> set[str]:
+        return {
+            str(d.address)
+            for key, s in kernel.dump().items()
+            if str(key.address) == vip
+            for d in s.dests
+        }
+
+    slices = ("discovery.k8s.io", "v1", k8s_namespace, "endpointslices")
+    with apiserver.api_client() as admin:
+        objects = client.CustomObjectsApi(admin)
+        objects.create_namespaced_custom_object(
+            *slices, endpoint_slice("used-1", "used", "10.1.0.1")
+        )
+        objects.create_namespaced_custom_object(
+            *slices, endpoint_slice("spare-1", "spare", "10.2.0.1")
+        )
+        manifest = virtual_server()
+        manifest["spec"].update(address=vip, backends={"service": {"name": "used"}})
+        objects.create_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, manifest)
+        objects.patch_namespaced_custom_object_status(  # what the operator does
+            GROUP, VERSION, k8s_namespace, PLURAL, "web", {"status": {"address": vip}}
+        )
+        kernel, changed, stop = FakeKernel(), CountingEvent(), threading.Event()
+        with apiserver.api_client() as api:
+            agent_mirrors = mirrors(api, "node-a", changed)
+            slice_mirror = next(m for m in agent_mirrors if m.name == "endpointslices")
+            agent = Agent(
+                Settings("node-a", resync_seconds=3600, settle_seconds=0),
+                kernel,
+                FakeHost(),
+                agent_mirrors,
+                changed,
+            )
+            thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+            thread.start()
+            try:
+                wait_for("the used Service's endpoints", lambda: real_servers() == {"10.1.0.1"})
+                objects.patch_namespaced_custom_object(
+                    *slices,
+                    "used-1",
+                    {"endpoints": ready("10.1.0.1", "10.1.0.2")},
+                )
+                wait_for(
+                    "a change to a used Service's slice in the kernel",
+                    lambda: real_servers() == {"10.1.0.1", "10.1.0.2"},
+                    10,
+                )
+
+                sets, unused = changed.sets, slice_mirror.unused_events
+                patched: Any = objects.patch_namespaced_custom_object(
+                    *slices,
+                    "spare-1",
+                    {"endpoints": ready("10.2.0.1", "10.2.0.2")},
+                )
+                wait_for(
+                    "the unused slice's change judged",
+                    lambda: slice_mirror.unused_events > unused,
+                    10,
+                )
+                assert changed.sets == sets, "a slice no VirtualServer here uses woke a pass"
+                kept = next(
+                    o for o in slice_mirror.items()
+                    if o["metadata"]["namespace"] == k8s_namespace
+                    and o["metadata"]["name"] == "spare-1"
+                )  # fmt: skip
+                assert kept["metadata"]["resourceVersion"] == patched["metadata"]["resourceVersion"]
+
+                objects.patch_namespaced_custom_object(
+                    GROUP, VERSION, k8s_namespace, PLURAL, "web",
+                    {"spec": {"backends": {"service": {"name": "spare"}}}},
+                )  # fmt: skip
+                wait_for(
+                    "the newly used Service's endpoints, with the change that woke nothing",
+                    lambda: {"10.2.0.1", "10.2.0.2"} <= real_servers(),
+                    10,
+                )
+            finally:
+                stop.set()
+                changed.set()
+                thread.join(10)

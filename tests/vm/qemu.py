@@ -16,10 +16,13 @@ Command line use (console streamed to stderr)::
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -248,6 +251,80 @@ def qemu_command(
     ]  # fmt: skip
 
 
+#: qemu processes running now; any left at interpreter exit are killed (see _supervise).
+_running: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL qemu's whole process group (its guestfwd forwarders too) and reap qemu.
+
+    qemu leads a session of its own, so a terminal's Ctrl-C reaches only this process and
+    nothing else ever kills qemu: whoever started it must.
+    """
+    if proc.returncode is None:  # still ours: its group cannot have been reused
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """At interpreter exit, kill the qemu of a run still going in some thread."""
+    for proc in list(_running):
+        _kill_group(proc)
+
+
+def _exit_on_signals() -> None:
+    """Make SIGTERM and SIGINT end the command line like an exception (status 128 + signal),
+    so run_in_vm kills qemu on the way out instead of leaving it running; a second signal
+    is ignored, so it cannot cut that short."""
+
+    def stop(signum: int, frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
+
+
+def _supervise(
+    command: Sequence[str],
+    sink: IO[bytes],
+    limit: float,
+    echo: bool = False,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> bool:
+    """Run qemu until it exits, its console copied to ``sink``; True if it outlived ``limit``
+    seconds and was killed. Whatever else ends this early (KeyboardInterrupt, the command
+    line's SIGTERM, an exception in ``on_start``) kills qemu's process group first, and so
+    does interpreter exit while a thread waits here."""
+    try:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    except OSError as error:
+        raise VMBootError(f"cannot start {command[0]}: {error}") from error
+    _running.add(proc)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, sink, echo), daemon=True)
+    pump.start()
+    try:
+        if on_start is not None:
+            on_start(proc)
+        proc.wait(timeout=limit)
+        return False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return True
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        _running.discard(proc)
+        pump.join(timeout=10)
+
+
 def _pump(source: IO[bytes], sink: IO[bytes], echo: bool) -> None:
     """Copy the serial console into the log file (and to stderr when asked)."""
     for chunk in iter(lambda: source.read1(65536), b""):  # type: ignore[attr-defined]
@@ -293,31 +370,7 @@ def run_in_vm(
     with open(console_log, "wb") as sink:
         sink.write(f"# {shlex.join(command)}\n".encode())
         sink.flush()
-        try:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        except OSError as error:
-            raise VMBootError(f"cannot start {QEMU}: {error}") from error
-        assert proc.stdout is not None
-        if on_start is not None:
-            on_start(proc)
-        pump = threading.Thread(target=_pump, args=(proc.stdout, sink, echo), daemon=True)
-        pump.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            pump.join(timeout=10)
+        timed_out = _supervise(command, sink, limit, echo, on_start)
     duration = time.monotonic() - started
     exit_code = _read_exit_code(share_dir, console_log)
     if timed_out:
@@ -348,6 +401,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("command", nargs="+")
     args = parser.parse_args()
+    _exit_on_signals()
     with tempfile.TemporaryDirectory(prefix="ipvs-vm-") as tmp:
         try:
             run = run_in_vm(
