@@ -216,20 +216,20 @@ def run(args: argparse.Namespace, tmp: Path, bed: LocalApiServer) -> dict[str, A
             harness.wait_for("the operator to lead", lambda: harness.lease_holder(api) == "bench")
             names = [f"vs-{i:05d}" for i in range(args.count)]
             started = time.monotonic()
-            with ThreadPoolExecutor(16) as pool:
-                list(
-                    pool.map(
-                        lambda n: custom.create_namespaced_custom_object(
-                            harness.GROUP,
-                            harness.VERSION,
-                            NAMESPACE,
-                            "virtualservers",
-                            harness.virtual_server(n),
-                            _preload_content=False,
-                        ),
-                        names,
-                    )
+
+            def create(name: str) -> None:
+                response = custom.create_namespaced_custom_object(
+                    harness.GROUP,
+                    harness.VERSION,
+                    NAMESPACE,
+                    "virtualservers",
+                    harness.virtual_server(name),
+                    _preload_content=False,
                 )
+                response.release_conn()  # else each keeps its socket until collected
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(create, names))
             out["create_seconds"] = time.monotonic() - started
 
             def allocated() -> bool:

@@ -140,7 +140,7 @@ def same_report(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 #: Bytes of entries in one object. etcd refuses objects over 1.5 MiB; each write sends its
 #: object whole and wakes every watcher with it, so a change should cost a small write. At
-#: about 200 bytes per plain entry this holds some 1300 VirtualServers, so a node of an
+#: about 150 bytes per plain entry this holds some 1700 VirtualServers, so a node of an
 #: ordinary cluster keeps all its entries in its IPVSNode.
 SLICE_BYTES = 256 * 1024
 #: Slices at most: 1 GiB of entries (two names whose hashes agree would never part).
