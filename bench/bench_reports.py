@@ -226,6 +226,7 @@ def run(args: argparse.Namespace, tmp: Path, bed: LocalApiServer) -> dict[str, A
                     harness.virtual_server(name),
                     _preload_content=False,
                 )
+                response.data  # noqa: B018  # read it all: the connection is reused
                 response.release_conn()  # else each keeps its socket until collected
 
             with ThreadPoolExecutor(16) as pool:

@@ -457,7 +457,8 @@ class Controller:
         generation = int(_meta(body).get("generation") or 0)
         old = self.writer.current(key, body)
         vs = self._load(body)
-        reports = self._live(self.views.reports(namespace, name))
+        heard = self.views.reports(namespace, name)
+        reports = self._live(heard)
         if vs is None:
             self._release(f"{namespace}/{name}")
             message = "the VirtualServer does not validate"
@@ -491,7 +492,8 @@ class Controller:
             self.allocator.published(vs.key, address.address)
         if vs is not None and address.firewall_mark is not None:
             self.marks.published(vs.key, address.firewall_mark)
-        await self._announce(body, status.events(old, new))
+        set_aside = status.set_aside_health(heard, self._stale_agents)
+        await self._announce(body, status.events(old, new, set_aside))
 
     async def _announce(self, body: Mapping[str, Any], found: list[status.Event]) -> None:
         """Post Events on the VirtualServer, and allocation news on its Service too."""

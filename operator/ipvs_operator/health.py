@@ -9,7 +9,7 @@ comes back: agents have no right to post Events (least privilege), the operator 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -74,6 +74,11 @@ def summarize(reports: Mapping[str, Iterable[RealServerReport]]) -> list[dict[st
     return listed[:MAX_LISTED]
 
 
+def entry_key(entry: Mapping[str, Any]) -> tuple[Any, Any]:
+    """How :func:`events` tells one real server's entry from another's."""
+    return entry.get("address"), entry.get("port")
+
+
 def _name(entry: Mapping[str, Any]) -> str:
     address = str(entry.get("address"))
     host = f"[{address}]" if ":" in address else address
@@ -81,11 +86,17 @@ def _name(entry: Mapping[str, Any]) -> str:
 
 
 def events(
-    old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]
+    old: Iterable[Mapping[str, Any]],
+    new: Iterable[Mapping[str, Any]],
+    set_aside: Collection[tuple[Any, Any]] = frozenset(),
 ) -> list[tuple[str, str, str]]:
-    """(type, reason, message) for each real server that went out, changed how, or came back."""
-    before = {(e.get("address"), e.get("port")): e for e in old}
-    after = {(e.get("address"), e.get("port")): e for e in new}
+    """(type, reason, message) for each real server that went out, changed how, or came back.
+
+    ``set_aside``: (address, port) of real servers still out on directors whose agent died;
+    one that comes back only because of that is said so — no live director found it back.
+    """
+    before = {entry_key(e): e for e in old}
+    after = {entry_key(e): e for e in new}
     found: list[tuple[str, str, str]] = []
     for key, entry in after.items():
         was = before.get(key)
@@ -94,8 +105,15 @@ def events(
             kind = "Warning" if reason == "RealServerDown" else "Normal"
             found.append((kind, reason, f"real server {_name(entry)} {entry.get('message')}"))
     for key, entry in before.items():
-        if key not in after:
-            found.append(("Normal", "RealServerUp", f"real server {_name(entry)} is back in"))
+        if key in after:
+            continue
+        message = f"real server {_name(entry)} is back in"
+        if key in set_aside:
+            message += (
+                ": only directors whose agent stopped (a stale Lease) had taken it out, and no"
+                " live director has"
+            )
+        found.append(("Normal", "RealServerUp", message))
     if len(found) > MAX_EVENTS:
         rest = len(found) - MAX_EVENTS + 1
         found = [*found[: MAX_EVENTS - 1], ("Warning", "RealServersChanged", f"{rest} more")]

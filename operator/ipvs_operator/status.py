@@ -240,7 +240,20 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return old.get("status") != new.get("status") or old.get("reason") != new.get("reason")
 
 
-def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+def set_aside_health(
+    reports: Mapping[str, DirectorReport], stale: Collection[str]
+) -> frozenset[tuple[Any, Any]]:
+    """The real servers that directors whose agent died (``stale``) still report out: what
+    :func:`live_reports` sets aside, for the Event that says why they count again."""
+    dead = {n: r.health for n, r in reports.items() if n in stale}
+    return frozenset(health.entry_key(e) for e in health.summarize(dead)) if dead else frozenset()
+
+
+def events(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    set_aside: Collection[tuple[Any, Any]] = frozenset(),
+) -> list[Event]:
     """Events for the transitions a user cares about between two statuses."""
     out: list[Event] = []
     old_addr = condition(old, conditions.ADDRESS_ALLOCATED)
@@ -280,8 +293,8 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
         out.append(
             Event("Warning", "NotReady", f"{new_ready.get('reason')}: {new_ready.get('message')}")
         )
-    unhealthy = [(s.get("realServers") or {}).get("unhealthy") or () for s in (old, new)]
-    out.extend(Event(*e) for e in health.events(*unhealthy))
+    was, now = ((s.get("realServers") or {}).get("unhealthy") or () for s in (old, new))
+    out.extend(Event(*e) for e in health.events(was, now, set_aside))
     return out
 
 

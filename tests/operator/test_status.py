@@ -363,8 +363,11 @@ def test_an_agent_whose_lease_went_stale_stands_by_no_announcement_or_verdict(
     assert status_of(admin, ns)["announcement"] == {"mode": "BGP", "nodes": [leaseless]}
     assert reason(admin, ns, "Programmed") == ("True", "AllProgrammed")
     wait_for(
-        "a RealServerUp Event for what only the dead agent said",
-        lambda: "RealServerUp" in [e[1] for e in harness.events(admin, ns, name="web")],
+        "a RealServerUp Event for what only the dead agent said, saying so",
+        lambda: any(
+            e[1] == "RealServerUp" and "stale Lease" in e[2]
+            for e in harness.events(admin, ns, name="web")
+        ),
     )
     nodes.drop_lease(dying)  # deleted: nothing is known of it any more, its report stands
     wait_for("a heard again without a Lease", lambda: shown() == both)

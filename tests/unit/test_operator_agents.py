@@ -83,6 +83,15 @@ def test_a_dead_directors_verdicts_and_announcement_leave_status_its_programming
     assert dead["nodes"] == {"desired": 2, "programmed": 2, "summary": "2/2"}
     events = [(e.reason, e.message) for e in status.events(both, dead)]
     assert ("RealServerUp", "real server 10.1.0.1:8080 is back in") in events
+    # Back in only because its one director died: the Event says so.
+    set_aside = status.set_aside_health(reports, frozenset({"a"}))
+    assert set_aside == {("10.1.0.1", 8080)}
+    events = [(e.reason, e.message) for e in status.events(both, dead, set_aside)]
+    assert (
+        "RealServerUp",
+        "real server 10.1.0.1:8080 is back in: only directors whose agent stopped (a stale"
+        " Lease) had taken it out, and no live director has",
+    ) in events
     assert all(reason != "NotAnnounced" for reason, _ in events)
     gone = computed(frozenset({"a", "b"}))
     assert "announcement" not in gone and "down" not in gone["realServers"]
