@@ -77,7 +77,7 @@ class Controller:
         self._node_labels: dict[str, dict[str, str]] = {}
         #: What each node's report objects (its IPVSNode, and IPVSNodeReports on a big node)
         #: list, by node, then by object name.
-        self._node_reports: dict[str, dict[str, set[tuple[str, str]]]] = {}
+        self._node_reports: dict[str, dict[str, dict[tuple[str, str], int]]] = {}
         #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
         self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
         self._namespace_labels: dict[str, dict[str, str]] = {}
@@ -137,16 +137,20 @@ class Controller:
         self,
         node: str,
         source: str,
-        listed: Iterable[tuple[str, str]],
+        listed: Mapping[tuple[str, str], DirectorReport],
         gone: bool,
         part: bool = False,
     ) -> None:
         """The report object ``source`` of ``node`` now lists ``listed`` (or went).
 
         An IPVSNode coming or going changes the set of directors of every VirtualServer that
-        names none; an IPVSNodeReport (``part``), only what it listed or lists.
+        names none. Otherwise only the VirtualServers whose entry appeared, went or changed
+        are reconciled: an agent rewrites a whole object (up to some 1700 entries) for one
+        entry's change, and reconciling all it lists, on each of N nodes' writes, made one
+        change cost N times 1700 reconciles (each entry is remembered by its hash; two different
+        reports of one VirtualServer with equal hashes are a 2**-64 chance).
         """
-        now = set() if gone else set(listed)
+        now = {} if gone else {k: hash(r) for k, r in listed.items()}
         objects = self._node_reports.setdefault(node, {})
         before = objects.get(source)
         if gone:
@@ -158,8 +162,10 @@ class Controller:
         if not part and (before is None or gone):
             self._all_virtual_servers()  # the set of directors changed
             return
-        for namespace, name in now | (before or set()):
-            self.queue.add((VS, namespace, name))
+        before = before or {}
+        for key in now.keys() | before.keys():
+            if now.get(key) != before.get(key):
+                self.queue.add((VS, *key))
 
     async def sessions_changed(
         self, node: str, report: Mapping[str, Any] | None, *, listing: bool, gone: bool

@@ -211,8 +211,8 @@ def test_a_node_moving_between_alive_stale_and_no_lease_requeues_its_virtual_ser
         None,  # type: ignore[arg-type]
         EventPoster(None, "t"),  # type: ignore[arg-type]
     )
-    controller.report_changed("a", "a", [("shop", "web")], gone=False)
-    controller.report_changed("b", "b", [("shop", "api")], gone=False)
+    controller.report_changed("a", "a", {("shop", "web"): report("a", None)}, gone=False)
+    controller.report_changed("b", "b", {("shop", "api"): report("b", None)}, gone=False)
     queued(controller)
     none: frozenset[str] = frozenset()
     controller.agents_changed(frozenset({"a"}), none)  # first word: every report is judged
@@ -225,3 +225,31 @@ def test_a_node_moving_between_alive_stale_and_no_lease_requeues_its_virtual_ser
     assert queued(controller) == {(VS, "shop", "api")}
     controller.agents_changed(none, frozenset({"b"}))
     assert queued(controller) == set()
+
+
+def test_a_rewritten_report_object_reconciles_only_the_entries_that_changed() -> None:
+    """An agent rewrites a whole object for one entry's change; the other entries it lists
+    cost no reconcile (else one change on N nodes is N times the object's entries)."""
+    controller = Controller(
+        Settings(),
+        NoObjects(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        EventPoster(None, "t"),  # type: ignore[arg-type]
+    )
+    entries = {("shop", f"vs-{i}"): report("a", None) for i in range(50)}
+    controller.report_changed("a", "a", {}, gone=False)
+    controller.report_changed("a", "a.1", entries, gone=False, part=True)
+    assert len(queued(controller)) == 50  # a new object: everything it lists
+    moved = {**entries, ("shop", "vs-7"): DirectorReport("a", "Failed", 2, "KernelError")}
+    del moved[("shop", "vs-9")]
+    moved[("shop", "vs-new")] = report("a", None)
+    controller.report_changed("a", "a.1", moved, gone=False, part=True)
+    assert queued(controller) == {
+        (VS, "shop", "vs-7"),
+        (VS, "shop", "vs-9"),
+        (VS, "shop", "vs-new"),
+    }
+    controller.report_changed("a", "a.1", moved, gone=False, part=True)
+    assert queued(controller) == set()
+    controller.report_changed("a", "a.1", {}, gone=True, part=True)
+    assert len(queued(controller)) == 50
