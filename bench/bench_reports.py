@@ -57,31 +57,17 @@ from ipvs_agent.status import node_status  # noqa: E402
 from ipvs_api import conditions  # noqa: E402
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
 from tests.operator import harness  # noqa: E402
+from tests.unit.agent_helpers import CountingEvent  # noqa: E402
 
 NAMESPACE = "bench"
 #: etcd's default request limit, which bounds any object.
 ETCD_LIMIT = 1536 * 1024
 
 
-class CountingEvent(threading.Event):
-    """The agent's "something changed" flag, counting how often it is raised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raised = 0
-
-    def set(self) -> None:
-        self.raised += 1
-        super().set()
-
-
 def wait(what: str, done: Callable[[], bool], timeout: float, interval: float = 2.0) -> float:
-    """Seconds until ``done()``; a bounded poll."""
+    """Seconds until ``done()`` (the tests' bounded poll, timed)."""
     started = time.monotonic()
-    while not done():
-        if time.monotonic() - started > timeout:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    harness.wait_for(what, done, timeout, interval)
     return time.monotonic() - started
 
 
@@ -279,7 +265,7 @@ def run(args: argparse.Namespace, tmp: Path, bed: LocalApiServer) -> dict[str, A
             wait("the agent's mirror", mirror.synced.is_set, args.timeout, 0.5)
             target = names[len(names) // 2]
             writes = StatusWrites(api, target)
-            raised_before = changed.raised
+            raised_before = changed.sets
             custom.patch_namespaced_custom_object(
                 harness.GROUP,
                 harness.VERSION,
@@ -310,7 +296,7 @@ def run(args: argparse.Namespace, tmp: Path, bed: LocalApiServer) -> dict[str, A
             mirror.stop()
             out["change_status_writes"] = writes.modified
             out["change_status_writes_after_reports"] = writes.modified - writes_before_reports
-            out["agent_wakes"] = changed.raised - raised_before
+            out["agent_wakes"] = changed.sets - raised_before
     return out
 
 

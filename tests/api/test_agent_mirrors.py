@@ -199,19 +199,6 @@ def test_the_mirrors_keep_no_managed_fields_last_applied_or_unread_status(
                 vs_mirror.stop()
 
 
-class CountingEvent(threading.Event):
-    """The agent's wake-up event, counting the times something set it: a pass runs only when
-    it is set (or at a resync or drain check, neither of which happens in the test below)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sets = 0
-
-    def set(self) -> None:
-        self.sets += 1
-        super().set()
-
-
 def ready(*addresses: str) -> list[dict[str, Any]]:
     """An EndpointSlice's ``endpoints``: one ready endpoint per address."""
     return [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]
@@ -238,7 +225,7 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
     endpoints, including changes that woke nothing, in the pass its VirtualServer woke."""
     from ipvs_agent.agent import Agent, Settings
     from ipvs_agent.kernel.fake import FakeKernel
-    from tests.unit.agent_helpers import FakeHost
+    from tests.unit.agent_helpers import CountingEvent, FakeHost
 
     vip = "203.0.113.77"
 

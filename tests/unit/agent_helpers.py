@@ -146,3 +146,16 @@ class StubMirror:
 
     def stop(self) -> None:
         pass
+
+
+class CountingEvent(threading.Event):
+    """The agent's wake-up event (``changed``), counting the times something set it: a pass
+    runs only when it is set, or at a resync or drain check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
