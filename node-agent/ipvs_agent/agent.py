@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -17,15 +17,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
-from ipvs_agent.desired import services_used
+from ipvs_agent.desired import Node, services_used
 from ipvs_agent.health.checker import Checker
 from ipvs_agent.health.targets import targets
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
 from ipvs_agent.ops import Op
-from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile
-from ipvs_agent.snapshot import PoolCache, ReadCache, node_from, take
+from ipvs_agent.partial import changed_endpoints, plan_change
+from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile, reconcile_change
+from ipvs_agent.snapshot import (
+    PoolCache,
+    ReadCache,
+    Snapshot,
+    index_endpoints,
+    node_from,
+    service_of,
+    take,
+)
 from ipvs_agent.status import node_status
 from ipvs_agent.syncd import SyncDaemons
 from ipvs_api import conditions
@@ -107,6 +116,8 @@ class Agent:
         self._node_uid = ""
         self._pools = PoolCache()
         self._virtual_servers: tuple[VirtualServer, ...] = ()
+        #: The last pass's snapshot, which a change pass patches (None: the next is full).
+        self._snapshot: Snapshot | None = None
 
     @property
     def synced(self) -> bool:
@@ -117,9 +128,13 @@ class Agent:
         return found[0].items() if found else []
 
     def run_once(self, cause: str) -> PassResult:
-        """One pass from the mirrors' current contents (never before they synced)."""
+        """One pass from the mirrors' current contents (never before they synced): a change
+        pass when only some Services' endpoints changed (``ipvs_agent.partial``), else full."""
         if self.kernel_info is None:
             self.kernel_info = self.kernel.info()
+        changes = self._take_changes()
+        last = self._snapshot
+        self._snapshot = None  # a pass that raises leaves the next one full
         nodes = self._objects("node")
         node_obj = nodes[0] if nodes else None
         node = node_from(
@@ -133,6 +148,12 @@ class Agent:
             active_active=self.bgp is not None and self.bgp.speaker.has_sessions,
             connection_sync=self.sync is not None and self.sync.settings is not None,
         )
+        if cause == "change" and last is not None:
+            done = self._change_pass(last, node, changes)
+            if done is not None:
+                snap, result = done
+                self._finish(snap, result, node, cause, set(self.memory.draining), "change")
+                return result
         snap = take(
             self._objects("virtualservers"),
             self._objects("endpointslices"),
@@ -148,11 +169,65 @@ class Agent:
         started = time.perf_counter()
         result = reconcile(snap, self.kernel, self.host, self.memory, self.clock())
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
+        self._finish(snap, result, node, cause, draining, "full")
+        return result
+
+    def _take_changes(self) -> dict[str, frozenset[Hashable] | None]:
+        """What changed in each mirror since the last pass (None: anything may have)."""
+        out: dict[str, frozenset[Hashable] | None] = {}
+        for m in self.mirrors:
+            journal = getattr(m, "changes", None)
+            out[m.name] = journal.take() if journal is not None else None
+        return out
+
+    def _change_pass(
+        self, last: Snapshot, node: Node, changes: Mapping[str, frozenset[Hashable] | None]
+    ) -> tuple[Snapshot, PassResult] | None:
+        """Apply a change confined to some Services' endpoints without a full pass; None when
+        it is not so confined (or cannot be applied alone), and a full pass must run."""
+        if self.last is None or changes.get("virtualservers") != frozenset() or node != last.node:
+            return None
+        services = changes.get("endpointslices")
+        if services is None:
+            return None
+        adjustments = self.checker.adjustments() if self.checker is not None else {}
+        if adjustments != last.adjustments:
+            return None
+        wanted = {s for s in services if s is not None}
+        slices = [o for o in self._objects("endpointslices") if service_of(o) in wanted]
+        started = time.perf_counter()
+        change = plan_change(
+            last,
+            self.last.plan,
+            self.last.outcomes,
+            changed_endpoints(wanted, index_endpoints(slices)),  # type: ignore[arg-type]
+        )
+        if isinstance(change, str):
+            log.debug("full pass: %s", change)
+            return None
+        result = reconcile_change(change, self.last, self.kernel, self.memory, self.clock())
+        if result is None:
+            return None
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        return change.snapshot, result
+
+    def _finish(
+        self,
+        snap: Snapshot,
+        result: PassResult,
+        node: Node,
+        cause: str,
+        draining: set[tuple[ServiceKey, DestKey]],
+        kind: str,
+    ) -> None:
+        """What follows either kind of pass: accounting, announcements, the report."""
+        self.metrics.passes.labels(kind=kind).inc()
         if self.sync is not None:
             self.sync.ensure(self.kernel)
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
-        self._node_uid = ((node_obj or {}).get("metadata") or {}).get("uid", "")
+        self._snapshot = snap
         self._virtual_servers = snap.virtual_servers
         pools = (
             self._pools.read(self._objects("addresspools"))
@@ -187,7 +262,6 @@ class Agent:
                 )
             )
         self.send_report()
-        return result
 
     def _publish_interest(self, used: frozenset[tuple[str, str]]) -> None:
         """Tell the EndpointSlice mirror which Services this pass used, so a change to any
@@ -196,6 +270,9 @@ class Agent:
         for m in self.mirrors:
             interest = getattr(m, "interest", None)
             if m.name == "endpointslices" and interest is not None and interest.publish(used):
+                journal = getattr(m, "changes", None)
+                if journal is not None:  # the missed events are in no journal: look at all
+                    journal.note_all()
                 self.changed.set()
 
     def send_report(self) -> None:

@@ -99,6 +99,35 @@ class Interest:
             return missed
 
 
+class Changes:
+    """What changed in a mirror since the agent last took it: the keys of the objects whose
+    events were news (by ``key``; for EndpointSlices, their Service), or everything after a
+    relist. A pass that knows the change was confined to a few Services' endpoints applies
+    just those (``ipvs_agent.partial``) instead of a full pass.
+    """
+
+    def __init__(self, key: Callable[[dict[str, Any]], Hashable | None]) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        #: None: everything may have changed (a relist, or never taken).
+        self._keys: set[Hashable] | None = None
+
+    def note(self, *objects: dict[str, Any] | None) -> None:
+        with self._lock:
+            if self._keys is not None:
+                self._keys.update(self.key(o) for o in objects if o is not None)
+
+    def note_all(self) -> None:
+        with self._lock:
+            self._keys = None
+
+    def take(self) -> frozenset[Hashable] | None:
+        """The keys changed since the last take (None: anything may have), and start anew."""
+        with self._lock:
+            taken, self._keys = self._keys, set()
+        return None if taken is None else frozenset(taken)
+
+
 class Mirror:
     """A list+watch cache of one resource, as plain dicts keyed by namespace/name."""
 
@@ -114,9 +143,13 @@ class Mirror:
         fingerprint: Callable[[dict[str, Any]], Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         interest: Interest | None = None,
+        changes: Callable[[dict[str, Any]], Hashable | None] | None = None,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        #: What changed since the agent last took it, keyed by ``changes`` (default: the
+        #: object's namespace/name).
+        self.changes = Changes(changes or self._key)
         #: Which objects the last pass used; a watched change to no such object is kept but
         #: wakes no pass (a relist always wakes one).
         self.interest = interest
@@ -194,6 +227,7 @@ class Mirror:
         with self._lock:
             self._items = items
             self.seen = self.seen or bool(items)
+        self.changes.note_all()
         self.last_contact = time.monotonic()
         self.synced.set()
         self._changed.set()
@@ -247,6 +281,7 @@ class Mirror:
                         news = False
                         self.unused_events += 1
                     if news:
+                        self.changes.note(before, kept)
                         self._changed.set()
             except Exception as e:  # the API server is away or silent: keep the cache, retry
                 self.connected = False
@@ -406,6 +441,7 @@ def mirrors(
             retry_seconds,
             transform=trim.endpoint_slice,
             interest=Interest(service_of),
+            changes=service_of,
         ),
         Mirror(
             "node",

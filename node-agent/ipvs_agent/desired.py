@@ -730,6 +730,12 @@ class PlanMemo:
     def replace(self, node: Node, entries: dict[str, _Planned]) -> None:
         self._node, self._entries = node, entries
 
+    def merge(self, other: PlanMemo) -> None:
+        """Take ``other``'s entries (a plan of a few VirtualServers, for the same node) over
+        this memo's: what a change pass planned is what the next full pass finds."""
+        if other._node is not None and (self._node is other._node or self._node == other._node):
+            self._entries.update(other._entries)
+
 
 def services_used(
     virtual_servers: Iterable[VirtualServer], node: Node

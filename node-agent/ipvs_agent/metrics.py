@@ -229,6 +229,13 @@ class AgentMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.passes = Counter(
+            "ipvs_agent_passes",
+            "Reconcile passes by kind: full (every object, the whole kernel table) or change "
+            "(only the real servers of Services whose endpoints changed).",
+            ["kind"],
+            registry=self.registry,
+        )
         self.netlink_errors = Counter(
             "ipvs_agent_netlink_errors", "Kernel operations that failed.", registry=self.registry
         )

@@ -39,6 +39,7 @@ from ipvs_agent.model import (
     parse_address,
 )
 from ipvs_agent.ops import Op, OpKind
+from ipvs_agent.partial import Change
 from ipvs_agent.snapshot import Snapshot
 
 
@@ -313,3 +314,39 @@ def reconcile(
         errors = side.sync_real_servers(p.real_servers)
         outcomes = _with_real_server_failures(outcomes, p, errors)
     return PassResult(p, observed, d.ops, results, outcomes, tuple(repairs))
+
+
+def reconcile_change(
+    change: Change, last: PassResult, kernel: Kernel, memory: Memory, now: float
+) -> PassResult | None:
+    """Bring only the services of a change pass (``partial.plan_change``) to their planned
+    real servers: read those services, diff, write. None when the kernel no longer holds one
+    of them (someone removed it): then a full pass must look at the whole table.
+
+    Ownership, addresses, nftables and the real-server side are left as they are: the change
+    pass is taken only when its services are the last pass's, already recorded as ours.
+    """
+    keys = change.services
+    observed = kernel.read(keys) if keys else {}
+    if set(observed) != keys:
+        return None
+    table = {key: change.plan.table[key] for key in keys}
+    d = diff(
+        table,
+        observed,
+        keys.__contains__,
+        change.plan.drain_seconds,
+        memory.draining,
+        now,
+        change.plan.remove_now,
+    )
+    results = kernel.apply(d.ops) if d.ops else []
+    memory.draining = {
+        **{k: since for k, since in memory.draining.items() if k[0] not in keys},
+        **d.draining,
+    }
+    memory.plans.merge(change.memo)
+    outcomes = _with_failures(
+        {**last.outcomes, **change.outcomes}, change.plan, d.conflicts, results
+    )
+    return PassResult(change.plan, {**last.observed, **observed}, d.ops, results, outcomes)

@@ -277,6 +277,9 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                     lambda: real_servers() == {"10.1.0.1", "10.1.0.2"},
                     10,
                 )
+                # ... by a change pass: the watch event named its Service (cluster.Changes).
+                assert agent.metrics.passes.labels(kind="change")._value.get() >= 1
+                assert kernel.reads >= 1
 
                 sets, unused = changed.sets, slice_mirror.unused_events
                 patched: Any = objects.patch_namespaced_custom_object(
@@ -297,6 +300,7 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                 )  # fmt: skip
                 assert kept["metadata"]["resourceVersion"] == patched["metadata"]["resourceVersion"]
 
+                full = agent.metrics.passes.labels(kind="full")._value.get()
                 objects.patch_namespaced_custom_object(
                     GROUP, VERSION, k8s_namespace, PLURAL, "web",
                     {"spec": {"backends": {"service": {"name": "spare"}}}},
@@ -306,6 +310,7 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                     lambda: {"10.2.0.1", "10.2.0.2"} <= real_servers(),
                     10,
                 )
+                assert agent.metrics.passes.labels(kind="full")._value.get() > full
             finally:
                 stop.set()
                 changed.set()

@@ -33,6 +33,7 @@ from ipvs_agent.model import (
     Timeouts,
     TunnelFlags,
     TunnelType,
+    parse_address,
 )
 from ipvs_agent.ops import Op, OpKind
 from tests.kernel.topology import Lab, Netns
@@ -311,6 +312,27 @@ def test_every_kind_of_service_and_real_server_lands_exactly(ns: Netns, kernel: 
     wanted = every_kind(schedulers)
     program(kernel, wanted)
     expect_exactly(ns, kernel, wanted)
+
+
+def test_reading_some_services_gives_exactly_what_the_dump_has_for_them(
+    ns: Netns, kernel: IPVSKernel
+) -> None:
+    """What a change pass reads (``read``): each named service as the whole dump has it, and
+    one the kernel lacks left out, whatever kind the key is (address or mark, v4 or v6)."""
+    wanted = every_kind(kernel.info().schedulers)
+    program(kernel, wanted)
+    table = kernel.dump()
+    keys = list(table)
+    some = {
+        next(k for k in keys if k.fwmark),
+        next(k for k in keys if not k.fwmark and k.af is V6),
+        next(k for k in keys if not k.fwmark and k.af is V4),
+    }
+    missing = ServiceKey.for_address(parse_address("198.51.100.250"), Protocol.TCP, 1)
+    assert kernel.read(some | {missing}) == {k: table[k] for k in some}
+    assert kernel.read(set(keys)) == table
+    assert kernel.read(set()) == {}
+    assert kernel.dump() == table, "a read does not upset the next dump"
 
 
 # --- edits happen in place --------------------------------------------------------------------

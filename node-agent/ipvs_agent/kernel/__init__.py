@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -122,6 +122,11 @@ class Kernel(Protocol):
         Active/inactive/persistent connection counts are live; the traffic counters
         (connections, packets, bytes) are as of the kernel's last 2-second estimator tick.
         """
+        ...
+
+    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
+        """Only these services, as :meth:`dump` has them; one the kernel lacks is left out.
+        What a change pass needs instead of the whole table."""
         ...
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:

@@ -20,7 +20,7 @@ Counters never move by themselves: tests set them with ``set_stats`` / ``set_des
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Self
@@ -85,6 +85,8 @@ class FakeKernel:
         #: Every op that succeeded, in order, for tests that check what was done.
         self.applied: list[Op] = []
         self.dumps = 0
+        #: Calls of read() (a change pass reads a few services instead of dumping).
+        self.reads = 0
         self.closed = False
         self._table: dict[ServiceKey, _Entry] = {}
         self._failures: list[tuple[Callable[[Op], bool], int, str]] = []
@@ -117,14 +119,20 @@ class FakeKernel:
     def dump(self) -> ObservedTable:
         self._check_open()
         self.dumps += 1
-        table: dict[ServiceKey, ObservedService] = {}
-        for key, entry in self._table.items():
-            dests = {
-                dest_key: ObservedDest(dest, entry.dest_stats.get(dest_key, nl.ZERO_DEST_STATS))
-                for dest_key, dest in reversed(entry.dests.items())
-            }
-            table[key] = ObservedService(entry.service, dests, entry.stats)
-        return table
+        return {key: self._observed(entry) for key, entry in self._table.items()}
+
+    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
+        self._check_open()
+        self.reads += 1
+        return {key: self._observed(self._table[key]) for key in keys if key in self._table}
+
+    @staticmethod
+    def _observed(entry: _Entry) -> ObservedService:
+        dests = {
+            dest_key: ObservedDest(dest, entry.dest_stats.get(dest_key, nl.ZERO_DEST_STATS))
+            for dest_key, dest in reversed(entry.dests.items())
+        }
+        return ObservedService(entry.service, dests, entry.stats)
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         self._check_open()

@@ -28,7 +28,7 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Self
@@ -41,7 +41,9 @@ from ipvs_agent.model import (
     ObservedDest,
     ObservedService,
     ObservedTable,
+    Service,
     ServiceKey,
+    ServiceStats,
     SyncDaemon,
     SyncState,
     Timeouts,
@@ -114,6 +116,41 @@ class IPVSKernel:
                     seen[fingerprint] = record
             self._last, self._seen = table, seen
             return table
+
+    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
+        """Only these services: a GET_SERVICE and a GET_DEST dump each. Not remembered for
+        the next dump (its shortcut compares with the last whole table)."""
+        with self._lock, _collector_paused():
+            table: dict[ServiceKey, ObservedService] = {}
+            for key in keys:
+                found = self._get_service(key)
+                if found is None:
+                    continue
+                service, stats = found
+                request = nl.encode_dest_dump(self._family, self._next_seq(), key)
+                dests, _, _ = self._dump_dests(key, request, None, b"")
+                table[key] = ObservedService(service, dests, stats)
+            return table
+
+    def _get_service(self, key: ServiceKey) -> tuple[Service, ServiceStats] | None:
+        """One service by its key; None if the kernel has none (ESRCH)."""
+        seq = self._next_seq()
+        payload = nl.nested(nl.CmdAttr.SERVICE, nl.encode_service_key(key))
+        self._send(nl.message(self._family, nl.Cmd.GET_SERVICE, nl.NLM_F_REQUEST, seq, payload))
+        found: list[tuple[Service, ServiceStats]] = []
+
+        def on_data(header: nl.Header) -> bool:
+            found.append(nl.decode_service_message(self._buf, header))
+            return True
+
+        def on_error(header: nl.Header) -> bool:
+            code, text = nl.decode_error(self._buf, header)
+            if code and code != errno.ESRCH:
+                raise KernelError(code, f"GET_SERVICE {key}: {text or os.strerror(code)}")
+            return True
+
+        self._receive(seq, on_data, on_error)
+        return found[0] if found else None
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         with self._lock:
