@@ -27,6 +27,7 @@ from ipvs_agent.ops import Op
 from ipvs_agent.partial import changed_endpoints, plan_change
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile, reconcile_change
 from ipvs_agent.snapshot import (
+    EndpointCache,
     PoolCache,
     ReadCache,
     Snapshot,
@@ -107,6 +108,7 @@ class Agent:
         self.clock = clock
         self.memory = Memory()
         self.read_cache = ReadCache()
+        self.endpoint_cache = EndpointCache()
         self.kernel_info: KernelInfo | None = None
         self.last: PassResult | None = None
         self.passes = 0
@@ -160,6 +162,7 @@ class Agent:
             node,
             admitted_only=self.settings.admitted_only,
             cache=self.read_cache,
+            endpoint_cache=self.endpoint_cache,
         )
         self._publish_interest(services_used(snap.virtual_servers, node))
         if self.checker is not None:

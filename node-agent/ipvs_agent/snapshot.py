@@ -143,6 +143,40 @@ def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str]
     return {k: list(endpoints_from_slices(v)) for k, v in grouped.items()}
 
 
+class EndpointCache:
+    """Each Service's endpoints, parsed again only when its slices changed (by name and
+    resourceVersion), from one pass to the next.
+
+    Parsing every slice on every pass was most of a full pass's reading with thousands of
+    Services. An unchanged Service gets the very same list back, which the plan memo then
+    recognises without comparing it (``desired.PlanMemo``). A slice without a resourceVersion
+    (from a file) is always parsed; only the last pass's Services are kept.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[frozenset[tuple[str, str]], list[Endpoint]]] = {}
+
+    def index(self, slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
+        grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+        for s in slices:
+            service = service_of(s)
+            if service is not None:
+                grouped[service].append(s)
+        kept: dict[tuple[str, str], tuple[frozenset[tuple[str, str]], list[Endpoint]]] = {}
+        for service, members in grouped.items():
+            versions = frozenset(
+                (str(meta.get("name", "")), str(meta.get("resourceVersion") or ""))
+                for meta in (m.get("metadata") or {} for m in members)
+            )
+            found = self._entries.get(service)
+            if found is not None and found[0] == versions and all(v for _, v in versions):
+                kept[service] = found
+            else:
+                kept[service] = (versions, list(endpoints_from_slices(members)))
+        self._entries = kept
+        return {service: endpoints for service, (_, endpoints) in kept.items()}
+
+
 def node_addresses(obj: Mapping[str, Any] | None) -> frozenset[IPAddress]:
     """The IP addresses in a Node's ``status.addresses`` (InternalIP, ExternalIP; not names)."""
     found: set[IPAddress] = set()
@@ -190,6 +224,7 @@ def take(
     *,
     admitted_only: bool = False,
     cache: ReadCache | None = None,
+    endpoint_cache: EndpointCache | None = None,
 ) -> Snapshot:
     """The planner's inputs; ``admitted_only`` for the in-cluster agent (see below).
 
@@ -218,7 +253,12 @@ def take(
                     vs.generation,
                 )
         good = tuple(admitted)
-    return Snapshot(good, index_endpoints(endpoint_slices), node, bad)
+    index = (
+        endpoint_cache.index(endpoint_slices)
+        if endpoint_cache is not None
+        else index_endpoints(endpoint_slices)
+    )
+    return Snapshot(good, index, node, bad)
 
 
 def split_manifests(

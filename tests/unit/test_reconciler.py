@@ -365,6 +365,46 @@ def test_a_resync_reads_each_unchanged_version_once(monkeypatch: pytest.MonkeyPa
     assert again.rejected["ns/b"].reason == "InvalidSpec", "a rejection is remembered too"
 
 
+def test_a_pass_parses_only_the_endpoints_of_services_whose_slices_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ipvs_agent import snapshot
+    from tests.unit.test_interest import endpoint_slice
+
+    parsed: list[list[str]] = []
+    real = snapshot.endpoints_from_slices  # type: ignore[attr-defined]
+
+    def counting(slices: Any) -> Any:
+        parsed.append(sorted(s["metadata"]["name"] for s in slices))
+        return real(slices)
+
+    def versioned(name: str, service: str, address: str, version: str) -> Any:
+        obj = endpoint_slice(name, service, address)
+        obj["metadata"]["resourceVersion"] = version
+        return obj
+
+    monkeypatch.setattr(snapshot, "endpoints_from_slices", counting)
+    cache = snapshot.EndpointCache()
+    a1, a2 = versioned("a-1", "a", "10.0.0.1", "1"), versioned("a-2", "a", "10.0.0.2", "2")
+    b1 = versioned("b-1", "b", "10.0.1.1", "3")
+    first = cache.index([a1, a2, b1])
+    again = cache.index([a1, a2, b1])
+    assert parsed == [["a-1", "a-2"], ["b-1"]]
+    assert again[("ns", "a")] is first[("ns", "a")], "the same list: the plan memo sees it at once"
+    b1_new = versioned("b-1", "b", "10.0.1.9", "4")
+    changed = cache.index([a1, a2, b1_new])
+    assert parsed[2:] == [["b-1"]]
+    assert [str(e.address) for e in changed[("ns", "b")]] == ["10.0.1.9"]
+    cache.index([a1, b1_new])  # a slice of a went: a is parsed again
+    assert parsed[3:] == [["a-1"]]
+    unversioned = endpoint_slice("c-1", "c", "10.0.2.1")
+    cache.index([unversioned])
+    cache.index([unversioned])
+    assert parsed[4:] == [["c-1"], ["c-1"]], "a slice without a version is always parsed"
+    whole = [a1, a2, b1_new, unversioned]
+    assert cache.index(whole) == snapshot.index_endpoints(whole)
+
+
 def test_a_virtual_address_is_local_before_its_service_and_until_it_is_gone() -> None:
     kernel, host = FakeKernel(), FakeHost()
     seen: list[tuple[str, set[str]]] = []
