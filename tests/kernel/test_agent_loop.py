@@ -19,8 +19,12 @@ import pytest
 
 from ipvs_agent.agent import Agent, Settings, serve_http
 from ipvs_agent.kernel.ipvs import IPVSKernel
+from ipvs_agent.snapshot import service_of
+from ipvs_api.endpoints import SERVICE_NAME_LABEL
 from tests.kernel.topology import Lab, Topology, build_nat
+from tests.kernel.traffic import held_tcp, tcp_identity
 from tests.unit.agent_helpers import FakeHost, StubMirror
+from tests.unit.test_change_pass import JournalMirror
 
 DEADLINE = 30.0
 
@@ -143,3 +147,91 @@ def test_probes_and_metrics_follow_real_traffic(running: tuple[Topology, Running
     assert service == 60
     assert sample(text, "ipvs_agent_virtual_servers", state="Programmed") == 1
     assert (sample(text, "ipvs_agent_reconcile_duration_seconds_count") or 0) >= 1
+
+
+def service_backed(topology: Topology) -> dict[str, Any]:
+    """A VirtualServer whose real servers are the endpoints of Service ``web``."""
+    return {
+        "apiVersion": "ipvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {"name": "web", "namespace": "shop", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "address": topology.vip,
+            "ports": [{"port": topology.port}],
+            "scheduler": {"name": "rr"},
+            "drainTimeoutSeconds": 4,
+            "backends": {"service": {"name": "web"}},
+        },
+        "status": {"address": topology.vip},
+    }
+
+
+def web_slice(topology: Topology, indices: list[int], version: int) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "web-1",
+            "namespace": "shop",
+            "resourceVersion": str(version),
+            "labels": {SERVICE_NAME_LABEL: "web"},
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [topology.real_servers[i].rip], "conditions": {"ready": True}}
+            for i in indices
+        ],
+        "ports": [{"port": topology.port, "protocol": "TCP"}],
+    }
+
+
+def test_an_endpoint_removed_by_a_change_pass_drains_its_open_connection(lab: Lab) -> None:
+    """The change pass (only the changed Service's kernel service read and written) keeps
+    graceful drain: the removed real server's open connection lives on at weight 0, new
+    connections go elsewhere, and the drain checks delete it after its drain timeout."""
+    topology = build_nat(lab, family=4, real_servers=3)
+    names = {rs.rip: rs.name for rs in topology.real_servers}
+    kernel = IPVSKernel(netns=topology.director.name)
+    slices = JournalMirror("endpointslices", [web_slice(topology, [0, 1, 2], 1)], service_of)
+    agent = Agent(
+        Settings("director", resync_seconds=3600, settle_seconds=0, drain_check_seconds=0.5),
+        kernel,
+        FakeHost(),
+        [JournalMirror("virtualservers", [service_backed(topology)]), slices,
+         JournalMirror("node", [])],
+        threading.Event(),
+    )  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    agent.changed.set()  # what the mirrors' first lists do
+
+    def weights() -> dict[str, int]:
+        table = kernel.dump()
+        found = [s for k, s in table.items() if k.address == topology.vip]
+        return {names[d.dest.key.address]: d.dest.weight for s in found for d in s.dests.values()}
+
+    def passes(kind: str) -> float:
+        return float(agent.metrics.passes.labels(kind=kind)._value.get())
+
+    try:
+        wait_for("three real servers", lambda: len(weights()) == 3)
+        gone = topology.real_servers[0].name
+        client = topology.clients[0]
+        with held_tcp(client, topology.vip, topology.port, 3) as held:
+            assert held.counts()[gone] == 1, held.identities
+            slices.put(web_slice(topology, [1, 2], 2))
+            agent.changed.set()
+            wait_for(f"{gone} drained", lambda: weights().get(gone) == 0)
+            # Only the change pass could have done it: drain checks start once it drains.
+            assert passes("change") >= 1
+            sock = held.sockets[held.identities.index(gone)]
+            sock.sendall(b"ping\n")
+            assert sock.recv(256).decode().strip() == gone, "the open connection lives on"
+            fresh = [tcp_identity(client, topology.vip, topology.port) for _ in range(12)]
+            assert gone not in fresh and len(set(fresh)) == 2, fresh
+        wait_for(f"{gone} deleted after its drain", lambda: gone not in weights(), 30)
+        assert sorted(weights().values()) == [1, 1]
+    finally:
+        stop.set()
+        agent.changed.set()
+        thread.join(10)
+        kernel.close()

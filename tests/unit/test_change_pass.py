@@ -177,3 +177,18 @@ def test_a_change_the_interest_filter_missed_takes_the_full_pass() -> None:
     bed.agent.run_once("change")
     assert bed.agent.changed.is_set()
     assert bed.slices.changes.take() is None
+
+
+def test_a_relist_marks_everything_changed_and_a_take_starts_anew() -> None:
+    """``cluster.Mirror`` itself: after a list, which objects changed is not known."""
+    page = {"metadata": {"resourceVersion": "5"}, "items": [endpoint_slice("a-1", "a", "10.0.0.1")]}
+    api: Any = None  # lists are plain dicts: the client is never asked to convert one
+    mirror = cluster.Mirror(
+        "endpointslices", lambda **_: page, api, CountingEvent(), changes=service_of
+    )
+    mirror.changes.take()
+    mirror._relist()
+    assert mirror.changes.take() is None
+    assert mirror.changes.take() == frozenset()
+    mirror.changes.note(endpoint_slice("a-1", "a", "10.0.0.2"), None)
+    assert mirror.changes.take() == frozenset({("ns", "a")})
