@@ -290,6 +290,7 @@ def run_command(args: argparse.Namespace) -> int:
             sync=sync,
             checker=checker,
         )
+        agent.metrics.watch_mirrors(agent.mirrors)
         checker.observer = health_metrics.register(agent.metrics.registry, checker)
         checker.start(own_stop)
         if speaker is not None:

@@ -216,6 +216,25 @@ class BGPCollector(Collector):
             yield family
 
 
+class MirrorCollector(Collector):
+    """What the agent's watches saw and let pass: events of objects no pass here uses."""
+
+    def __init__(self, mirrors: Any) -> None:
+        self.mirrors = mirrors
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "ipvs_agent_unused_events",
+            "Watch events kept without waking a pass: EndpointSlices of Services that no "
+            "VirtualServer on this node uses.",
+            labels=["resource"],
+        )
+        for m in self.mirrors:
+            if getattr(m, "interest", None) is not None:
+                family.add_metric([m.name], getattr(m, "unused_events", 0))
+        yield family
+
+
 class AgentMetrics:
     """The agent's own metrics, in a registry of their own (no process-global state)."""
 
@@ -268,6 +287,10 @@ class AgentMetrics:
             ["state"],
             registry=self.registry,
         )
+
+    def watch_mirrors(self, mirrors: Any) -> None:
+        """Export the mirrors' skipped events too."""
+        self.registry.register(MirrorCollector(mirrors))
 
     def watch_speaker(self, speaker: Any) -> None:
         """Export the layer-2 speaker's counters too."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from prometheus_client import generate_latest
 
 from ipvs_agent.cluster import mirrors
 from ipvs_api import constants
@@ -263,6 +264,7 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                 agent_mirrors,
                 changed,
             )
+            agent.metrics.watch_mirrors(agent_mirrors)
             thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
             thread.start()
             try:
@@ -293,6 +295,9 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                     10,
                 )
                 assert changed.sets == sets, "a slice no VirtualServer here uses woke a pass"
+                exported = generate_latest(agent.metrics.registry).decode()
+                line = 'ipvs_agent_unused_events_total{resource="endpointslices"} '
+                assert f"{line}{float(slice_mirror.unused_events)}" in exported, exported
                 kept = next(
                     o for o in slice_mirror.items()
                     if o["metadata"]["namespace"] == k8s_namespace
