@@ -306,7 +306,10 @@ class LabBed:
         if self.image is not None:
             self._agent_bundles(address)
             argv += ["--agent-bundles", f"{SHARE_IN_VM}/agent"]
-        env = {"PYTHONPATH": str(CHECKOUT)}
+        # This checkout's packages first: the venv's editable installs may point at another
+        # checkout (a git worktree run with main's venv), and the VM must run this one's agent.
+        sources = [CHECKOUT / folder for folder in ("api", "operator", "node-agent")]
+        env = {"PYTHONPATH": os.pathsep.join(map(str, [*sources, CHECKOUT]))}
 
         def boot() -> None:
             try:

@@ -43,6 +43,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from tests.e2e.destwatch import Watches, table_counts
 from tests.image.runner import (
     Container,
     create_host_directories,
@@ -85,6 +86,7 @@ class Node:
         self._next_hold = 0
         self.router: Netns | None = None
         self.bird: subprocess.Popen[bytes] | None = None
+        self.watches = Watches()  # bench/bench_endpoints.py's kernel watches
 
     # -- building ---------------------------------------------------------------------
 
@@ -179,6 +181,10 @@ class Node:
             "held_alive": self.held_alive,
             "release": self.release,
             "run": self.run,
+            "watch_dest": self.watches.arm,
+            "watch_result": self.watches.result,
+            "table_counts": table_counts,
+            "agent_metrics": self.agent_metrics,
         }
 
     def stop_agent(self, timeout: float = 120.0) -> int | None:
@@ -233,6 +239,26 @@ class Node:
             return {"status": error.code, "body": error.read().decode()[:200]}
         except OSError as error:
             return {"status": 0, "body": repr(error)}
+
+    def agent_metrics(self, prefix: str = "ipvs_agent_") -> dict[str, float]:
+        """The agent's /metrics samples named ``prefix``..., histogram buckets left out.
+
+        The lab starts the agent with ``--metrics-port 0``: its port is found from the
+        listening TCP sockets the agent's process holds.
+        """
+        if self.agent is None or self.agent.poll() is not None:
+            raise RuntimeError("the agent is not running (as a process of this guest)")
+        port = _listening_port(self.agent.pid)
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line.startswith(prefix) or "_bucket{" in line or "_created" in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+        return samples
 
     # -- requests ---------------------------------------------------------------------
 
@@ -322,6 +348,22 @@ class Node:
                 self.bird.wait(10)
         self.lab.close()
         self.ipr.close()
+
+
+def _listening_port(pid: int) -> int:
+    """The port of a listening IPv4 TCP socket that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as handle:
+        for line in list(handle)[1:]:
+            words = line.split()
+            if words[3] == "0A" and words[9] in inodes:  # TCP_LISTEN
+                return int(words[1].rsplit(":", 1)[1], 16)
+    raise RuntimeError(f"process {pid} listens on no IPv4 TCP port")
 
 
 def _connect_home(address: str, port: int, timeout: float) -> socket.socket:
