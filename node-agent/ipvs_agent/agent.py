@@ -189,7 +189,10 @@ class Agent:
     ) -> tuple[Snapshot, PassResult] | None:
         """Apply a change confined to some Services' endpoints without a full pass; None when
         it is not so confined (or cannot be applied alone), and a full pass must run."""
-        if self.last is None or changes.get("virtualservers") != frozenset() or node != last.node:
+        quiet = frozenset[Hashable]()
+        if self.last is None or node != last.node:
+            return None
+        if changes.get("virtualservers") != quiet or changes.get("node") != quiet:
             return None
         services = changes.get("endpointslices")
         if services is None:
