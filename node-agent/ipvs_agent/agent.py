@@ -200,14 +200,14 @@ class Agent:
         adjustments = self.checker.adjustments() if self.checker is not None else {}
         if adjustments != last.adjustments:
             return None
-        wanted = {s for s in services if s is not None}
+        wanted: set[tuple[str, str]] = {s for s in services if isinstance(s, tuple)}
         slices = [o for o in self._objects("endpointslices") if service_of(o) in wanted]
         started = time.perf_counter()
         change = plan_change(
             last,
             self.last.plan,
             self.last.outcomes,
-            changed_endpoints(wanted, index_endpoints(slices)),  # type: ignore[arg-type]
+            changed_endpoints(wanted, index_endpoints(slices)),
         )
         if isinstance(change, str):
             log.debug("full pass: %s", change)
