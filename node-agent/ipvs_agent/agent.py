@@ -129,6 +129,17 @@ class Agent:
         found = [m for m in self.mirrors if m.name == name]
         return found[0].items() if found else []
 
+    def _slices_of(self, services: set[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The EndpointSlices of these Services (the mirror's own index, where it has one)."""
+        for m in self.mirrors:
+            if m.name == "endpointslices":
+                of = getattr(m, "items_of", None)
+                if of is not None:
+                    found: list[dict[str, Any]] = of(services)
+                    return found
+                return [o for o in m.items() if service_of(o) in services]
+        return []
+
     def run_once(self, cause: str) -> PassResult:
         """One pass from the mirrors' current contents (never before they synced): a change
         pass when only some Services' endpoints changed (``ipvs_agent.partial``), else full."""
@@ -201,7 +212,7 @@ class Agent:
         if adjustments != last.adjustments:
             return None
         wanted: set[tuple[str, str]] = {s for s in services if isinstance(s, tuple)}
-        slices = [o for o in self._objects("endpointslices") if service_of(o) in wanted]
+        slices = self._slices_of(wanted)
         started = time.perf_counter()
         change = plan_change(
             last,

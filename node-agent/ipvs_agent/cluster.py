@@ -150,6 +150,8 @@ class Mirror:
         #: What changed since the agent last took it, keyed by ``changes`` (default: the
         #: object's namespace/name).
         self.changes = Changes(changes or self._key)
+        #: With ``changes``: the objects under each of its keys (:meth:`items_of`).
+        self._grouped: dict[Hashable, set[str]] | None = {} if changes is not None else None
         #: Which objects the last pass used; a watched change to no such object is kept but
         #: wakes no pass (a relist always wakes one).
         self.interest = interest
@@ -185,6 +187,29 @@ class Mirror:
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._items.values())
+
+    def items_of(self, keys: Collection[Hashable]) -> list[dict[str, Any]]:
+        """The objects under these keys of ``changes`` (for EndpointSlices: of these
+        Services), without going through every object."""
+        with self._lock:
+            if self._grouped is None:
+                return [o for o in self._items.values() if self.changes.key(o) in keys]
+            return [self._items[n] for k in keys for n in self._grouped.get(k, ())]
+
+    def _group(
+        self, name: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+    ) -> None:
+        """Keep :attr:`_grouped` in step with one object's change (under the lock)."""
+        if self._grouped is None:
+            return
+        if before is not None:
+            members = self._grouped.get(self.changes.key(before))
+            if members is not None:
+                members.discard(name)
+                if not members:
+                    del self._grouped[self.changes.key(before)]
+        if after is not None:
+            self._grouped.setdefault(self.changes.key(after), set()).add(name)
 
     def _as_dict(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, dict):
@@ -227,6 +252,10 @@ class Mirror:
         with self._lock:
             self._items = items
             self.seen = self.seen or bool(items)
+            if self._grouped is not None:
+                self._grouped = {}
+                for name, obj in items.items():
+                    self._group(name, None, obj)
         self.changes.note_all()
         self.last_contact = time.monotonic()
         self.synced.set()
@@ -267,10 +296,12 @@ class Mirror:
                     with self._lock:
                         if kind == "DELETED":
                             before = self._items.pop(self._key(kept), None)
+                            self._group(self._key(kept), before, None)
                             news = True
                         else:
                             before = self._items.get(self._key(kept))
                             self._items[self._key(kept)] = kept
+                            self._group(self._key(kept), before, kept)
                             self.seen = True
                             news = (
                                 before is None

@@ -198,3 +198,40 @@ def test_a_relist_marks_everything_changed_and_a_take_starts_anew() -> None:
     assert mirror.changes.take() == frozenset()
     mirror.changes.note(endpoint_slice("a-1", "a", "10.0.0.2"), None)
     assert mirror.changes.take() == frozenset({("ns", "a")})
+
+
+def test_the_slice_mirror_finds_a_services_slices_without_reading_them_all() -> None:
+    """``Mirror.items_of`` follows lists, updates that move a slice to another Service (its
+    label), and deletions, exactly as a filter over every object would."""
+    pages = [[endpoint_slice("a-1", "a", "10.0.0.1"), endpoint_slice("b-1", "b", "10.0.1.1")]]
+    api: Any = None
+    mirror = cluster.Mirror(
+        "endpointslices",
+        lambda **_: {"metadata": {"resourceVersion": "1"}, "items": pages[-1]},
+        api,
+        CountingEvent(),
+        changes=service_of,
+    )
+    mirror._relist()
+
+    def names(*services: tuple[str, str]) -> set[str]:
+        found = {o["metadata"]["name"] for o in mirror.items_of(set(services))}
+        brute = {o["metadata"]["name"] for o in mirror.items() if service_of(o) in services}
+        assert found == brute
+        return found
+
+    assert names(("ns", "a")) == {"a-1"}
+    with mirror._lock:  # what a watch event does under the lock
+        moved = endpoint_slice("a-1", "b", "10.0.0.1")
+        before = mirror._items["ns/a-1"]
+        mirror._items["ns/a-1"] = moved
+        mirror._group("ns/a-1", before, moved)
+    assert names(("ns", "a")) == set()
+    assert names(("ns", "b")) == {"a-1", "b-1"}
+    with mirror._lock:
+        mirror._group("ns/b-1", mirror._items.pop("ns/b-1"), None)
+    assert names(("ns", "b"), ("ns", "c")) == {"a-1"}
+    pages.append([endpoint_slice("c-1", "c", "10.0.2.1")])
+    mirror._relist()
+    assert names(("ns", "a"), ("ns", "b")) == set()
+    assert names(("ns", "c")) == {"c-1"}
