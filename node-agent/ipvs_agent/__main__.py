@@ -247,7 +247,8 @@ def run_command(args: argparse.Namespace) -> int:
         namespace, _, name = args.daemonset.partition("/")
         own = daemon_set_mirror(api, namespace, name, changed)
         threading.Thread(target=own.run, args=(own_stop,), name="mirror-ds", daemon=True).start()
-    outbox = Outbox(NodeReporter(api, args.node_name).report)
+    reporter = NodeReporter(api, args.node_name)
+    outbox = Outbox(reporter.report)
     outbox.start(own_stop)
     speaker = _speaker(args, api, own_stop)
     bgp = _bgp(args, api, own_stop)
@@ -290,6 +291,7 @@ def run_command(args: argparse.Namespace) -> int:
             sync=sync,
             checker=checker,
         )
+        reporter.sizes = agent.entries.size  # the sizes of the entries the agent reuses
         agent.metrics.watch_mirrors(agent.mirrors)
         checker.observer = health_metrics.register(agent.metrics.registry, checker)
         checker.start(own_stop)

@@ -36,7 +36,7 @@ from ipvs_agent.snapshot import (
     service_of,
     take,
 )
-from ipvs_agent.status import node_status
+from ipvs_agent.status import EntryMemo, node_status
 from ipvs_agent.syncd import SyncDaemons
 from ipvs_api import conditions
 from ipvs_api.types import VirtualServer
@@ -109,6 +109,8 @@ class Agent:
         self.memory = Memory()
         self.read_cache = ReadCache()
         self.endpoint_cache = EndpointCache()
+        #: The last report's entries, reused where unchanged (and their sizes, for slicing).
+        self.entries = EntryMemo()
         self.kernel_info: KernelInfo | None = None
         self.last: PassResult | None = None
         self.passes = 0
@@ -308,6 +310,7 @@ class Agent:
                 announcements=self._announcements(),
                 bgp=self.bgp.speaker.status() if self.bgp is not None else None,
                 connection_sync=self.sync.status() if self.sync is not None else None,
+                memo=self.entries,
             )
             self._conditions = status["conditions"]
             try:

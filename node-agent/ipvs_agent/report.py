@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -47,6 +47,8 @@ class NodeReporter:
         self.budget = SLICE_BYTES
         #: Objects written and deleted (each write is one API request).
         self.writes = 0
+        #: An entry's JSON size (``EntryMemo.size`` of the agent that builds the reports).
+        self.sizes: Callable[[Mapping[str, Any]], int] | None = None
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -99,7 +101,7 @@ class NodeReporter:
         """
         if self._last is not None and same_report(self._last, status):
             return False
-        slices = split(status, self._count, self.budget)
+        slices = split(status, self._count, self.budget, self.sizes)
         self._ensure(node_uid)
         for index, entries in enumerate(slices.rest, start=1):
             if self._slices.get(index) != entries:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,57 @@ def _health(h: RealServerHealth) -> dict[str, Any]:
     return out
 
 
+class EntryMemo:
+    """Each VirtualServer's entry from one report to the next, kept while its outcome and
+    announcement are the same, with its JSON size once :func:`split` asked for it.
+
+    A report is rebuilt after every pass, and one endpoint change alters one entry of
+    thousands: building, sizing and comparing the others again was most of what a change
+    pass cost after its kernel write. Unchanged entries are the same dicts, which the
+    comparisons in :class:`~ipvs_agent.report.NodeReporter` then pass by identity. Only the
+    last report's entries are kept.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Outcome, Any, dict[str, Any]]] = {}
+        #: Each entry's JSON size, with the entry it is of (by key: a size is used only for
+        #: that very dict, so a report thread may ask while a newer report is built).
+        self._sizes: dict[str, tuple[Mapping[str, Any], int]] = {}
+
+    def entries(
+        self,
+        outcomes: Mapping[str, Outcome],
+        announcements: Mapping[str, tuple[str, tuple[str, ...]]],
+    ) -> list[dict[str, Any]]:
+        kept: dict[str, tuple[Outcome, Any, dict[str, Any]]] = {}
+        out: list[dict[str, Any]] = []
+        for key in sorted(outcomes):
+            outcome, announcement = outcomes[key], announcements.get(key)
+            found = self._entries.get(key)
+            if (
+                found is None
+                or not (found[0] is outcome or found[0] == outcome)
+                or found[1] != announcement
+            ):
+                found = (outcome, announcement, entry(key, outcome, announcement))
+            kept[key] = found
+            out.append(found[2])
+        sizes = self._sizes
+        self._sizes = {k: sizes[k] for k in kept.keys() & sizes.keys() if sizes[k][0] is kept[k][2]}
+        self._entries = kept
+        return out
+
+    def size(self, e: Mapping[str, Any]) -> int:
+        """The JSON size of an entry, remembered while the entry is the same dict."""
+        key = f"{e.get('namespace', '')}/{e.get('name', '')}"
+        found = self._sizes.get(key)
+        if found is not None and found[0] is e:
+            return found[1]
+        size = _size(e)
+        self._sizes[key] = (e, size)
+        return size
+
+
 def node_status(
     outcomes: Mapping[str, Outcome],
     kernel: KernelInfo | None,
@@ -77,9 +128,11 @@ def node_status(
     announcements: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
     bgp: Mapping[str, Any] | None = None,
     connection_sync: Mapping[str, Any] | None = None,
+    memo: EntryMemo | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of this node's IPVSNode, with every entry (:func:`split` then
-    spreads the entries over as many objects as keep each one small)."""
+    spreads the entries over as many objects as keep each one small); ``memo`` keeps the
+    unchanged entries of the last report (:class:`EntryMemo`)."""
     failed = sorted(k for k, o in outcomes.items() if o.state is State.FAILED)
     conds = list(previous_conditions)
     conds = conditions.set_condition(
@@ -103,9 +156,11 @@ def node_status(
     status: dict[str, Any] = {
         "agentVersion": agent_version,
         "lastSyncTime": synced_at,
-        "virtualServers": [
-            entry(k, outcomes[k], (announcements or {}).get(k)) for k in sorted(outcomes)
-        ],
+        "virtualServers": (
+            memo.entries(outcomes, announcements or {})
+            if memo is not None
+            else [entry(k, outcomes[k], (announcements or {}).get(k)) for k in sorted(outcomes)]
+        ),
         "conditions": conds,
     }
     if kernel is not None:
@@ -171,7 +226,10 @@ def _size(entry: Mapping[str, Any]) -> int:
 
 
 def slice_count(
-    entries: Sequence[Mapping[str, Any]], previous: int = 1, budget: int = SLICE_BYTES
+    entries: Sequence[Mapping[str, Any]],
+    previous: int = 1,
+    budget: int = SLICE_BYTES,
+    size: Callable[[Mapping[str, Any]], int] | None = None,
 ) -> int:
     """The number of slices (a power of two) that keeps each within ``budget``.
 
@@ -180,7 +238,8 @@ def slice_count(
     of one entry fits whatever its size (an entry is bounded by the CRD: messages are cut).
     """
     # Each entry with its comma, and a list's brackets: the JSON size of each slice's list.
-    sizes = [(str(e["namespace"]), str(e["name"]), _size(e) + 1) for e in entries]
+    measure = size or _size
+    sizes = [(str(e["namespace"]), str(e["name"]), measure(e) + 1) for e in entries]
     total = sum(size for _, _, size in sizes)
 
     def fits(count: int) -> bool:
@@ -200,10 +259,16 @@ def slice_count(
     return count
 
 
-def split(status: Mapping[str, Any], previous: int = 1, budget: int = SLICE_BYTES) -> Slices:
-    """Spread ``status``'s entries over slices; the head also says how many there are."""
+def split(
+    status: Mapping[str, Any],
+    previous: int = 1,
+    budget: int = SLICE_BYTES,
+    size: Callable[[Mapping[str, Any]], int] | None = None,
+) -> Slices:
+    """Spread ``status``'s entries over slices; the head also says how many there are.
+    ``size``: an entry's JSON size (:meth:`EntryMemo.size` remembers it)."""
     entries = list(status.get("virtualServers") or ())
-    count = slice_count(entries, previous, budget)
+    count = slice_count(entries, previous, budget, size)
     parts: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     for e in entries:
         parts[slice_of(str(e["namespace"]), str(e["name"]), count)].append(e)

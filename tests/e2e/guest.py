@@ -250,7 +250,7 @@ class Node:
             raise RuntimeError("the agent is not running (as a process of this guest)")
         port = _listening_port(self.agent.pid)
         url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(url, timeout=150) as response:
             text = response.read().decode()
         samples: dict[str, float] = {}
         for line in text.splitlines():

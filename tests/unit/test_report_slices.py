@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from ipvs_agent.desired import Outcome, Role, State
 from ipvs_agent.model import KernelInfo
-from ipvs_agent.status import SLICE_BYTES, node_status, slice_count, slice_name, slice_of, split
+from ipvs_agent.status import (
+    SLICE_BYTES,
+    EntryMemo,
+    node_status,
+    slice_count,
+    slice_name,
+    slice_of,
+    split,
+)
 from ipvs_api import schema
 from ipvs_operator.status import DirectorReport
 from ipvs_operator.views import newest, report_entries
@@ -145,3 +153,32 @@ def test_while_an_entry_moves_between_objects_the_newer_generation_counts() -> N
     other = DirectorReport("n2", "Programmed", 4, "", "", (), None)
     assert newest([old, new, other]) == {"n1": new, "n2": other}
     assert newest([new, old]) == {"n1": new}
+
+
+def test_a_report_reuses_the_entries_that_did_not_change_and_reads_the_same() -> None:
+    """``EntryMemo``: after a change pass only the changed VirtualServer's entry is new; the
+    report, and how it is split, are exactly those made without the memo."""
+    memo = EntryMemo()
+    outcomes = many(300)
+    announced = {"ns1/vs-1": ("Layer2", ("eth0",))}
+    first = node_status(outcomes, KERNEL, "0.1.0", "t", announcements=announced, memo=memo)
+    assert first == node_status(outcomes, KERNEL, "0.1.0", "t", announcements=announced)
+    changed = {**outcomes, "ns3/vs-3": outcome(2)}  # one new generation
+    moved = {"ns1/vs-1": ("Layer2", ("eth1",))}  # one announcement moved
+    second = node_status(changed, KERNEL, "0.1.0", "t", announcements=moved, memo=memo)
+    assert second == node_status(changed, KERNEL, "0.1.0", "t", announcements=moved)
+    new = [b for a, b in zip(first["virtualServers"], second["virtualServers"], strict=True)
+           if a is not b]  # fmt: skip
+    assert [(e["name"], e["observedGeneration"]) for e in new] == [("vs-1", 1), ("vs-3", 2)]
+    for budget in (4096, SLICE_BYTES):
+        assert split(second, 1, budget, memo.size) == split(second, 1, budget)
+        assert split(second, 1, budget, memo.size) == split(second, 1, budget)  # remembered
+
+
+def test_a_remembered_size_is_used_only_for_the_very_entry_it_was_measured_on() -> None:
+    memo = EntryMemo()
+    first = node_status({"ns/a": outcome()}, KERNEL, "0.1.0", "t", memo=memo)
+    entry = first["virtualServers"][0]
+    assert memo.size(entry) == size(entry)
+    longer = {**entry, "message": "x" * 100}  # another dict of the same VirtualServer
+    assert memo.size(longer) == size(longer)
