@@ -345,6 +345,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         polls = [r["mean_poll_ms"] for r in records if r["polls"]]
         result["mean_poll_ms"] = round(sum(polls) / len(polls), 2) if polls else None
         result["agent_metrics_delta"] = metrics_delta(before, after)
+        for key, figure in (("reconcile_duration_seconds_count", "agent_passes"),
+                            ("reconcile_duration_seconds_sum", "agent_pass_seconds")):  # fmt: skip
+            name_ = f"ipvs_agent_{key}"
+            if name_ in before and name_ in after:  # 0 passes is a figure too
+                result[figure] = round(after[name_] - before[name_], 3)
         result["agent_metrics_after"] = after
         result["changes"] = records
         return result
@@ -362,9 +367,7 @@ def report(result: dict[str, Any]) -> str:
         return (f"{label}: p50 {s['p50']} s, p90 {s['p90']} s, p99 {s['p99']} s, max {s['max']} s"
                 f" ({s['count']} changes, {s['misses']} missed)")  # fmt: skip
 
-    delta = result.get("agent_metrics_delta", {})
-    passes = delta.get("ipvs_agent_reconcile_duration_seconds_count")
-    pass_seconds = delta.get("ipvs_agent_reconcile_duration_seconds_sum")
+    passes, pass_seconds = result.get("agent_passes"), result.get("agent_pass_seconds")
     mean_pass = round(pass_seconds / passes, 2) if passes and pass_seconds else None
     lines = [
         f"lab: {result['services']} services x {result['reals']} real servers; "
