@@ -120,6 +120,10 @@ class Agent:
         self._node_uid = ""
         self._pools = PoolCache()
         self._virtual_servers: tuple[VirtualServer, ...] = ()
+        #: The kind of the last pass: "full" or "change".
+        self.last_kind = "full"
+        #: When the first change the current pass applies arrived (monotonic; 0: unknown).
+        self._changed_since = 0.0
         #: The last pass's snapshot, which a change pass patches (None: the next is full).
         self._snapshot: Snapshot | None = None
 
@@ -190,11 +194,15 @@ class Agent:
         return result
 
     def _take_changes(self) -> dict[str, frozenset[Hashable] | None]:
-        """What changed in each mirror since the last pass (None: anything may have)."""
+        """What changed in each mirror since the last pass (None: anything may have); when
+        the first of those changes arrived goes to :attr:`_changed_since`."""
         out: dict[str, frozenset[Hashable] | None] = {}
+        since = [0.0]
         for m in self.mirrors:
             journal = getattr(m, "changes", None)
             out[m.name] = journal.take() if journal is not None else None
+            since.append(getattr(journal, "taken_since", 0.0) or 0.0)
+        self._changed_since = min((t for t in since if t), default=0.0)
         return out
 
     def _change_pass(
@@ -242,6 +250,10 @@ class Agent:
     ) -> None:
         """What follows either kind of pass: accounting, announcements, the report."""
         self.metrics.passes.labels(kind=kind).inc()
+        self.last_kind = kind
+        if cause == "change" and self._changed_since:
+            elapsed = time.monotonic() - self._changed_since
+            self.metrics.change_seconds.labels(kind=kind).observe(elapsed)
         if self.sync is not None:
             self.sync.ensure(self.kernel)
         self._account(result, cause, draining)
@@ -381,11 +393,15 @@ class Agent:
             if cause == "change":
                 stop.wait(self.settings.settle_seconds)
             self.changed.clear()
+            kind = "full"
             try:
                 self.run_once(cause)
+                kind = self.last_kind
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next change or resync")
-            if cause != "drain":
+            # A full pass read the whole table: the resync period starts again. A change pass
+            # read a few services, so a stream of them never holds back the search for drift.
+            if cause != "drain" and kind == "full":
                 next_resync = self.clock() + self.settings.resync_seconds
         for m in self.mirrors:
             m.stop()

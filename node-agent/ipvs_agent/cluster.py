@@ -111,20 +111,28 @@ class Changes:
         self._lock = threading.Lock()
         #: None: everything may have changed (a relist, or never taken).
         self._keys: set[Hashable] | None = None
+        #: Monotonic time of the first event since the last take (0: none).
+        self._since = 0.0
+        #: That time, for what the last :meth:`take` returned.
+        self.taken_since = 0.0
 
     def note(self, *objects: dict[str, Any] | None) -> None:
         with self._lock:
+            self._since = self._since or time.monotonic()
             if self._keys is not None:
                 self._keys.update(self.key(o) for o in objects if o is not None)
 
     def note_all(self) -> None:
         with self._lock:
+            self._since = self._since or time.monotonic()
             self._keys = None
 
     def take(self) -> frozenset[Hashable] | None:
-        """The keys changed since the last take (None: anything may have), and start anew."""
+        """The keys changed since the last take (None: anything may have), and start anew;
+        :attr:`taken_since` says when the first of those changes arrived."""
         with self._lock:
             taken, self._keys = self._keys, set()
+            self.taken_since, self._since = self._since, 0.0
         return None if taken is None else frozenset(taken)
 
 

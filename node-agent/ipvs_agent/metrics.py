@@ -248,6 +248,14 @@ class AgentMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.change_seconds = Histogram(
+            "ipvs_agent_change_to_kernel_seconds",
+            "From the watch event of a change (the first, for a burst) to the end of the pass "
+            "that wrote it to the kernel, by the kind of that pass.",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+        )
         self.passes = Counter(
             "ipvs_agent_passes",
             "Reconcile passes by kind: full (every object, the whole kernel table) or change "

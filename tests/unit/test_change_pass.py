@@ -5,6 +5,8 @@ one a full pass would leave. Anything else, or any doubt, runs the full pass."""
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from typing import Any
 
 from ipvs_agent import cluster
@@ -86,6 +88,8 @@ def test_an_endpoint_change_reads_and_writes_only_its_service_and_matches_a_full
     result = bed.agent.run_once("change")
     assert (bed.passes("full"), bed.passes("change")) == (1, 1)
     assert bed.kernel.dumps == dumps, "a change pass does not dump the table"
+    timed = bed.agent.metrics.registry.get_sample_value
+    assert timed("ipvs_agent_change_to_kernel_seconds_count", {"kind": "change"}) == 1
     assert bed.kernel.reads == 1
     assert {str(op.service.key.address) for op in result.ops} == {"192.0.2.2"}
     assert bed.real_servers("192.0.2.2") == {"203.0.113.7"}, "the old endpoint went at once"
@@ -235,3 +239,30 @@ def test_the_slice_mirror_finds_a_services_slices_without_reading_them_all() -> 
     mirror._relist()
     assert names(("ns", "a"), ("ns", "b")) == set()
     assert names(("ns", "c")) == {"c-1"}
+
+
+def test_a_stream_of_change_passes_does_not_hold_back_the_resync() -> None:
+    """Every pass used to start the resync period again, which was right while every pass
+    read the whole table; a change pass reads a few services, so endpoint changes arriving
+    more often than the period must not postpone the search for drift forever."""
+    bed = Bed()
+    bed.agent.settings = Settings("n1", resync_seconds=0.3, settle_seconds=0, admitted_only=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=bed.agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        bed.agent.changed.set()
+        deadline = time.monotonic() + 20
+        n = 0
+        # Bounded: a change every 20 ms until two resyncs ran or 20 s passed.
+        while bed.passes("full") < 3 and time.monotonic() < deadline:
+            n += 1
+            bed.slices.put(endpoint_slice("s1-1", "s1", f"203.0.113.{n % 250 + 1}"))
+            bed.agent.changed.set()
+            stop.wait(0.02)  # the pace of the changes, not a synchronisation
+        assert bed.passes("full") >= 3, "resyncs ran while changes kept coming"
+        assert bed.passes("change") >= 5
+    finally:
+        stop.set()
+        bed.agent.changed.set()
+        thread.join(10)
