@@ -146,9 +146,10 @@ class Agent:
                 return [o for o in m.items() if service_of(o) in services]
         return []
 
-    def run_once(self, cause: str) -> PassResult:
+    def run_once(self, cause: str, full: bool = False) -> PassResult:
         """One pass from the mirrors' current contents (never before they synced): a change
-        pass when only some Services' endpoints changed (``ipvs_agent.partial``), else full."""
+        pass when only some Services' endpoints changed (``ipvs_agent.partial``), else (or
+        with ``full``) a full pass."""
         if self.kernel_info is None:
             self.kernel_info = self.kernel.info()
         changes = self._take_changes()
@@ -167,7 +168,7 @@ class Agent:
             active_active=self.bgp is not None and self.bgp.speaker.has_sessions,
             connection_sync=self.sync is not None and self.sync.settings is not None,
         )
-        if cause == "change" and last is not None:
+        if cause == "change" and last is not None and not full:
             done = self._change_pass(last, node, changes)
             if done is not None:
                 snap, result = done
@@ -254,7 +255,9 @@ class Agent:
         if cause == "change" and self._changed_since:
             elapsed = time.monotonic() - self._changed_since
             self.metrics.change_seconds.labels(kind=kind).observe(elapsed)
-        if self.sync is not None:
+        if self.sync is not None and kind == "full":
+            # Not after a change pass: endpoints never change the daemons, and looking reads
+            # the state file (its record of every owned service).
             self.sync.ensure(self.kernel)
         self._account(result, cause, draining)
         self.last, self.passes, self.last_pass_at = result, self.passes + 1, self.clock()
@@ -388,6 +391,8 @@ class Agent:
                 cause = "change"
             else:
                 cause = "resync" if self.clock() >= next_resync else "drain"
+            # A due resync is a full pass even when changes keep coming (it applies them too).
+            due = self.clock() >= next_resync
             if stop.is_set():
                 break
             if cause == "change":
@@ -395,7 +400,7 @@ class Agent:
             self.changed.clear()
             kind = "full"
             try:
-                self.run_once(cause)
+                self.run_once(cause, full=due)
                 kind = self.last_kind
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next change or resync")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from ipvs_agent import cluster
@@ -242,27 +243,49 @@ def test_the_slice_mirror_finds_a_services_slices_without_reading_them_all() -> 
 
 
 def test_a_stream_of_change_passes_does_not_hold_back_the_resync() -> None:
-    """Every pass used to start the resync period again, which was right while every pass
-    read the whole table; a change pass reads a few services, so endpoint changes arriving
-    more often than the period must not postpone the search for drift forever."""
+    """Every pass used to start the resync period again, and a pending change used to win
+    over a due resync: right while every pass read the whole table. A change pass reads a
+    few services, so endpoint changes that keep coming must not postpone the search for
+    drift. Here the next change arrives during every pass (from its report)."""
     bed = Bed()
     bed.agent.settings = Settings("n1", resync_seconds=0.3, settle_seconds=0, admitted_only=False)
+    count = itertools.count(1)
+
+    def next_change(status: Any, uid: str) -> None:
+        n = next(count)
+        bed.slices.put(endpoint_slice("s1-1", "s1", f"203.0.113.{n % 250 + 1}"))
+        bed.agent.changed.set()
+
+    bed.agent.report = next_change
     stop = threading.Event()
     thread = threading.Thread(target=bed.agent.run, args=(stop,), daemon=True)
     thread.start()
+    bed.agent.changed.set()
     try:
-        bed.agent.changed.set()
         deadline = time.monotonic() + 20
-        n = 0
-        # Bounded: a change every 20 ms until two resyncs ran or 20 s passed.
         while bed.passes("full") < 3 and time.monotonic() < deadline:
-            n += 1
-            bed.slices.put(endpoint_slice("s1-1", "s1", f"203.0.113.{n % 250 + 1}"))
-            bed.agent.changed.set()
-            stop.wait(0.02)  # the pace of the changes, not a synchronisation
+            stop.wait(0.05)  # poll interval
         assert bed.passes("full") >= 3, "resyncs ran while changes kept coming"
         assert bed.passes("change") >= 5
+        drift = bed.agent.metrics.registry.get_sample_value("ipvs_agent_drift_repairs_total")
+        assert drift == 0, "the changes a resync applied are not drift"
     finally:
         stop.set()
         bed.agent.changed.set()
         thread.join(10)
+
+
+def test_a_change_pass_leaves_the_sync_daemons_alone() -> None:
+    """Looking at the connection sync daemons reads the state file (a record of every owned
+    service): a full pass does it, a change pass — whose endpoints never change them — not."""
+    bed = Bed()
+    looked: list[object] = []
+    sync: Any = SimpleNamespace(settings=None, ensure=looked.append, status=dict)
+    bed.agent.sync = sync
+    bed.agent.run_once("change")
+    assert len(looked) == 1
+    bed.slices.put(endpoint_slice("s1-1", "s1", "203.0.113.7"))
+    bed.agent.run_once("change")
+    assert bed.passes("change") == 1 and len(looked) == 1
+    bed.agent.run_once("resync")
+    assert len(looked) == 2
