@@ -127,9 +127,11 @@ class LinuxHost:
             return repairs
         text = render(ruleset, self.nft.mark)
         digest = digest_of(text)
-        self.state.save(
-            replace(state, owned=ruleset.owned, masquerade=ruleset.masquerade, digest=digest)
-        )  # beside the kernel first: a flush after this point still leaves the record
+        # Beside the kernel first: a flush after this point still leaves the record. When the
+        # file just read says it already, writing it again would change nothing.
+        wanted = replace(state, owned=ruleset.owned, masquerade=ruleset.masquerade, digest=digest)
+        if wanted != state:
+            self.state.save(wanted)
         if not self.nft.matches(ruleset, live):
             self.nft.apply(text)
             live = self.nft.written(ruleset, text)

@@ -169,10 +169,14 @@ def _set_block(name: str, kind: str, elements: list[str]) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=4)
 def render(ruleset: Ruleset, mark: int = DEFAULT_MARK) -> str:
     """Both tables as an ``nft -f`` script that replaces them in one transaction.
 
     The output is deterministic (sorted, deduplicated), so equal inputs give byte-equal text.
+    A pass renders the same ruleset several times (to write it, and to compare it with the
+    live tables before and after), each time parsing and sorting thousands of addresses: the
+    last few are remembered.
     """
     check_mark(mark)
     keep = 0xFFFFFFFF & ~mark
