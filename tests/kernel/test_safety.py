@@ -27,6 +27,7 @@ from ipvs_agent import desired
 from ipvs_agent.agent import Agent, Settings, serve_http
 from ipvs_agent.host.podnetns import PodNamespaces
 from ipvs_agent.host.realserver import RS_INTERFACE
+from ipvs_agent.host.state import StateFile
 from ipvs_agent.kernel.ipvs import IPVSKernel
 from ipvs_agent.model import Protocol, ServiceKey
 from ipvs_agent.ops import Op
@@ -290,6 +291,28 @@ def test_path_mtu_discovery_works_through_the_guard(
 
 
 # ------------------------------------------------------------------ 2. a flushed firewall
+
+
+def test_a_pass_that_changes_nothing_leaves_the_state_file_as_it_is(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """The state file (the ownership record beside nftables) is rewritten only when what it
+    says changes: a resync with nothing to do writes nothing; a new service is recorded."""
+    topology = build_nat(lab, family=4, real_servers=2)
+    agent = agent_for(topology, tmp_path)
+    web = {**virtual_server(topology), "status": {"address": topology.vip}}
+    agent.reconcile([web])
+    path = tmp_path / "state" / "state.json"
+    written = path.stat()
+    agent.reconcile([web])
+    again = path.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    other = virtual_server(topology, "api")
+    other["spec"]["ports"] = [{"port": topology.port + 1}]
+    agent.reconcile([web, {**other, "status": {"address": topology.vip}}])
+    assert path.stat().st_ino != written.st_ino, "the new service was recorded"
+    recorded = StateFile(str(tmp_path / "state"), netns=topology.director.name).load()
+    assert {k.port for k in recorded.owned} == {topology.port, topology.port + 1}
 
 
 def test_ownership_survives_a_flushed_ruleset(lab: Lab, tmp_path: Path) -> None:
