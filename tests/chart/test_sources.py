@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -83,6 +84,8 @@ def exposed_series() -> dict[str, set[str]]:
     metrics = AgentMetrics()
     metrics.watch_speaker(_Speaker())  # the layer-2 families, as a speaker exports them
     metrics.watch_bgp(_BGPSpeaker())  # and the BGP ones
+    # and the watches' skipped events, as ipvs-agent run registers them
+    metrics.watch_mirrors([SimpleNamespace(name="endpointslices", interest=object())])
     health = health_metrics.register(metrics.registry, _Checker())  # as ipvs-agent run does
     for value in [*vars(metrics).values(), *vars(health).values()]:
         # A labelled metric shows its label names only once it has a child.
