@@ -133,14 +133,21 @@ def service_of(endpoint_slice: Mapping[str, Any]) -> tuple[str, str] | None:
     )
 
 
-def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
-    """Endpoints grouped by (namespace, Service name), from the slices' service-name label."""
+def slices_by_service(
+    slices: Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """The slices grouped by (namespace, Service name), by their service-name label."""
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for s in slices:
         service = service_of(s)
         if service is not None:
             grouped[service].append(s)
-    return {k: list(endpoints_from_slices(v)) for k, v in grouped.items()}
+    return grouped
+
+
+def index_endpoints(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
+    """Endpoints grouped by (namespace, Service name), from the slices' service-name label."""
+    return {k: list(endpoints_from_slices(v)) for k, v in slices_by_service(slices).items()}
 
 
 class EndpointCache:
@@ -157,13 +164,8 @@ class EndpointCache:
         self._entries: dict[tuple[str, str], tuple[frozenset[tuple[str, str]], list[Endpoint]]] = {}
 
     def index(self, slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Endpoint]]:
-        grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-        for s in slices:
-            service = service_of(s)
-            if service is not None:
-                grouped[service].append(s)
         kept: dict[tuple[str, str], tuple[frozenset[tuple[str, str]], list[Endpoint]]] = {}
-        for service, members in grouped.items():
+        for service, members in slices_by_service(slices).items():
             versions = frozenset(
                 (str(meta.get("name", "")), str(meta.get("resourceVersion") or ""))
                 for meta in (m.get("metadata") or {} for m in members)
