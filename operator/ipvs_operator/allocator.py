@@ -263,13 +263,18 @@ class Allocator:
     def _settle(self, claim: Claim, address: IPAddress, pool: str) -> Outcome:
         """Take ``address`` unless a stronger rival holds it; weaker rivals are evicted.
 
-        A live holder is never evicted by a claim that is not live itself; only between two
-        live claims (statuses that both show the address) or two unpublished ones does age
-        decide.
+        A live holder is never evicted by a claim that is not live itself, nor by one it
+        shared the address with; only between two live claims (statuses that both show the
+        address) or two unpublished ones does age decide.
         """
         rivals = self._rivals(claim, address)
         mine = (not self._live(claim, address), claim.age)
-        stronger = [h for h in rivals if h.rank < mine]
+        before = self._holdings.get(claim.key)
+        # Rivals that hold the address together with this claim were sharing it until this
+        # claim's edit (a sharing key dropped or changed, a port the other serves): the edit
+        # moves the claim that changed, never a live holder that did nothing.
+        sharing = before is not None and before.address == address
+        stronger = [h for h in rivals if h.rank < mine or (sharing and h.live)]
         if stronger:
             self.release(claim.key)
             return _fail(

@@ -151,6 +151,27 @@ def test_sharing_key_shares_an_address_on_different_ports() -> None:
     assert far.address != web.address
 
 
+def test_an_edit_that_ends_sharing_moves_the_edited_object_not_its_partners() -> None:
+    """The older object drops its key while a younger one shares its live address: the
+    younger did nothing and keeps the address; the older moves (hypothesis found the old rule
+    evicting the younger by age)."""
+    a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
+    old = claim("old", key="k", ports=(("TCP", 80),), created="2026-01-01T00:00:00Z")
+    young = claim("young", key="k", ports=(("UDP", 53),), created="2026-01-02T00:00:00Z")
+    shared = a.ensure(old).address
+    assert shared is not None and a.ensure(young).address == shared
+    a.published("shop/old", shared)
+    a.published("shop/young", shared)
+    moved = a.ensure(replace(old, sharing_key=None))
+    assert moved.ok and moved.address != shared and moved.evicted == ()
+    held = a.holding("shop/young")
+    assert held is not None and held.address == shared
+    # Asking for the shared address by name now is a conflict naming the partner.
+    asked = a.ensure(replace(old, sharing_key=None, requested=shared))
+    assert asked.reason == conditions.ADDRESS_CONFLICT
+    assert "VirtualServer shop/young" in asked.message
+
+
 def test_requesting_a_shared_address_needs_the_key_and_free_ports() -> None:
     a = allocator(pool("p", "192.0.2.0-192.0.2.9"))
     a.ensure(claim("web", key="k", requested="192.0.2.5", created="2026-01-01T00:00:00Z"))
