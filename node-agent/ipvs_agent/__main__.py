@@ -353,12 +353,14 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
     responder = Responder()
     rtnl: list[Any] = []
 
-    def nics() -> Any:  # the speaker thread's own rtnetlink socket
+    def nics() -> Any:  # the speaker thread's own rtnetlink sockets
         if not rtnl:
             from pyroute2 import IPRoute
 
-            rtnl.append(IPRoute())
-        return read_nics(rtnl[0])
+            from ipvs_agent.host.rtnl import AddressReader
+
+            rtnl.extend((IPRoute(), AddressReader()))
+        return read_nics(rtnl[0], rtnl[1])
 
     speaker = Speaker(args.node_name, keeper, leases, responder, wake, nics=nics)
     for name, body in (

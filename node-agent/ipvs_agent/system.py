@@ -280,21 +280,17 @@ class LinuxHost:
             if link.get_attr("IFLA_IFNAME") in (self.vips.name, self.node_rs.interface)
             or str(link.get_attr("IFLA_IFALIAS") or "").startswith(OWNER)
         }
-        found: set[IPAddress] = set()
-        for msg in rtnl.addr("dump"):
-            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if raw is None or msg["index"] in ours:
-                continue
-            address = ipaddress.ip_address(raw)
-            if not (address.is_link_local or address.is_loopback):
-                found.add(address)
-        return found
+        return {
+            r.address
+            for r in self.vips.reader.dump()
+            if r.ifindex not in ours and not (r.address.is_link_local or r.address.is_loopback)
+        }
 
     def interfaces(self) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
         """The interfaces that are up, with their addresses (for layer-2 announcement)."""
         from ipvs_agent.announce.responder import read_nics
 
-        return read_nics(self.vips.rtnl)
+        return read_nics(self.vips.rtnl, self.vips.reader)
 
     # ---------------------------------------------------------------- real servers
 

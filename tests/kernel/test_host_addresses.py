@@ -106,3 +106,37 @@ def test_vip_interface_refuses_a_device_it_does_not_own(lab: Lab) -> None:
         with pytest.raises(HostError, match="not a dummy"):
             vips.delete()
     assert link(ns, "ipvs0")["addr_info"] == []
+
+
+def test_the_raw_address_dump_reads_what_iproute2_shows(lab: Lab) -> None:
+    """host.rtnl decodes RTM_GETADDR itself (pyroute2's parser was most of a large pass): it
+    must read every device's addresses, prefixes and tentative flag as ``ip -j addr`` does,
+    also past one 32-KiB dump chunk, and filter by device."""
+    (ns,) = lab.netns("dump")
+    ns.ip("link add ipvs0 type dummy", "link set ipvs0 up")
+    ns.ip("link add other0 type veth peer name other1", "link set other1 up")
+    many = [ipaddress.ip_address("198.18.0.1") + i for i in range(600)]
+    with VipInterface(netns=f"/run/netns/{ns.name}") as vips:
+        vips.sync({*many, VIP6})
+        # DAD on other0 (a veth: a dummy is NOARP, which skips DAD) sends 100 probes a second
+        # apart: its address stays tentative.
+        ns.sysctl("net/ipv6/conf/other0/accept_dad", 1)  # the lab turns DAD off
+        ns.sysctl("net/ipv6/conf/other0/dad_transmits", 100)
+        ns.ip("link set other0 up")
+        ns.ip("addr add 192.0.2.7/24 dev other0", "addr add 2001:db8:9::7/64 dev other0")
+        shown = json.loads(ns.run("ip", "-j", "addr", "show").stdout)
+        expected = {
+            (entry["ifindex"], a["local"], a["prefixlen"], bool(a.get("tentative")))
+            for entry in shown
+            for a in entry["addr_info"]
+        }
+        records = vips.reader.dump()
+        got = {(r.ifindex, str(r.address), r.prefixlen, bool(r.flags & 0x40)) for r in records}
+        assert got == expected
+        assert any(tentative for *_, tentative in got)
+        assert len(records) == len(expected) > 600
+        index = ns.index("ipvs0")
+        assert {r.address for r in vips.reader.dump(index)} == {*many, VIP6} | {
+            r.address for r in records if r.ifindex == index and r.address.is_link_local
+        }
+        assert vips.addresses() == {*many, VIP6}

@@ -35,6 +35,7 @@ from typing import Any
 
 from ipvs_agent.announce import packets
 from ipvs_agent.host._netns import entered
+from ipvs_agent.host.rtnl import AddressReader
 from ipvs_agent.model import IPAddress
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,11 @@ IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 
 
-def read_nics(rtnl: Any) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
-    """The interfaces that are up and have carrier, with their addresses (pyroute2 ``rtnl``)."""
+def read_nics(
+    rtnl: Any, reader: AddressReader
+) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    """The interfaces that are up and have carrier, with their addresses (pyroute2 ``rtnl``
+    for the links, ``reader`` for the addresses: the agent's device may hold thousands)."""
     names: dict[int, str] = {}
     for link in rtnl.link("dump"):
         if link["flags"] & IFF_UP and link["flags"] & IFF_LOWER_UP:
@@ -78,11 +82,10 @@ def read_nics(rtnl: Any) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.I
     found: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
         name: [] for name in names.values()
     }
-    for msg in rtnl.addr("dump"):
-        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        name = names.get(int(msg["index"]))
-        if raw is not None and name is not None:
-            found[name].append(ipaddress.ip_interface(f"{raw}/{msg['prefixlen']}"))
+    for record in reader.dump():
+        name = names.get(record.ifindex)
+        if name is not None:
+            found[name].append(ipaddress.ip_interface((record.address, record.prefixlen)))
     return found
 
 

@@ -18,6 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ipvs_agent.host._netns import HostError, entered
+from ipvs_agent.host.rtnl import AddressReader
 from ipvs_agent.model import IPAddress
 
 DEFAULT_INTERFACE = "ipvs0"
@@ -44,31 +45,25 @@ class AddressChanges(NamedTuple):
         return bool(self.added or self.removed)
 
 
-def host_addresses(rtnl: Any, index: int) -> dict[IPAddress, int]:
+def host_addresses(reader: AddressReader, index: int) -> dict[IPAddress, int]:
     """Address → prefix length of every address on device ``index`` but link-local ones."""
-    found: dict[IPAddress, int] = {}
-    for msg in rtnl.addr("dump"):
-        if msg["index"] != index:
-            continue
-        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if raw is None:
-            continue
-        address = ipaddress.ip_address(raw)
-        if address.is_link_local:
-            continue  # the kernel's own fe80:: address, never a VIP
-        found[address] = int(msg["prefixlen"])
-    return found
+    return {
+        r.address: r.prefixlen
+        for r in reader.dump(index)
+        if not r.address.is_link_local  # the kernel's own fe80:: address, never a VIP
+    }
 
 
 def sync_host_addresses(
-    rtnl: Any, index: int, wanted: Iterable[IPAddress], device: str
+    rtnl: Any, reader: AddressReader, index: int, wanted: Iterable[IPAddress], device: str
 ) -> AddressChanges:
     """Make device ``index`` hold exactly ``wanted`` as /32 and /128 addresses.
 
     IPv6 addresses are added with ``nodad``: a VIP must be usable at once, not tentative.
+    ``reader`` reads the device's addresses (in ``rtnl``'s namespace); ``rtnl`` changes them.
     """
     want = {ipaddress.ip_address(str(a)) for a in wanted}
-    have = host_addresses(rtnl, index)
+    have = host_addresses(reader, index)
     removed: set[IPAddress] = set()
     added: set[IPAddress] = set()
     for address, prefix in sorted(have.items(), key=lambda item: str(item[0])):
@@ -113,6 +108,7 @@ class VipInterface:
         self.name = name
         self.netns = netns
         self._ipr: Any = None
+        self._reader: AddressReader | None = None
 
     def __enter__(self) -> VipInterface:
         return self
@@ -124,6 +120,9 @@ class VipInterface:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     @property
     def rtnl(self) -> Any:
@@ -132,6 +131,13 @@ class VipInterface:
             with entered(self.netns):
                 self._ipr = IPRoute()
         return self._ipr
+
+    @property
+    def reader(self) -> AddressReader:
+        """Reads the namespace's addresses (a raw dump: see host.rtnl)."""
+        if self._reader is None:
+            self._reader = AddressReader(self.netns)
+        return self._reader
 
     def _link(self) -> Any | None:
         found = self.rtnl.link_lookup(ifname=self.name)
@@ -177,19 +183,14 @@ class VipInterface:
     def addresses(self) -> set[IPAddress]:
         """The virtual addresses on the device now (empty if the device is missing)."""
         index = self._index()
-        return set() if index is None else set(host_addresses(self.rtnl, index))
+        return set() if index is None else set(host_addresses(self.reader, index))
 
     def tentative(self) -> set[IPAddress]:
         """IPv6 addresses on the device still waiting for duplicate address detection."""
         index = self._index()
         if index is None:
             return set()
-        waiting: set[IPAddress] = set()
-        for msg in self.rtnl.addr("dump"):
-            flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-            if msg["index"] == index and flags & IFA_F_TENTATIVE:
-                waiting.add(ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")))
-        return waiting
+        return {r.address for r in self.reader.dump(index) if r.flags & IFA_F_TENTATIVE}
 
     def sync(self, wanted: Iterable[IPAddress]) -> AddressChanges:
         """Make the device hold exactly ``wanted`` (as host addresses); creates it if missing.
@@ -201,7 +202,7 @@ class VipInterface:
         index = self._index()
         if index is None:
             raise HostError(f"dummy device {self.name} is missing")
-        return sync_host_addresses(self.rtnl, index, wanted, self.name)
+        return sync_host_addresses(self.rtnl, self.reader, index, wanted, self.name)
 
     def alias(self) -> str:
         """The device's ``ifalias`` (empty if unset or the device is missing)."""

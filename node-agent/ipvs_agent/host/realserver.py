@@ -376,7 +376,7 @@ class RealServerHost:
             link = rtnl.link("get", index=index)[0]
             if not link["flags"] & IFF_UP:
                 rtnl.link("set", index=index, flags=IFF_UP, change=IFF_UP)
-            sync_host_addresses(rtnl, index, device.addresses, device.name)
+            sync_host_addresses(rtnl, self._vips.reader, index, device.addresses, device.name)
         return tuple(added), tuple(removed)
 
     def _create(self, device: TunnelDevice) -> int:

@@ -187,6 +187,9 @@ class StateFile:
         self._netns = netns_identity(netns)
         self._boot = boot_id()
         self._cached: State | None = None
+        #: The text last read or written and what it says: a pass reads the file up to three
+        #: times, and decoding thousands of keys each time cost seconds under emulation.
+        self._known: tuple[str, State | None] | None = None
 
     def load(self) -> State:
         """What the file says (empty when it is missing, foreign or unreadable)."""
@@ -199,7 +202,11 @@ class StateFile:
         except OSError as error:
             log.warning("cannot read %s: %s", self.path, error)
             return self._cached or State()
-        found = decode(text, self._netns, self._boot)
+        if self._known is not None and self._known[0] == text:
+            found = self._known[1]
+        else:
+            found = decode(text, self._netns, self._boot)
+            self._known = (text, found)
         if found is None:
             log.warning("ignoring %s: written in another network namespace or boot", self.path)
             return State()
@@ -217,6 +224,7 @@ class StateFile:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
             os.replace(tmp, self.path)
+            self._known = (text, state)
         except OSError as error:
             log.warning("cannot write %s: %s", self.path, error)
             with contextlib.suppress(OSError, UnboundLocalError):
