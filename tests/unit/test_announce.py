@@ -23,6 +23,7 @@ from ipvs_agent.announce.election import Member, Wanted, assign, elect, mine
 from ipvs_agent.announce.members import lease_body
 from ipvs_agent.announce.speaker import Speaker, interfaces_for, layer2_inputs
 from ipvs_agent.desired import Outcome, State
+from ipvs_agent.host._netns import HostError
 from ipvs_api import load
 from ipvs_api.leases import (
     ANNOTATION_LABELS,
@@ -437,3 +438,24 @@ def test_the_ndp_filter_passes_solicitations_and_advertisements_only() -> None:
     arp = packets.gratuitous_arp(V4, MAC)[0]
     assert run_bpf(program, arp) == 0
     assert run_bpf(program, solicitation[:40]) == 0
+
+
+def test_a_failed_interface_read_is_logged_and_the_speaker_goes_on() -> None:
+    """The interface scan reads addresses with host.rtnl, which raises HostError: the speaker
+    thread must survive it (it would otherwise stop answering for every VIP)."""
+    stop = threading.Event()
+    calls: list[int] = []
+
+    def nics() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise HostError("address dump refused: EBUSY")
+        stop.set()
+        return NICS
+
+    leases = FakeLeases([])
+    speaker = Speaker("node-a", None, leases, FakeResponder(), threading.Event(), nics=nics)
+    thread = threading.Thread(target=speaker.run, args=(stop,), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and len(calls) == 2

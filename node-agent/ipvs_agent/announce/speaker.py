@@ -263,7 +263,7 @@ class Speaker:
             if self.nics is not None:  # a link that went down moves its VIPs within a second
                 try:
                     self._settle(self.nics())
-                except OSError as error:
+                except (OSError, RuntimeError) as error:  # RuntimeError: a host.HostError
                     log.warning("cannot read the interfaces: %s", error)
             self.step()
             expiry = self.liveness.next_expiry(self.clock())
