@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
@@ -459,11 +459,7 @@ def serve_http(agent: Agent, port: int, host: str = "127.0.0.1") -> ThreadingHTT
 
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                body, ctype, code = (
-                    generate_latest(agent.metrics.registry),
-                    CONTENT_TYPE_LATEST,
-                    200,
-                )
+                body, ctype, code = agent.metrics.exposition(), CONTENT_TYPE_LATEST, 200
             elif self.path == "/healthz":
                 stale = agent.passes and agent.clock() - agent.last_pass_at > 3 * max(
                     agent.settings.resync_seconds, 10

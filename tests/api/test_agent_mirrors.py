@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from prometheus_client import generate_latest
 
 from ipvs_agent.cluster import mirrors
 from ipvs_api import constants
@@ -295,7 +294,7 @@ def test_only_the_slices_of_services_a_virtual_server_here_uses_wake_a_pass(
                     10,
                 )
                 assert changed.sets == sets, "a slice no VirtualServer here uses woke a pass"
-                exported = generate_latest(agent.metrics.registry).decode()
+                exported = agent.metrics.exposition().decode()
                 line = 'ipvs_agent_unused_events_total{resource="endpointslices"} '
                 assert f"{line}{float(slice_mirror.unused_events)}" in exported, exported
                 kept = next(

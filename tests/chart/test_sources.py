@@ -92,7 +92,7 @@ def exposed_series() -> dict[str, set[str]]:
         if isinstance(value, MetricWrapperBase) and value._labelnames:
             value.labels(*("x" for _ in value._labelnames))
     series: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
+    for family in [*metrics.registry.collect(), *metrics.table.collect()]:  # as /metrics shows
         labels: set[str] = set()
         for sample in family.samples:
             labels |= set(sample.labels)

@@ -385,9 +385,7 @@ def test_ownership_survives_a_flushed_ruleset(lab: Lab, tmp_path: Path) -> None:
 
 
 def _metrics(agent: Agent) -> str:
-    from prometheus_client import generate_latest
-
-    return generate_latest(agent.metrics.registry).decode()
+    return agent.metrics.exposition().decode()
 
 
 # ------------------------------------------------------------------ 3. the race

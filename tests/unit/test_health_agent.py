@@ -10,8 +10,6 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from prometheus_client import generate_latest
-
 from ipvs_agent.agent import Agent, Settings
 from ipvs_agent.desired import Node, State, plan
 from ipvs_agent.health import metrics as health_metrics
@@ -330,7 +328,7 @@ def test_metrics_of_probes_transitions_and_feedback() -> None:
     bed.results[RS1] = [False, False]
     bed.answers[RS2] = [b"50%"] * 3
     bed.advance(2.0)
-    text = generate_latest(agent.metrics.registry).decode()
+    text = agent.metrics.exposition().decode()
     labels = 'namespace="ns",real_server="{}",virtualserver="web"'
     assert "ipvs_agent_real_server_up{" + labels.format(RS1) + "} 0.0" in text
     assert 'ipvs_agent_health_transitions_total{to="down"} 1.0' in text

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
 
 from ipvs_agent.agent import Agent, Settings
 from ipvs_agent.desired import Node, State, plan
@@ -283,7 +282,7 @@ def test_a_resync_repairs_drift_and_counts_it() -> None:
     result = agent.run_once("resync")
     assert [op.kind for op in result.ops] == [OpKind.ADD_SERVICE, OpKind.ADD_DEST, OpKind.ADD_DEST]
 
-    text = generate_latest(agent.metrics.registry).decode()
+    text = agent.metrics.exposition().decode()
     assert "ipvs_agent_drift_repairs_total 3.0" in text
 
 
@@ -315,7 +314,7 @@ def test_a_draining_real_server_leaves_soon_after_its_last_connection_not_at_res
         stop.set()
         agent.changed.set()
         thread.join(5)
-    text = generate_latest(agent.metrics.registry).decode()
+    text = agent.metrics.exposition().decode()
     assert "ipvs_agent_drift_repairs_total 0.0" in text, "a drain step is not drift"
 
 

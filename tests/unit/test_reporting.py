@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 
-from prometheus_client import generate_latest
-
 from ipvs_agent.desired import Outcome, Role, State
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import (
@@ -140,7 +138,7 @@ def test_status_table_names_services_and_marks_foreign_ones() -> None:
 def test_metrics_export_owned_services_only_with_kubernetes_names() -> None:
     m = AgentMetrics()
     m.table.update(_table(), {HTTP: "shop/web"})
-    text = generate_latest(m.registry).decode()
+    text = m.exposition().decode()
     assert (
         'ipvs_virtual_service_connections_total{address="192.0.2.1",fwmark="",'
         'namespace="shop",port="80",protocol="TCP",virtualserver="web"} 40.0'
