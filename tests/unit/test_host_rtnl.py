@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from ipvs_agent.host import rtnl
+from ipvs_agent.host._netns import HostError
 from ipvs_agent.kernel import netlink as nl
 
 
@@ -69,3 +70,28 @@ def test_a_malformed_attribute_is_a_codec_error() -> None:
     (header,) = nl.messages(raw)
     with pytest.raises(nl.CodecError):
         rtnl.decode(raw, header)
+
+
+class _Silent:
+    """A socket that takes the request and never answers."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def recv_into(self, buf: bytearray, size: int, flags: int) -> int:
+        raise TimeoutError
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_dump_that_fails_half_way_leaves_a_fresh_socket_for_the_next() -> None:
+    reader = rtnl.AddressReader()
+    silent = _Silent()
+    reader._sock = silent  # type: ignore[assignment]
+    with pytest.raises(HostError, match="in time"):
+        reader.dump()
+    assert silent.closed and reader._sock is None

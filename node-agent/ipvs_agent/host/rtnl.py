@@ -103,9 +103,17 @@ class AddressReader:
         return self._sock
 
     def dump(self, index: int | None = None) -> list[AddressRecord]:
-        """Every address of the namespace, or of device ``index`` only."""
+        """Every address of the namespace, or of device ``index`` only.
+
+        A dump that fails half-way (a timeout, an error) closes the socket: the kernel keeps
+        an unfinished dump open on it, and would refuse the next one (EBUSY).
+        """
         for _ in range(RETRIES):
-            records, whole = self._dump_once(index)
+            try:
+                records, whole = self._dump_once(index)
+            except HostError:
+                self.close()
+                raise
             if whole:
                 return records
         raise HostError(f"address dump interrupted by changes {RETRIES} times in a row")
