@@ -123,7 +123,8 @@ def test_uninstall_cleans_the_node(lab: LabBed) -> None:
     foreign = ["ipvsadm", "-A", "-t", "198.51.100.99:25", "-s", "rr"]
     assert lab.call("run", argv=foreign)["code"] == 0
     harness.apps(lab.admin).delete_namespaced_daemon_set("ipvs-agent", harness.OPERATOR_NAMESPACE)
-    assert lab.call("stop_agent", timeout=180.0) == 0
+    stopped = lab.call("stop_agent", timeout=180.0)
+    assert stopped == 0, f"the agent's exit status: {stopped}\n{lab.agent_log_tail()}"
     assert lab.ipvsadm() == ["-A -t 198.51.100.99:25 -s rr"], "only the foreign service stays"
     assert {a for a in sc.local_addresses(lab) if not a.startswith("fe80:")} == set()
     tables = lab.call("run", argv=["nft", "list", "tables"])["stdout"]
