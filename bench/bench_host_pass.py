@@ -7,9 +7,11 @@ that whole pass, in a private network namespace of the IPVS test VM::
 
     .venv/bin/python -m tests.vm.qemu -- python bench/bench_host_pass.py [--profile]
 
-It programs the table (the first pass), then times ``--rounds`` resyncs (nothing to do) next
-to one ``ipvsadm -Ln`` of the same table, and with ``--profile`` prints where one more resync
-spends its time (cProfile, cumulative). Every step is bounded by ``--deadline``.
+It programs the table (the first pass), then times ``--rounds`` resyncs (nothing to do) and
+``--rounds`` drift audits (``ipvs_agent.audit``: the reading and judging the in-cluster agent
+does beside its loop instead of a resync pass) next to one ``ipvsadm -Ln`` of the same table,
+and with ``--profile`` prints where one more resync spends its time (cProfile, cumulative).
+Every step is bounded by ``--deadline``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def endpoint_slice(i: int, dests: int) -> dict[str, Any]:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from ipvs_agent.audit import Auditor, expected_after
     from ipvs_agent.desired import Node
     from ipvs_agent.host.podnetns import PodNamespaces
     from ipvs_agent.kernel.ipvs import IPVSKernel
@@ -79,12 +82,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         node = Node("bench", {}, kernel.info())
         memory, cache, endpoints = Memory(), ReadCache(), EndpointCache()
 
+        last: list[Any] = []
+
         def one_pass() -> tuple[float, int]:
             began = time.perf_counter()
             snap = take(objects, slices, node, cache=cache, endpoint_cache=endpoints)
             result = reconcile(snap, kernel, host, memory, time.monotonic())
             if result.failures:
                 raise RuntimeError(f"pass failed: {result.failures[0]}")
+            last[:] = [result]
             return time.perf_counter() - began, len(result.ops)
 
         first, ops = one_pass()
@@ -94,6 +100,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if left:
                 raise RuntimeError(f"a resync of an unchanged table sent {left} ops")
             resyncs.append(took)
+        expected = expected_after(1, last[0], memory)
+        auditor = Auditor(IPVSKernel(netns=NETNS), host.reader())
+        audits = []
+        try:
+            for _ in range(args.rounds):
+                began = time.perf_counter()
+                finding = auditor.audit(expected, lambda generation: frozenset())
+                audits.append(time.perf_counter() - began)
+                if finding is None or finding:
+                    raise RuntimeError(f"an audit of an unchanged table found {finding}")
+        finally:
+            auditor.kernel.close()
+            if auditor.host is not None:
+                auditor.host.close()
         with inside(NETNS):
             began = time.perf_counter()
             run(["ipvsadm", "-Ln"], 600)
@@ -110,6 +130,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "resync passes": resyncs,
         "ipvsadm -Ln": listing,
         "resync ratio vs -Ln (best)": min(resyncs) / listing,
+        "drift audits": audits,
+        "audit ratio vs -Ln (best)": min(audits) / listing,
     }
 
 

@@ -226,6 +226,7 @@ def _uninstalling(mirror: Mirror, wait: float = 2.0) -> bool:
 
 def run_command(args: argparse.Namespace) -> int:
     from ipvs_agent.agent import Agent, Settings, serve_http
+    from ipvs_agent.audit import Auditor
     from ipvs_agent.cluster import daemon_set_mirror, mirrors
     from ipvs_agent.health import metrics as health_metrics
     from ipvs_agent.health.checker import Checker
@@ -275,10 +276,13 @@ def run_command(args: argparse.Namespace) -> int:
         host = _host(args)
         sync = SyncDaemons(_sync_settings(args), host.state)
         checker = Checker(changed.set, workers=args.probe_workers)
+        # The drift audit's own netlink socket and nft reader (closed by its thread).
+        auditor = Auditor(IPVSKernel(), host.reader()) if args.full_resync_seconds else None
         agent = Agent(
             Settings(
                 args.node_name,
                 resync_seconds=args.resync_seconds,
+                full_resync_seconds=args.full_resync_seconds,
                 protected_ports=frozenset(args.protected_ports) | {args.metrics_port},
             ),
             kernel,
@@ -290,6 +294,7 @@ def run_command(args: argparse.Namespace) -> int:
             bgp=bgp,
             sync=sync,
             checker=checker,
+            auditor=auditor,
         )
         reporter.sizes = agent.entries.size  # the sizes of the entries the agent reuses
         agent.metrics.watch_mirrors(agent.mirrors)
@@ -504,7 +509,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_node(clean)
     run = sub.add_parser("run", help="run the in-cluster agent")
     with_node(run)
-    run.add_argument("--resync-seconds", type=float, default=30.0)
+    run.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="how often to look for drift (read beside the loop; a full pass if found)",
+    )
+    run.add_argument(
+        "--full-resync-seconds",
+        type=float,
+        default=300.0,
+        help="how often a full pass runs anyway (sysctls, real-server setup, routes, sync "
+        "daemons); 0: no drift audit, a full pass every --resync-seconds",
+    )
     run.add_argument("--metrics-port", type=int, default=9753)
     run.add_argument(
         "--metrics-address",

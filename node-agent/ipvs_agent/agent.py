@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
+from ipvs_agent.audit import Auditor, Expected, Finding, expected_after
 from ipvs_agent.desired import Node, services_used
 from ipvs_agent.health.checker import Checker
 from ipvs_agent.health.targets import targets
@@ -43,6 +44,10 @@ from ipvs_api.types import VirtualServer
 
 log = logging.getLogger(__name__)
 
+#: How many recent passes the agent remembers for the auditor (an audit overlapping more is
+#: judged overtaken).
+WRITES_KEPT = 1000
+
 #: Seconds a metrics/probe client may take to send its request.
 HTTP_TIMEOUT = 5.0
 
@@ -63,7 +68,12 @@ class Source(Protocol):
 @dataclass(frozen=True)
 class Settings:
     node_name: str
+    #: How often to look for drift: by the auditor beside the loop when there is one (a full
+    #: pass only if it finds some), else by a full pass.
     resync_seconds: float = 30.0
+    #: With an auditor, how often a full pass runs anyway, for what the auditor does not read
+    #: (node sysctls, the real-server side, DR routes, the sync daemons).
+    full_resync_seconds: float = 300.0
     #: Quiet time after a change before reconciling, so a burst of events is one pass.
     settle_seconds: float = 0.1
     #: While real servers drain, how often to look whether their connections ended, so a
@@ -92,6 +102,7 @@ class Agent:
         bgp: BGPAnnouncer | None = None,
         sync: SyncDaemons | None = None,
         checker: Checker | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.settings = settings
         self.speaker = speaker
@@ -99,6 +110,8 @@ class Agent:
         self.sync = sync
         #: Health checks and feedback: configured from each snapshot, its decisions planned.
         self.checker = checker
+        #: Looks for drift on a thread of its own, so the loop stays free for changes.
+        self.auditor = auditor
         self.kernel = kernel
         self.host = host
         self.mirrors = mirrors
@@ -115,6 +128,17 @@ class Agent:
         self.last: PassResult | None = None
         self.passes = 0
         self.last_pass_at = 0.0
+        #: When the loop last finished a turn (a pass, or handing a resync to the auditor).
+        self.alive_at = 0.0
+        #: The number of the last pass, and the services each recent one wrote (None: all).
+        self.generation = 0
+        self._writes: list[tuple[int, frozenset[ServiceKey] | None]] = []
+        self._writes_floor = 0
+        self._writes_lock = threading.Lock()
+        #: What the last pass left, for the auditor to compare a reading with.
+        self.expected: Expected | None = None
+        #: Set (from the auditor's thread) when a full pass must run: drift, or a failed read.
+        self._drift = threading.Event()
         self._conditions: list[dict[str, Any]] = []
         self._report_lock = threading.Lock()
         self._node_uid = ""
@@ -171,8 +195,9 @@ class Agent:
         if cause == "change" and last is not None and not full:
             done = self._change_pass(last, node, changes)
             if done is not None:
-                snap, result = done
-                self._finish(snap, result, node, cause, set(self.memory.draining), "change")
+                snap, result, written = done
+                draining = set(self.memory.draining)
+                self._finish(snap, result, node, cause, draining, "change", written)
                 return result
         snap = take(
             self._objects("virtualservers"),
@@ -208,7 +233,7 @@ class Agent:
 
     def _change_pass(
         self, last: Snapshot, node: Node, changes: Mapping[str, frozenset[Hashable] | None]
-    ) -> tuple[Snapshot, PassResult] | None:
+    ) -> tuple[Snapshot, PassResult, frozenset[ServiceKey]] | None:
         """Apply a change confined to some Services' endpoints without a full pass; None when
         it is not so confined (or cannot be applied alone), and a full pass must run."""
         quiet = frozenset[Hashable]()
@@ -238,7 +263,7 @@ class Agent:
         if result is None:
             return None
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-        return change.snapshot, result
+        return change.snapshot, result, change.services
 
     def _finish(
         self,
@@ -248,8 +273,11 @@ class Agent:
         cause: str,
         draining: set[tuple[ServiceKey, DestKey]],
         kind: str,
+        written: frozenset[ServiceKey] | None = None,
     ) -> None:
-        """What follows either kind of pass: accounting, announcements, the report."""
+        """What follows either kind of pass: accounting, announcements, the report.
+        ``written``: the services a change pass read and wrote (None: a full pass)."""
+        self._wrote(written, result)
         self.metrics.passes.labels(kind=kind).inc()
         self.last_kind = kind
         if cause == "change" and self._changed_since:
@@ -296,6 +324,48 @@ class Agent:
                 )
             )
         self.send_report()
+
+    def _wrote(self, written: frozenset[ServiceKey] | None, result: PassResult) -> None:
+        """Number this pass, note what it wrote, and what it left for the auditor."""
+        with self._writes_lock:
+            self.generation += 1
+            self._writes.append((self.generation, written))
+            if len(self._writes) > WRITES_KEPT:
+                self._writes_floor = self._writes[-WRITES_KEPT - 1][0]
+                del self._writes[:-WRITES_KEPT]
+            self.expected = expected_after(self.generation, result, self.memory)
+
+    def written_since(self, generation: int) -> frozenset[ServiceKey] | None:
+        """The services the passes after ``generation`` wrote; None if one of them was a
+        full pass (or they are too many to remember)."""
+        with self._writes_lock:
+            if generation < self._writes_floor:
+                return None
+            keys: set[ServiceKey] = set()
+            for number, written in reversed(self._writes):
+                if number <= generation:
+                    break
+                if written is None:
+                    return None
+                keys |= written
+            return frozenset(keys)
+
+    def _audit(self) -> bool:
+        """Hand the due resync to the auditor; False when there is none, no pass to compare
+        with yet, or it is still busy with the last one (the loop then runs a full pass)."""
+        expected = self.expected
+        if self.auditor is None or expected is None:
+            return False
+        return self.auditor.request(expected)
+
+    def _drift_found(self, finding: Finding | None) -> None:
+        """From the auditor's thread: a full pass must run (drift, or a failed reading)."""
+        self._drift.set()
+        self.changed.set()
+
+    def _audit_ended(self, how: str, seconds: float) -> None:
+        self.metrics.audits.labels(result=how).inc()
+        self.metrics.audit_seconds.set(seconds)
 
     def _publish_interest(self, used: frozenset[tuple[str, str]]) -> None:
         """Tell the EndpointSlice mirror which Services this pass used, so a change to any
@@ -378,36 +448,59 @@ class Agent:
             threading.Thread(target=m.run, args=(stop,), name=f"mirror-{m.name}", daemon=True)
             for m in self.mirrors
         ]
+        if self.auditor is not None:
+            self.auditor.ended = self._audit_ended
+            threads.append(
+                threading.Thread(
+                    target=self.auditor.run,
+                    args=(stop, self.written_since, self._drift_found),
+                    name="auditor",
+                    daemon=True,
+                )
+            )
         for t in threads:
             t.start()
         while not stop.is_set() and not self.synced:
             self.changed.wait(1.0)
         next_resync = self.clock() + self.settings.resync_seconds
+        next_full = self.clock() + self.settings.full_resync_seconds
         while not stop.is_set():
             wake = next_resync
             if self.memory.draining:
                 wake = min(wake, self.clock() + self.settings.drain_check_seconds)
-            if self.changed.wait(max(0.0, wake - self.clock())):
-                cause = "change"
-            else:
-                cause = "resync" if self.clock() >= next_resync else "drain"
-            # A due resync is a full pass even when changes keep coming (it applies them too).
-            due = self.clock() >= next_resync
+            woke = self.changed.wait(max(0.0, wake - self.clock()))
             if stop.is_set():
                 break
+            now = self.clock()
+            cause = "change" if woke else "resync" if now >= next_resync else "drain"
+            # A due resync is a full pass even when changes keep coming (it applies them too),
+            # unless the auditor takes it: then the loop goes on with changes meanwhile.
+            due = now >= next_resync
+            if due and now < next_full and self._audit():
+                next_resync, due = now + self.settings.resync_seconds, False
+                if cause == "resync":
+                    self.alive_at = now
+                    continue
             if cause == "change":
                 stop.wait(self.settings.settle_seconds)
             self.changed.clear()
+            if self._drift.is_set():  # after the clear: a later finding wakes the next turn
+                self._drift.clear()
+                cause, due = "resync", True
             kind = "full"
             try:
                 self.run_once(cause, full=due)
                 kind = self.last_kind
+                self.alive_at = self.clock()
             except Exception:
                 log.exception("reconcile pass failed; retrying at the next change or resync")
+                self.expected = None  # the table is unknown now: the next resync is a full pass
             # A full pass read the whole table: the resync period starts again. A change pass
             # read a few services, so a stream of them never holds back the search for drift.
             if cause != "drain" and kind == "full":
                 next_resync = self.clock() + self.settings.resync_seconds
+            if kind == "full":
+                next_full = self.clock() + self.settings.full_resync_seconds
         for m in self.mirrors:
             m.stop()
 
@@ -461,7 +554,8 @@ def serve_http(agent: Agent, port: int, host: str = "127.0.0.1") -> ThreadingHTT
             if self.path == "/metrics":
                 body, ctype, code = agent.metrics.exposition(), CONTENT_TYPE_LATEST, 200
             elif self.path == "/healthz":
-                stale = agent.passes and agent.clock() - agent.last_pass_at > 3 * max(
+                alive = max(agent.last_pass_at, agent.alive_at)
+                stale = agent.passes and agent.clock() - alive > 3 * max(
                     agent.settings.resync_seconds, 10
                 )
                 body, ctype, code = (

@@ -356,6 +356,19 @@ class AgentMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.audits = Counter(
+            "ipvs_agent_audits",
+            "Drift audits (the whole kernel table and the host's tables read beside the loop) "
+            "by how they ended: clean, drift (a full pass repairs it), overtaken (a full pass "
+            "ran meanwhile) or failed (the reading failed; a full pass runs).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.audit_seconds = Gauge(
+            "ipvs_agent_audit_seconds",
+            "Time the last drift audit took (reading and judging).",
+            registry=self.registry,
+        )
         self.netlink_errors = Counter(
             "ipvs_agent_netlink_errors", "Kernel operations that failed.", registry=self.registry
         )

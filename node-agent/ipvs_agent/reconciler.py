@@ -117,6 +117,11 @@ class PassResult:
     outcomes: Mapping[str, Outcome]
     #: Host state that someone else changed and this pass put back.
     repairs: tuple[Repair, ...] = ()
+    #: The kernel services the agent owns after the pass.
+    owned: frozenset[ServiceKey] = frozenset()
+    #: The nftables ruleset and the virtual addresses the pass left (None: a dry run).
+    ruleset: Ruleset | None = None
+    addresses: frozenset[IPAddress] | None = None
 
     @property
     def failures(self) -> list[OpResult]:
@@ -265,7 +270,8 @@ def reconcile(
     )
     outcomes = {**p.outcomes, **snapshot.rejected}
     if dry_run:
-        return PassResult(p, observed, d.ops, [], _with_failures(outcomes, p, d.conflicts, []))
+        outcomes = _with_failures(outcomes, p, d.conflicts, [])
+        return PassResult(p, observed, d.ops, [], outcomes, owned=frozenset(owned_before))
 
     ours = set(table) - d.conflicts
     masquerade = (set(p.masquerade) - d.conflicts) | (set(recorded.masquerade) & frozen)
@@ -304,16 +310,25 @@ def reconcile(
     }
     kept = (ours - not_created) | still_there
     remaining = wanted | _vips(still_there)
-    repairs += host.record(
-        Ruleset.of(kept, masquerade - not_created, remaining, declared | still_there)
-    )
+    written = Ruleset.of(kept, masquerade - not_created, remaining, declared | still_there)
+    repairs += host.record(written)
     if going - remaining:  # else the first sync already left exactly the wanted addresses
         host.sync_addresses(remaining)
     outcomes = _with_failures(outcomes, p, d.conflicts, results)
     if side is not None and p.real_servers_complete:
         errors = side.sync_real_servers(p.real_servers)
         outcomes = _with_real_server_failures(outcomes, p, errors)
-    return PassResult(p, observed, d.ops, results, outcomes, tuple(repairs))
+    return PassResult(
+        p,
+        observed,
+        d.ops,
+        results,
+        outcomes,
+        tuple(repairs),
+        frozenset(kept),
+        written,
+        frozenset(remaining),
+    )
 
 
 def reconcile_change(
@@ -349,4 +364,12 @@ def reconcile_change(
     outcomes = _with_failures(
         {**last.outcomes, **change.outcomes}, change.plan, d.conflicts, results
     )
-    return PassResult(change.plan, {**last.observed, **observed}, d.ops, results, outcomes)
+    return replace(
+        last,
+        plan=change.plan,
+        observed={**last.observed, **observed},
+        ops=d.ops,
+        results=results,
+        outcomes=outcomes,
+        repairs=(),
+    )

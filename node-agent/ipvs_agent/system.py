@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ipvs_agent.audit import HostReading
 from ipvs_agent.desired import NODE_NETNS, RealServerNetns, Route, merge_specs
 from ipvs_agent.host import routes, sysctl
 from ipvs_agent.host._netns import HostError, entered, netns_path
@@ -81,6 +82,11 @@ class LinuxHost:
     def close(self) -> None:
         self.vips.close()
         self.node_rs.close()
+
+    def reader(self) -> HostTablesReader:
+        """A reader of the agent's tables and VIPs with resources of its own, for the
+        auditor's thread (``ipvs_agent.audit``)."""
+        return HostTablesReader(self.vips.name, self.nft.mark, self.netns)
 
     # ---------------------------------------------------------------- ownership and guard
 
@@ -366,3 +372,21 @@ def _log_changes(where: str, changes: RealServerChanges) -> None:
         log.info("real server setup in %s: %s", where, changes)
     for item in changes.missing_sysctls:
         log.warning("sysctl %s does not exist in %s", item.name, where)
+
+
+class HostTablesReader:
+    """Reads what a full pass would check of the host — the agent's nftables tables and the
+    addresses on its interface — with its own ``nft`` runs and netlink sockets."""
+
+    def __init__(self, interface: str, mark: int, netns: str | None) -> None:
+        self.nft = NftTable(mark=mark, netns=netns)
+        self.vips = VipInterface(interface, netns=netns)
+
+    def read(self) -> HostReading:
+        return HostReading(self.nft.live(), frozenset(self.vips.addresses()))
+
+    def matches(self, ruleset: Ruleset, live: LiveTable | None) -> bool:
+        return self.nft.matches(ruleset, live)
+
+    def close(self) -> None:
+        self.vips.close()

@@ -268,6 +268,7 @@ def test_agent_args_follow_values(helm: Helm) -> None:
         "run",
         "--interface=lvs0",
         "--resync-seconds=10",
+        "--full-resync-seconds=120",
         "--metrics-port=9900",
         "--metrics-address=::",
         "--timeouts=1000000,120,300",
@@ -297,6 +298,7 @@ def test_agent_args_parse_with_the_agents_own_parser(
     assert cli.main(agent["args"]) == 0
     (args,) = parsed
     assert (args.interface, args.resync_seconds, args.metrics_port) == ("lvs0", 10.0, 9900)
+    assert args.full_resync_seconds == 120.0
     assert (args.metrics_address, args.timeouts) == ("::", (1000000, 120, 300))
     assert (args.netns_dir, args.proc) == (["/var/run/netns"], "")
     assert args.sysctl_root == "/host/proc/sys", "sysctls through the mount"

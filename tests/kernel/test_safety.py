@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 
 from ipvs_agent import desired
 from ipvs_agent.agent import Agent, Settings, serve_http
+from ipvs_agent.audit import Auditor
 from ipvs_agent.host.podnetns import PodNamespaces
 from ipvs_agent.host.realserver import RS_INTERFACE
 from ipvs_agent.host.state import StateFile
@@ -377,6 +379,77 @@ def test_ownership_survives_a_flushed_ruleset(lab: Lab, tmp_path: Path) -> None:
                 timeout=2 * resync + 5,
             )
             print(f"tables restored {restored_after:.1f} s after the flush (resync {resync} s)")
+        finally:
+            stop.set()
+            changed.set()
+            loop.join(30)
+            host.close()
+
+
+def test_the_drift_audit_reads_beside_the_loop_and_wakes_a_full_pass_only_for_drift(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """With the auditor (as ``ipvs-agent run`` has it), a resync is a reading on a thread of
+    its own: a clean table costs no pass, while a deleted service, a flushed ruleset and a VIP
+    removed by hand are each found and repaired by a full pass, traffic flowing again."""
+    topology = build_nat(lab, family=4, real_servers=2)
+    director, client = topology.director, topology.client
+    director.ip(f"addr del {topology.vip}/32 dev vip0")
+    vs = {**virtual_server(topology), "status": {"address": topology.vip}}
+    mirror = StubMirror("virtualservers", [vs])
+    changed = threading.Event()
+    host = LinuxHost(
+        netns=director.name,
+        pods=PodNamespaces([], None, own=director.path),
+        state_dir=str(tmp_path / "state"),
+    )
+    resync = 1.0
+    with IPVSKernel(netns=director.name) as kernel:
+        agent = Agent(
+            Settings("director", resync_seconds=resync, settle_seconds=0),
+            kernel,
+            host,
+            [mirror, StubMirror("endpointslices", []), StubMirror("node", [])],
+            changed,
+            auditor=Auditor(IPVSKernel(netns=director.name), host.reader()),
+        )
+        stop = threading.Event()
+        loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+        loop.start()
+
+        def audits(result: str) -> float:
+            found = agent.metrics.registry.get_sample_value(
+                "ipvs_agent_audits_total", {"result": result}
+            )
+            return found or 0.0
+
+        def serving() -> bool:
+            try:
+                return sum(client.tcp_identities(topology.vip, topology.port, 2, 5.0).values()) == 2
+            except Exception:  # refused or timed out: not yet
+                return False
+
+        try:
+            wait_for(lambda: agent.passes > 0, "the first pass")
+            assert serving()
+            wait_for(lambda: audits("clean") >= 3, "three clean audits", timeout=60)
+            assert agent.passes == 1, "a clean audit runs no pass"
+
+            drifts = {
+                "a deleted service": lambda: ipvsadm(
+                    director, "-D", "-t", f"{topology.vip}:{topology.port}"
+                ),
+                "a flushed ruleset": lambda: director.run("nft", "flush", "ruleset"),
+                "a VIP removed": lambda: director.ip(
+                    f"addr del {topology.vip}/32 dev {host.vips.name}"
+                ),
+            }
+            for what, drift in drifts.items():
+                passes, found = agent.passes, audits("drift")
+                drift()
+                wait_for(partial(lambda f: audits("drift") > f, found), f"{what} found", 60)
+                wait_for(partial(lambda p: agent.passes > p and serving(), passes), what, 60)
+            assert audits("failed") == 0
         finally:
             stop.set()
             changed.set()
