@@ -351,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name_ in before and name_ in after:  # 0 passes is a figure too
                 result[figure] = round(after[name_] - before[name_], 3)
         result["agent_metrics_after"] = after
+        result["agent_log_tail"] = bed.agent_log_tail(lines=40).splitlines()
         result["changes"] = records
         return result
     except BaseException:

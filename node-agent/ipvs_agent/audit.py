@@ -258,6 +258,7 @@ class Auditor:
                     self._end("drift", started)
                     on_drift(finding)
                 else:
+                    log.debug("drift audit: clean in %.2f s", time.monotonic() - started)
                     self._end("clean", started)
         finally:
             self.kernel.close()

@@ -95,3 +95,18 @@ def test_a_dump_that_fails_half_way_leaves_a_fresh_socket_for_the_next() -> None
     with pytest.raises(HostError, match="in time"):
         reader.dump()
     assert silent.closed and reader._sock is None
+
+
+def test_an_address_change_logs_counts_and_names_only_a_few() -> None:
+    """A node taking 2000 VIPs at once writes one short line, not 2000 addresses."""
+    import ipaddress
+
+    from ipvs_agent.host.addresses import AddressChanges
+
+    added = frozenset(ipaddress.ip_address(f"198.18.{i // 250}.{i % 250 + 1}") for i in range(2000))
+    removed = frozenset({ipaddress.ip_address("2001:db8::1")})
+    line = str(AddressChanges(added, removed))
+    assert line.startswith("added 2000 (198.18.0.1, 198.18.0.2, 198.18.0.3, 198.18.0.4, ")
+    assert line.endswith(" and 1995 more); removed 1 (2001:db8::1)")
+    assert len(line) < 200
+    assert str(AddressChanges(frozenset(), frozenset())) == "unchanged"

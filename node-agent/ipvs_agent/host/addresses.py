@@ -34,6 +34,10 @@ def host_prefix(address: IPAddress) -> int:
     return 32 if address.version == 4 else 128
 
 
+#: Addresses a log line names before it only counts the rest.
+SHOWN = 5
+
+
 class AddressChanges(NamedTuple):
     """What :meth:`VipInterface.sync` did: the addresses it added and removed."""
 
@@ -43,6 +47,20 @@ class AddressChanges(NamedTuple):
     @property
     def changed(self) -> bool:
         return bool(self.added or self.removed)
+
+    def __str__(self) -> str:
+        """For the log: counts, and the addresses themselves only while they are few (a node
+        taking 2000 VIPs at once must not write them all on one line)."""
+
+        def part(verb: str, addresses: frozenset[IPAddress]) -> str:
+            shown = sorted(addresses, key=lambda a: (a.version, a))
+            listed = ", ".join(map(str, shown[:SHOWN]))
+            more = f" and {len(shown) - SHOWN} more" if len(shown) > SHOWN else ""
+            return f"{verb} {len(shown)} ({listed}{more})"
+
+        parts = [part("added", self.added)] if self.added else []
+        parts += [part("removed", self.removed)] if self.removed else []
+        return "; ".join(parts) or "unchanged"
 
 
 def host_addresses(reader: AddressReader, index: int) -> dict[IPAddress, int]:
