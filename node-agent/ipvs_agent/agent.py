@@ -192,7 +192,7 @@ class Agent:
             active_active=self.bgp is not None and self.bgp.speaker.has_sessions,
             connection_sync=self.sync is not None and self.sync.settings is not None,
         )
-        if cause == "change" and last is not None and not full:
+        if cause in ("change", "drain") and last is not None and not full:
             done = self._change_pass(last, node, changes)
             if done is not None:
                 snap, result, written = done
@@ -234,8 +234,9 @@ class Agent:
     def _change_pass(
         self, last: Snapshot, node: Node, changes: Mapping[str, frozenset[Hashable] | None]
     ) -> tuple[Snapshot, PassResult, frozenset[ServiceKey]] | None:
-        """Apply a change confined to some Services' endpoints without a full pass; None when
-        it is not so confined (or cannot be applied alone), and a full pass must run."""
+        """Apply a change confined to some Services' endpoints (or none: a drain check)
+        without a full pass; None when it is not so confined (or cannot be applied alone),
+        and a full pass must run."""
         quiet = frozenset[Hashable]()
         if self.last is None or node != last.node:
             return None
@@ -259,6 +260,12 @@ class Agent:
         if isinstance(change, str):
             log.debug("full pass: %s", change)
             return None
+        # Services with real servers draining are read too: their drain steps are due now
+        # (a drain check is such a pass with no changed endpoints).
+        draining = frozenset(key for key, _ in self.memory.draining)
+        if not draining <= change.plan.table.keys():
+            return None
+        change = replace(change, services=change.services | draining)
         result = reconcile_change(change, self.last, self.kernel, self.memory, self.clock())
         if result is None:
             return None

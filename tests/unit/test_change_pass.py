@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -133,6 +134,30 @@ def test_other_changes_take_the_full_pass() -> None:
     bed.slices.put(endpoint_slice("s1-1", "s1", "203.0.113.10"))
     bed.agent.run_once("change")
     assert bed.passes("change") == 1
+
+
+def test_a_drain_check_reads_and_writes_only_the_services_with_real_servers_draining() -> None:
+    bed = Bed()
+    bed.agent.run_once("change")
+    key = next(k for k in bed.kernel.dump() if k.address == "192.0.2.2")
+    dest = next(iter(bed.kernel.dump()[key].dests))
+    stats = bed.kernel.dump()[key].dests[dest].stats
+    bed.kernel.set_dest_stats(key, dest, replace(stats, active_connections=2))
+    bed.slices.put(endpoint_slice("s1-1", "s1", "203.0.113.7"))
+    bed.agent.run_once("change")
+    assert set(bed.agent.memory.draining) == {(key, dest)}, "the old real server drains"
+    dumps, reads = bed.kernel.dumps, bed.kernel.reads
+    assert bed.agent.run_once("drain").ops == []
+    assert (bed.kernel.dumps, bed.kernel.reads) == (dumps, reads + 1), "that service read"
+    assert bed.real_servers("192.0.2.2") == {"203.0.113.7", str(dest.address)}, "connections"
+    bed.kernel.set_dest_stats(key, dest, stats)  # the last connection ended
+    dumps = bed.kernel.dumps
+    result = bed.agent.run_once("drain")
+    assert bed.kernel.dumps == dumps
+    assert [op.kind for op in result.ops] == [OpKind.DEL_DEST]
+    assert bed.real_servers("192.0.2.2") == {"203.0.113.7"}
+    assert not bed.agent.memory.draining
+    assert (bed.passes("full"), bed.passes("change")) == (1, 3)
 
 
 def test_a_service_someone_removed_is_put_back_by_the_full_pass() -> None:
