@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 #: judged overtaken).
 WRITES_KEPT = 1000
 
+#: Resync periods a drift audit may read before the loop runs a full pass instead.
+STUCK_RESYNCS = 3
+
 #: Seconds a metrics/probe client may take to send its request.
 HTTP_TIMEOUT = 5.0
 
@@ -359,13 +362,18 @@ class Agent:
 
     def _audit(self) -> bool:
         """Hand the due resync to the auditor; False when there is none, no pass to compare
-        with yet, or it is still busy with the last one (the loop then runs a full pass)."""
+        with yet, or its reading has taken :data:`STUCK_RESYNCS` periods (then the loop runs
+        the full pass itself: a stuck auditor never hides drift). A reading still under way
+        for less takes this resync too."""
         expected = self.expected
         if self.auditor is None or expected is None:
             return False
         if self.auditor.request(expected):
             return True
-        log.info("the last drift audit is still reading: the loop runs the full pass itself")
+        busy = self.auditor.busy_seconds()
+        if busy < STUCK_RESYNCS * self.settings.resync_seconds:
+            return True
+        log.warning("the drift audit has been reading for %.0f s: a full pass runs", busy)
         return False
 
     def _drift_found(self, finding: Finding | None) -> None:

@@ -203,18 +203,23 @@ class Auditor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pending: Expected | None = None
-        self._busy = False
+        #: When the audit under way was asked for (monotonic; None: idle).
+        self._busy_since: float | None = None
 
     def request(self, expected: Expected) -> bool:
-        """Audit against ``expected`` soon; False when an audit is still under way (then the
-        loop runs the full pass itself: a stuck or slow auditor never hides drift)."""
+        """Audit against ``expected`` soon; False when an audit is still under way."""
         with self._lock:
-            if self._busy:
+            if self._busy_since is not None:
                 return False
-            self._busy = True
+            self._busy_since = time.monotonic()
             self._pending = expected
         self._wake.set()
         return True
+
+    def busy_seconds(self) -> float:
+        """How long the audit under way has been going (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def audit(self, expected: Expected, written: Written) -> Finding | None:
         """Read, then judge the reading against ``expected``; None when a full pass ran
@@ -267,7 +272,7 @@ class Auditor:
 
     def _end(self, how: str, started: float) -> None:
         with self._lock:
-            self._busy = False
+            self._busy_since = None
         self.ended(how, time.monotonic() - started)
 
 
