@@ -124,6 +124,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             one_pass()
             profile.disable()
             pstats.Stats(profile, stream=sys.stderr).sort_stats("cumtime").print_stats(30)
+        if args.profile_audit:
+            reading = Auditor(IPVSKernel(netns=NETNS), host.reader())
+            profile = cProfile.Profile()
+            profile.enable()
+            reading.audit(expected, lambda generation: frozenset())
+            profile.disable()
+            reading.kernel.close()
+            pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     return {
         "first pass (programs the table)": first,
         "first pass ops": ops,
@@ -141,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dests", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-audit", action="store_true", help="profile one drift audit")
     parser.add_argument("--deadline", type=float, default=1200.0, help="whole run, seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
