@@ -459,3 +459,44 @@ def test_a_failed_interface_read_is_logged_and_the_speaker_goes_on() -> None:
     thread.start()
     thread.join(timeout=30)
     assert not thread.is_alive() and len(calls) == 2
+
+
+def test_the_interface_poll_leaves_out_host_addresses_and_links_that_are_down() -> None:
+    """``responder.read_nics``: the VIPs (host addresses on the agent's device) never make an
+    interface a candidate, so the poll every second does not turn thousands into objects."""
+    from ipvs_agent.announce.responder import IFF_LOWER_UP, IFF_UP, read_nics
+    from ipvs_agent.host.rtnl import AddressRecord
+
+    class Link(dict[str, Any]):
+        def get_attr(self, name: str) -> str:
+            return str(self["name"])
+
+    up = IFF_UP | IFF_LOWER_UP
+    links = [Link(index=2, flags=up, name="eth0"), Link(index=3, flags=up, name="ipvs0"),
+             Link(index=4, flags=IFF_UP, name="eth1")]  # fmt: skip
+
+    class Rtnl:
+        def link(self, command: str) -> list[Link]:
+            return links
+
+    records = [
+        AddressRecord(2, ipaddress.ip_address("192.0.2.10"), 24, 0, 0),
+        AddressRecord(2, ipaddress.ip_address("2001:db8::10"), 64, 0, 0),
+        AddressRecord(2, ipaddress.ip_address("198.51.100.7"), 32, 0, 0),
+        *(AddressRecord(3, ipaddress.ip_address(f"203.0.113.{i}"), 32, 0, 0) for i in range(200)),
+        AddressRecord(4, ipaddress.ip_address("198.18.0.1"), 24, 0, 0),
+    ]
+
+    class Reader:
+        def dump(self) -> list[AddressRecord]:
+            return records
+
+    nics = read_nics(Rtnl(), Reader())  # type: ignore[arg-type]
+    assert nics == {
+        "eth0": [
+            ipaddress.ip_interface("192.0.2.10/24"),
+            ipaddress.ip_interface("2001:db8::10/64"),
+        ],
+        "ipvs0": [],
+    }
+    assert interfaces_for(ipaddress.ip_address("192.0.2.99"), ["*"], nics) == ("eth0",)

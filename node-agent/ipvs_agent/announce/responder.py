@@ -74,7 +74,12 @@ def read_nics(
     rtnl: Any, reader: AddressReader
 ) -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
     """The interfaces that are up and have carrier, with their addresses (pyroute2 ``rtnl``
-    for the links, ``reader`` for the addresses: the agent's device may hold thousands)."""
+    for the links, ``reader`` for the addresses: the agent's device may hold thousands).
+
+    Host addresses (/32, /128) are left out: no VIP is announced by way of one
+    (``speaker.interfaces_for``), and they are the thousands of VIPs on the agent's device,
+    which this poll would otherwise turn into interface objects every second.
+    """
     names: dict[int, str] = {}
     for link in rtnl.link("dump"):
         if link["flags"] & IFF_UP and link["flags"] & IFF_LOWER_UP:
@@ -84,7 +89,7 @@ def read_nics(
     }
     for record in reader.dump():
         name = names.get(record.ifindex)
-        if name is not None:
+        if name is not None and record.prefixlen < record.address.max_prefixlen:
             found[name].append(ipaddress.ip_interface((record.address, record.prefixlen)))
     return found
 
