@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ipvs_agent import __version__
 from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
-from ipvs_agent.audit import Auditor, Expected, Finding, expected_after
+from ipvs_agent.audit import ENDINGS, Auditor, Expected, Finding, expected_after
 from ipvs_agent.desired import Node, services_used
 from ipvs_agent.health.checker import Checker
 from ipvs_agent.health.targets import targets
@@ -468,6 +468,8 @@ class Agent:
         ]
         if self.auditor is not None:
             self.auditor.ended = self._audit_ended
+            for how in ENDINGS:  # every series from the start, so rate() sees the first one
+                self.metrics.audits.labels(result=how)
             threads.append(
                 threading.Thread(
                     target=self.auditor.run,

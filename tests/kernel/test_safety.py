@@ -9,6 +9,7 @@ is a real TCP or UDP exchange, ARP or ICMP packet, or what the kernel's tables s
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -317,6 +318,43 @@ def test_a_pass_that_changes_nothing_leaves_the_state_file_as_it_is(
     assert {k.port for k in recorded.owned} == {topology.port, topology.port + 1}
 
 
+@contextlib.contextmanager
+def looping_agent(
+    topology: Topology,
+    tmp_path: Path,
+    mirror: StubMirror,
+    resync: float,
+    audit: bool = False,
+) -> Iterator[tuple[Agent, LinuxHost]]:
+    """``Agent.run`` in the director's netns with the real host side, as in the DaemonSet
+    (with ``audit``, its drift auditor too); stopped and closed after the block."""
+    director = topology.director
+    host = LinuxHost(
+        netns=director.name,
+        pods=PodNamespaces([], None, own=director.path),
+        state_dir=str(tmp_path / "state"),
+    )
+    with IPVSKernel(netns=director.name) as kernel:
+        agent = Agent(
+            Settings("director", resync_seconds=resync, settle_seconds=0),
+            kernel,
+            host,
+            [mirror, StubMirror("endpointslices", []), StubMirror("node", [])],
+            threading.Event(),
+            auditor=Auditor(IPVSKernel(netns=director.name), host.reader()) if audit else None,
+        )
+        stop = threading.Event()
+        loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            yield agent, host
+        finally:
+            stop.set()
+            agent.changed.set()
+            loop.join(30)
+            host.close()
+
+
 def test_ownership_survives_a_flushed_ruleset(lab: Lab, tmp_path: Path) -> None:
     topology = build_nat(lab, family=4, real_servers=2)
     director, client = topology.director, topology.client
@@ -326,64 +364,39 @@ def test_ownership_survives_a_flushed_ruleset(lab: Lab, tmp_path: Path) -> None:
     director.ip(f"addr del {topology.vip}/32 dev vip0")
     vs = virtual_server(topology, servers=[remote.rip])
     mirror = StubMirror("virtualservers", [{**vs, "status": {"address": topology.vip}}])
-    changed = threading.Event()
-    host = LinuxHost(
-        netns=director.name,
-        pods=PodNamespaces([], None, own=director.path),
-        state_dir=str(tmp_path / "state"),
-    )
     resync = 3.0
-    with IPVSKernel(netns=director.name) as kernel:
-        agent = Agent(
-            Settings("director", resync_seconds=resync, settle_seconds=0),
-            kernel,
-            host,
-            [mirror, StubMirror("endpointslices", []), StubMirror("node", [])],
-            changed,
+    with looping_agent(topology, tmp_path, mirror, resync) as (agent, _):
+        wait_for(lambda: agent.passes > 0, "the first pass")
+        assert client.tcp_identities(topology.vip, topology.port, 2) == {"rs2": 2}
+
+        # What `systemctl reload nftables` does with Debian's stock /etc/nftables.conf.
+        director.run("nft", "flush", "ruleset")
+        assert "ipvs-operator" not in director.run("nft", "list", "tables").stdout
+        started = time.monotonic()
+        wait_for(
+            lambda: "ipvs-operator" in director.run("nft", "list", "tables").stdout,
+            "the tables restored",
+            timeout=2 * resync + 5,
         )
-        stop = threading.Event()
-        loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-        loop.start()
-        try:
-            wait_for(lambda: agent.passes > 0, "the first pass")
-            assert client.tcp_identities(topology.vip, topology.port, 2) == {"rs2": 2}
+        restored_after = time.monotonic() - started
+        repaired = 'ipvs_agent_host_repairs_total{what="nftables"} 1.0'
+        wait_for(lambda: repaired in _metrics(agent), "the repair reported", timeout=30)
+        assert agent.last is not None
+        outcomes = {k: (str(o.state), o.reason) for k, o in agent.last.outcomes.items()}
+        assert outcomes == {"lab/web": ("Programmed", "")}, outcomes
+        assert client.tcp_identities(topology.vip, topology.port, 2) == {"rs2": 2}
 
-            # What `systemctl reload nftables` does with Debian's stock /etc/nftables.conf.
-            director.run("nft", "flush", "ruleset")
-            assert "ipvs-operator" not in director.run("nft", "list", "tables").stdout
-            started = time.monotonic()
-            wait_for(
-                lambda: "ipvs-operator" in director.run("nft", "list", "tables").stdout,
-                "the tables restored",
-                timeout=2 * resync + 5,
-            )
-            restored_after = time.monotonic() - started
-            repaired = 'ipvs_agent_host_repairs_total{what="nftables"} 1.0'
-            wait_for(lambda: repaired in _metrics(agent), "the repair reported", timeout=30)
-            assert agent.last is not None
-            outcomes = {k: (str(o.state), o.reason) for k, o in agent.last.outcomes.items()}
-            assert outcomes == {"lab/web": ("Programmed", "")}, outcomes
-            assert client.tcp_identities(topology.vip, topology.port, 2) == {"rs2": 2}
-
-            # Endpoint changes are applied again (today: never after a flush).
-            mirror._items = [
-                {
-                    **virtual_server(topology, servers=[near.rip]),
-                    "status": {"address": topology.vip},
-                }
-            ]
-            changed.set()
-            wait_for(
-                lambda: client.tcp_identities(topology.vip, topology.port, 1) == {"rs1": 1},
-                "the endpoint change in the kernel",
-                timeout=2 * resync + 5,
-            )
-            print(f"tables restored {restored_after:.1f} s after the flush (resync {resync} s)")
-        finally:
-            stop.set()
-            changed.set()
-            loop.join(30)
-            host.close()
+        # Endpoint changes are applied again (today: never after a flush).
+        mirror._items = [
+            {**virtual_server(topology, servers=[near.rip]), "status": {"address": topology.vip}}
+        ]
+        agent.changed.set()
+        wait_for(
+            lambda: client.tcp_identities(topology.vip, topology.port, 1) == {"rs1": 1},
+            "the endpoint change in the kernel",
+            timeout=2 * resync + 5,
+        )
+        print(f"tables restored {restored_after:.1f} s after the flush (resync {resync} s)")
 
 
 def test_the_drift_audit_reads_beside_the_loop_and_wakes_a_full_pass_only_for_drift(
@@ -397,25 +410,7 @@ def test_the_drift_audit_reads_beside_the_loop_and_wakes_a_full_pass_only_for_dr
     director.ip(f"addr del {topology.vip}/32 dev vip0")
     vs = {**virtual_server(topology), "status": {"address": topology.vip}}
     mirror = StubMirror("virtualservers", [vs])
-    changed = threading.Event()
-    host = LinuxHost(
-        netns=director.name,
-        pods=PodNamespaces([], None, own=director.path),
-        state_dir=str(tmp_path / "state"),
-    )
-    resync = 1.0
-    with IPVSKernel(netns=director.name) as kernel:
-        agent = Agent(
-            Settings("director", resync_seconds=resync, settle_seconds=0),
-            kernel,
-            host,
-            [mirror, StubMirror("endpointslices", []), StubMirror("node", [])],
-            changed,
-            auditor=Auditor(IPVSKernel(netns=director.name), host.reader()),
-        )
-        stop = threading.Event()
-        loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-        loop.start()
+    with looping_agent(topology, tmp_path, mirror, 1.0, audit=True) as (agent, host):
 
         def audits(result: str) -> float:
             found = agent.metrics.registry.get_sample_value(
@@ -429,32 +424,29 @@ def test_the_drift_audit_reads_beside_the_loop_and_wakes_a_full_pass_only_for_dr
             except Exception:  # refused or timed out: not yet
                 return False
 
-        try:
-            wait_for(lambda: agent.passes > 0, "the first pass")
-            assert serving()
-            wait_for(lambda: audits("clean") >= 3, "three clean audits", timeout=60)
-            assert agent.passes == 1, "a clean audit runs no pass"
+        wait_for(lambda: agent.passes > 0, "the first pass")
+        assert serving()
+        wait_for(lambda: audits("clean") >= 3, "three clean audits", timeout=60)
+        assert agent.passes == 1, "a clean audit runs no pass"
+        samples = agent.metrics.registry.get_sample_value
+        ended = [samples("ipvs_agent_audits_total", {"result": r}) for r in ("drift", "failed")]
+        assert ended == [0.0, 0.0], "every ending is a series from the start"
 
-            drifts = {
-                "a deleted service": lambda: ipvsadm(
-                    director, "-D", "-t", f"{topology.vip}:{topology.port}"
-                ),
-                "a flushed ruleset": lambda: director.run("nft", "flush", "ruleset"),
-                "a VIP removed": lambda: director.ip(
-                    f"addr del {topology.vip}/32 dev {host.vips.name}"
-                ),
-            }
-            for what, drift in drifts.items():
-                passes, found = agent.passes, audits("drift")
-                drift()
-                wait_for(partial(lambda f: audits("drift") > f, found), f"{what} found", 60)
-                wait_for(partial(lambda p: agent.passes > p and serving(), passes), what, 60)
-            assert audits("failed") == 0
-        finally:
-            stop.set()
-            changed.set()
-            loop.join(30)
-            host.close()
+        drifts = {
+            "a deleted service": lambda: ipvsadm(
+                director, "-D", "-t", f"{topology.vip}:{topology.port}"
+            ),
+            "a flushed ruleset": lambda: director.run("nft", "flush", "ruleset"),
+            "a VIP removed": lambda: director.ip(
+                f"addr del {topology.vip}/32 dev {host.vips.name}"
+            ),
+        }
+        for what, drift in drifts.items():
+            passes, found = agent.passes, audits("drift")
+            drift()
+            wait_for(partial(lambda f: audits("drift") > f, found), f"{what} found", 60)
+            wait_for(partial(lambda p: agent.passes > p and serving(), passes), what, 60)
+        assert audits("failed") == 0
 
 
 def _metrics(agent: Agent) -> str:
