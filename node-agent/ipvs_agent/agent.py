@@ -19,12 +19,12 @@ from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
 from ipvs_agent.audit import ENDINGS, Auditor, Expected, Finding, expected_after
 from ipvs_agent.desired import Node, services_used
+from ipvs_agent.diff import drain_step
 from ipvs_agent.health.checker import Checker
 from ipvs_agent.health.targets import targets
 from ipvs_agent.kernel import Kernel
 from ipvs_agent.metrics import AgentMetrics
 from ipvs_agent.model import DestKey, KernelInfo, ServiceKey
-from ipvs_agent.ops import Op
 from ipvs_agent.partial import changed_endpoints, plan_change
 from ipvs_agent.reconciler import Host, Memory, PassResult, reconcile, reconcile_change
 from ipvs_agent.snapshot import (
@@ -449,7 +449,7 @@ class Agent:
         for repair in result.repairs:
             m.host_repairs.labels(what=repair.what).inc()
         # A resync that finds work repaired drift, except for the steps of drains in progress.
-        drift = [op for op in result.ops if not _drain_step(op, draining)]
+        drift = [op for op in result.ops if not drain_step(op, draining)]
         if cause == "resync" and drift:
             m.drift_repairs.inc(len(drift))
             log.info("resync repaired %d drifted entries", len(drift))
@@ -523,11 +523,6 @@ class Agent:
                 next_full = self.clock() + self.settings.full_resync_seconds
         for m in self.mirrors:
             m.stop()
-
-
-def _drain_step(op: Op, draining: set[tuple[ServiceKey, DestKey]]) -> bool:
-    """Whether ``op`` advances the drain of a real server that was already draining."""
-    return op.dest is not None and (op.service.key, op.dest.key) in draining
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):

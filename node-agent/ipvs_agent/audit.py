@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ipvs_agent.diff import DrainBook, diff
+from ipvs_agent.diff import DrainBook, diff, drain_step
 from ipvs_agent.model import DesiredTable, DestKey, IPAddress, ObservedTable, ServiceKey
 from ipvs_agent.ops import Op
 from ipvs_agent.reconciler import Memory, PassResult, frozen_services
@@ -118,11 +118,7 @@ def kernel_drift(
         now,
         expected.remove_now,
     )
-    return tuple(
-        op
-        for op in d.ops
-        if op.dest is None or (op.service.key, op.dest.key) not in expected.draining
-    )
+    return tuple(op for op in d.ops if not drain_step(op, expected.draining))
 
 
 def host_drift(
@@ -147,18 +143,6 @@ def host_drift(
         parts += [f"{len(extra)} addresses not the agent's"] if extra else []
         found.append(", ".join(parts) + " on the agent's interface")
     return tuple(found)
-
-
-def judge(
-    expected: Expected,
-    observed: ObservedTable,
-    host: HostReading | None,
-    now: float,
-    skip: frozenset[ServiceKey],
-    matches: Callable[[Ruleset, LiveTable | None], bool],
-) -> Finding:
-    """The whole verdict on one reading (pure)."""
-    return Finding(kernel_drift(expected, observed, now, skip), host_drift(expected, host, matches))
 
 
 class HostReader(Protocol):
@@ -229,8 +213,10 @@ class Auditor:
         skip = written(expected.generation)
         if skip is None:
             return None
-        matches = self.host.matches if self.host is not None else _never_asked
-        return judge(expected, observed, host, self.clock(), skip, matches)
+        ops = kernel_drift(expected, observed, self.clock(), skip)
+        if self.host is None:
+            return Finding(ops)
+        return Finding(ops, host_drift(expected, host, self.host.matches))
 
     def run(
         self,
@@ -274,7 +260,3 @@ class Auditor:
         with self._lock:
             self._busy_since = None
         self.ended(how, time.monotonic() - started)
-
-
-def _never_asked(ruleset: Ruleset, live: LiveTable | None) -> bool:
-    raise AssertionError("no host reader, so no host reading to compare")

@@ -18,7 +18,7 @@ its trash with its connections and counters, so their connections live on (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ipvs_agent.model import (
@@ -39,6 +39,13 @@ from ipvs_agent.ops import Op, OpKind
 
 #: When each draining real server started to drain (seconds on the caller's clock).
 DrainBook = Mapping[tuple[ServiceKey, DestKey], float]
+
+
+def drain_step(op: Op, draining: Collection[tuple[ServiceKey, DestKey]]) -> bool:
+    """Whether ``op`` advances the drain of a real server that was already draining (such
+    steps are the drain going on, not drift)."""
+    return op.dest is not None and (op.service.key, op.dest.key) in draining
+
 
 #: Schedulers whose choice depends on the order of the kernel's real-server list.
 ORDERED_SCHEDULERS = frozenset({"sh", "dh", "mh"})
