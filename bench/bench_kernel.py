@@ -12,7 +12,9 @@ Measures, in a private network namespace:
 (c) resident memory of a fresh process holding a dump of M services x D real servers, and of
     one that runs the agent's whole reconcile pass over M VirtualServers (plan, dump, diff) as
     the in-cluster agent holds them, with its VirtualServer mirror filled as the agent fills
-    it (objects as the API server serves them, listed in pages and trimmed by its transform);
+    it (objects as the API server serves them, listed in pages and trimmed by its transform),
+    and then with the drift audit's own reading; twice: as the agent runs (the dumps lend the
+    plan's Dests) and with the dumps copying them (``--memory-only`` runs just this part);
 (d) the agent's reconcile pass over the S x D table: with nothing changed (a resync: full read
     and diff, against ``ipvsadm -Ln``), and with one real server of one service replaced (the
     netlink operations it sends, and its time).
@@ -348,14 +350,19 @@ def rss():
             return int(line.split()[1]) / 1024
 start = rss()
 from ipvs_agent.kernel.ipvs import IPVSKernel
-kernel = IPVSKernel(netns=sys.argv[1])
+reader = IPVSKernel(netns=sys.argv[1])
 gc.collect()
 opened = rss()
-table = kernel.dump()
+table = reader.dump()  # the dump on its own, cold; its memory is reused by what follows
 gc.collect()
 held = rss()
 services = len(table)
 dests = sum(len(o.dests) for o in table.values())
+keys = set(table)
+del table
+reader.close()
+del reader  # it keeps its last dump (for the next one's shortcut)
+gc.collect()
 agent = None
 try:
     import ipvs_agent.agent  # the agent's other modules (the kubernetes client: below)
@@ -363,34 +370,57 @@ try:
     agent = rss()
 except Exception as error:  # report, do not fail the memory figure
     agent = repr(error)
-del table
-gc.collect()
 # The in-cluster agent's steady state: the mirror's VirtualServer dicts, and one whole
 # reconcile pass (snapshot, plan, dump, diff) with its plan and observed table kept, as
-# Agent.last keeps them between passes.
+# Agent.last keeps them between passes; then the drift audit's own reading (audit.Auditor:
+# a second socket that keeps its last dump too).
 import time
 sys.path.insert(0, sys.argv[2])
 import bench_kernel
 from ipvs_agent.desired import Node
 from ipvs_agent.reconciler import Memory, reconcile
-from ipvs_agent.snapshot import take
+from ipvs_agent.snapshot import ReadCache, take
 import ipvs_agent.cluster  # the kubernetes client, which the agent's mirrors use
 gc.collect()
 with_client = rss()
 mirror = bench_kernel.listed_mirror(int(sys.argv[3]), int(sys.argv[4]))
 gc.collect()
 with_mirror = rss()
-host = bench_kernel.OwnsAll(set(kernel.dump()))
-last = reconcile(take(mirror, [], Node("bench", {}, kernel.info())), kernel, host, Memory(),
-                 time.monotonic())
+share = sys.argv[5] == "share"
+def dumps(kernel):
+    # "copy": as before the dump lent the plan's Dests (the same boot's comparison)
+    return kernel.dump if share else lambda expected=None: IPVSKernel.dump(kernel)
+kernel = IPVSKernel(netns=sys.argv[1])
+kernel.dump = dumps(kernel)
+host = bench_kernel.OwnsAll(keys)
+last_memory = Memory()
+node, cache = Node("bench", {}, kernel.info()), ReadCache()  # as the agent keeps them
+last = reconcile(take(mirror, [], node, cache=cache), kernel, host, last_memory, time.monotonic())
 gc.collect()
 after_pass = rss()
+# What the reading keeps: RSS hides it in what the pass left free, tracemalloc counts it (but
+# its own bookkeeping then inflates the RSS figures after it).
+import tracemalloc
+trace = sys.argv[6] == "trace"
+auditor = IPVSKernel(netns=sys.argv[1])
+if trace:
+    tracemalloc.start()
+reading = dumps(auditor)(last.plan.table)
+gc.collect()
+audit_live = tracemalloc.get_traced_memory()[0] / 2**20 if trace else None
+tracemalloc.stop()
+with_audit = rss()
+again = reconcile(take(mirror, [], node, cache=cache), kernel, host, last_memory, time.monotonic())
+gc.collect()
+second_pass = rss()
 print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
                   "holding_dump_mb": held, "dump_mb": held - opened,
                   "with_agent_imports_mb": agent, "with_client_imports_mb": with_client,
-                  "with_mirror_mb": with_mirror,
-                  "agent_after_pass_mb": after_pass, "pass_ops": len(last.ops),
-                  "services": services, "dests": dests}))
+                  "with_mirror_mb": with_mirror, "agent_after_pass_mb": after_pass,
+                  "with_audit_reading_mb": with_audit, "audit_reading_live_mb": audit_live,
+                  "after_second_pass_mb": second_pass, "second_pass_ops": len(again.ops),
+                  "dests": dests, "pass_ops": len(last.ops), "services": services,
+                  "mode": sys.argv[5], "traced": trace}))
 """
 
 
@@ -406,14 +436,19 @@ def bench_memory(args: argparse.Namespace) -> dict[str, object]:
     ops.clear()
     gc.collect()
     child = [sys.executable, "-c", MEMORY_CHILD, NETNS, str(CHECKOUT / "bench")]
-    out = run([*child, str(args.memory_services), str(args.dests)], args.step_timeout)
-    measured: dict[str, object] = json.loads(out)
-    measured["programming_s"] = program
-    if (measured["services"], measured["dests"]) != (
-        args.memory_services,
-        args.memory_services * args.dests,
-    ):
-        raise BenchError(f"memory table incomplete: {measured}")
+    measured: dict[str, object] = {"programming_s": program}
+    for mode in ("share", "copy"):
+        trace = "trace" if args.trace_audit else "rss"
+        out = run([*child, str(args.memory_services), str(args.dests), mode, trace],
+                  args.step_timeout)  # fmt: skip
+        found: dict[str, object] = json.loads(out)
+        if (found["services"], found["dests"], found["pass_ops"]) != (
+            args.memory_services,
+            args.memory_services * args.dests,
+            0,
+        ):
+            raise BenchError(f"memory table incomplete or the pass wrote: {found}")
+        measured[mode] = found
     return measured
 
 
@@ -426,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=600.0)
     parser.add_argument("--deadline", type=float, default=1500.0, help="whole run, seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-only", action="store_true", help="only (c)")
+    parser.add_argument(
+        "--trace-audit", action="store_true", help="(c): count what the audit's reading keeps"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench_kernel: needs root and an IPVS kernel (run it in the test VM)")
@@ -443,8 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "link set lo up\nlink add lan type dummy\nlink set lan up\n"
             f"addr add {LAN} dev lan\n"
         ))  # fmt: skip
-        report |= bench_program_and_read(args)
-        print(json.dumps(report, indent=2), file=sys.stderr, flush=True)  # in case (c) fails
+        if not args.memory_only:
+            report |= bench_program_and_read(args)
+            print(json.dumps(report, indent=2), file=sys.stderr, flush=True)  # if (c) fails
         report["memory"] = bench_memory(args)
     finally:
         run(["ip", "netns", "del", NETNS], 120)

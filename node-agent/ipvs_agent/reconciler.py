@@ -255,7 +255,7 @@ def reconcile(
             )
     recorded = host.recorded()
     owned_before = set(recorded.owned)
-    observed = kernel.dump()
+    observed = kernel.dump(p.table)  # shares the plan's Dests: one copy of each in memory
     frozen = frozen_services(p, memory.owners, owned_before & set(observed))
     # What a broken VirtualServer programmed stays: desired exactly as the kernel has it.
     table = {**_as_desired(observed, frozen), **p.table}
@@ -342,10 +342,10 @@ def reconcile_change(
     pass is taken only when its services are the last pass's, already recorded as ours.
     """
     keys = change.services
-    observed = kernel.read(keys) if keys else {}
+    table = {key: change.plan.table[key] for key in keys}
+    observed = kernel.read(keys, table) if keys else {}
     if set(observed) != keys:
         return None
-    table = {key: change.plan.table[key] for key in keys}
     d = diff(
         table,
         observed,

@@ -16,7 +16,7 @@ from ipvs_agent.agent import Agent, Settings
 from ipvs_agent.audit import Auditor, Expected, HostReading, host_drift
 from ipvs_agent.host.nftables import LiveTable, Ruleset
 from ipvs_agent.kernel.fake import FakeKernel
-from ipvs_agent.model import ObservedTable, ServiceKey
+from ipvs_agent.model import DesiredTable, ObservedTable, ServiceKey
 from ipvs_agent.ops import Op, OpKind
 from tests.unit.agent_helpers import CountingEvent, FakeHost
 from tests.unit.test_change_pass import Bed, virtual_server
@@ -137,11 +137,11 @@ class Second:
         self.hold = hold
         self.dumps = 0
 
-    def dump(self) -> ObservedTable:
+    def dump(self, expected: DesiredTable | None = None) -> ObservedTable:
         self.dumps += 1
         if self.hold is not None:
             assert self.hold.wait(10), "the test never let the reading finish"
-        return self.kernel.dump()
+        return self.kernel.dump(expected)
 
     def close(self) -> None:
         pass

@@ -180,7 +180,7 @@ def test_a_pass_that_failed_leaves_the_next_one_full() -> None:
     bed.virtual_servers.put(virtual_server("v0", "s0", "192.0.2.1", scheduler={"name": "rr"}))
     real_dump = bed.kernel.dump
 
-    def broken() -> Any:
+    def broken(expected: Any = None) -> Any:
         raise OSError("netlink went away")
 
     bed.kernel.dump = broken  # type: ignore[method-assign]

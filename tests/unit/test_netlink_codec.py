@@ -38,6 +38,7 @@ from ipvs_agent.kernel.ipvs import IPVSKernel, probe_modules
 from ipvs_agent.model import (
     MANAGED_FLAGS,
     AddressFamily,
+    DesiredService,
     Dest,
     DestKey,
     DestStats,
@@ -868,6 +869,40 @@ def test_repeated_dumps_share_what_did_not_change(wire: KernelSocket) -> None:
     assert third[SIP].dests[busy_key].stats.active_connections == 4
     assert third[SIP].dests[busy_key].dest is first[SIP].dests[busy_key].dest
     assert third[DNS] is first[DNS]
+
+
+def test_a_dump_lends_the_expected_tables_equal_dests_instead_of_copies(
+    wire: KernelSocket,
+) -> None:
+    """The planner's desired table and the dump hold one Dest object per real server, not
+    two equal ones (at 10 000 x 10 a copy is tens of MB); a dest that differs is read as is."""
+    with IPVSKernel() as reference:
+        read = reference.dump()
+    expected = {
+        key: DesiredService(o.service, {k: replace(d.dest) for k, d in o.dests.items()})
+        for key, o in read.items()
+    }
+    gue = DestKey("198.51.100.12", 80)
+    expected[TCP80] = DesiredService(
+        expected[TCP80].service,
+        {**expected[TCP80].dests, gue: replace(expected[TCP80].dests[gue], weight=9)},
+    )
+    with IPVSKernel() as kernel:
+        first = kernel.dump(expected)
+        assert first == read  # lending never changes what is read
+        for key, observed in first.items():
+            for dest_key, dest in observed.dests.items():
+                assert (dest.dest is expected[key].dests[dest_key]) is (dest_key != gue)
+        # an unchanged reply is the last dump's objects, which already share
+        assert kernel.dump(expected)[TCP80] is first[TCP80]
+        # counters moved: the reply is decoded again and its Dests are still the expected ones
+        busy = "dest 198.51.100.12:80"
+        wire.golden[busy] = _patched(GOLDEN[busy], nl.DestAttr.ACTIVE_CONNS, 4)
+        again = kernel.dump(expected)
+    assert again[TCP80].dests[gue].stats.active_connections == 4
+    assert all(
+        d.dest is expected[TCP80].dests[k] for k, d in again[TCP80].dests.items() if k != gue
+    )
 
 
 def test_info_and_timeouts(wire: KernelSocket, monkeypatch: pytest.MonkeyPatch) -> None:

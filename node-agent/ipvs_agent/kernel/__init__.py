@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from ipvs_agent.model import (
+    DesiredTable,
     KernelInfo,
     ObservedTable,
     ServiceKey,
@@ -116,17 +117,21 @@ class KernelError(OSError):
 class Kernel(Protocol):
     """What the planner needs from the kernel's IPVS table."""
 
-    def dump(self) -> ObservedTable:
+    def dump(self, expected: DesiredTable | None = None) -> ObservedTable:
         """Every service with its dests, settings and counters.
 
         Active/inactive/persistent connection counts are live; the traffic counters
         (connections, packets, bytes) are as of the kernel's last 2-second estimator tick.
+        ``expected`` (the table the caller wants) may lend its equal Dest objects to the
+        answer, so the two tables share them; it never changes what is read.
         """
         ...
 
-    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
-        """Only these services, as :meth:`dump` has them; one the kernel lacks is left out.
-        What a change pass needs instead of the whole table."""
+    def read(
+        self, keys: Collection[ServiceKey], expected: DesiredTable | None = None
+    ) -> ObservedTable:
+        """Only these services, as :meth:`dump` has them (``expected`` too); one the kernel
+        lacks is left out. What a change pass needs instead of the whole table."""
         ...
 
     def apply(self, ops: Sequence[Op]) -> list[OpResult]:

@@ -31,6 +31,7 @@ from ipvs_agent.model import (
     SYNC_DEFAULT_GROUP,
     SYNC_DEFAULT_PORT,
     SYNC_DEFAULT_TTL,
+    DesiredTable,
     Dest,
     DestKey,
     DestStats,
@@ -116,12 +117,15 @@ class FakeKernel:
 
     # --- Kernel protocol -----------------------------------------------------------------
 
-    def dump(self) -> ObservedTable:
+    def dump(self, expected: DesiredTable | None = None) -> ObservedTable:
+        """``expected`` is not needed: the table already holds the written ops' Dests."""
         self._check_open()
         self.dumps += 1
         return {key: self._observed(entry) for key, entry in self._table.items()}
 
-    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
+    def read(
+        self, keys: Collection[ServiceKey], expected: DesiredTable | None = None
+    ) -> ObservedTable:
         self._check_open()
         self.reads += 1
         return {key: self._observed(self._table[key]) for key in keys if key in self._table}

@@ -36,6 +36,8 @@ from typing import Final, NamedTuple, Self
 from ipvs_agent.kernel import KernelError, OpResult, apply_in_rounds, describe_error
 from ipvs_agent.kernel import netlink as nl
 from ipvs_agent.model import (
+    DesiredTable,
+    Dest,
     DestKey,
     KernelInfo,
     ObservedDest,
@@ -98,9 +100,10 @@ class IPVSKernel:
 
     # --- Kernel protocol ------------------------------------------------------------------
 
-    def dump(self) -> ObservedTable:
+    def dump(self, expected: DesiredTable | None = None) -> ObservedTable:
         """The whole table. What did not change since the last dump is that dump's own
-        objects (the two tables share them), found without decoding: see _Seen."""
+        objects (the two tables share them), found without decoding: see _Seen. A dest
+        decoded anew that equals ``expected``'s is that Dest object itself."""
         with self._lock, _collector_paused():
             seq = self._next_seq()
             self._send(nl.message(self._family, nl.Cmd.GET_SERVICE,
@@ -111,13 +114,15 @@ class IPVSKernel:
             for chunk in replies:
                 for start, end in _spans(chunk):
                     fingerprint = _digest(memoryview(chunk)[start + nl.NLMSG_HDR.size : end])
-                    observed, record = self._dump_service(chunk, start, end, fingerprint)
+                    observed, record = self._dump_service(chunk, start, end, fingerprint, expected)
                     table[observed.service.key] = observed
                     seen[fingerprint] = record
             self._last, self._seen = table, seen
             return table
 
-    def read(self, keys: Collection[ServiceKey]) -> ObservedTable:
+    def read(
+        self, keys: Collection[ServiceKey], expected: DesiredTable | None = None
+    ) -> ObservedTable:
         """Only these services: a GET_SERVICE and a GET_DEST dump each. Not remembered for
         the next dump (its shortcut compares with the last whole table)."""
         with self._lock, _collector_paused():
@@ -128,7 +133,10 @@ class IPVSKernel:
                     continue
                 service, stats = found
                 request = nl.encode_dest_dump(self._family, self._next_seq(), key)
-                dests, _, _ = self._dump_dests(key, request, None, b"")
+                like = expected.get(key) if expected is not None else None
+                dests, _, _ = self._dump_dests(
+                    key, request, None, b"", like.dests if like is not None else None
+                )
                 table[key] = ObservedService(service, dests, stats)
             return table
 
@@ -300,7 +308,12 @@ class IPVSKernel:
     # --- dumps ------------------------------------------------------------------------------
 
     def _dump_service(
-        self, chunk: bytearray, start: int, end: int, fingerprint: bytes
+        self,
+        chunk: bytearray,
+        start: int,
+        end: int,
+        fingerprint: bytes,
+        expected: DesiredTable | None,
     ) -> tuple[ObservedService, _Seen]:
         """One service of the GET_SERVICE reply at ``chunk[start:end]``, with its dests."""
         seen = self._seen.get(fingerprint)
@@ -319,7 +332,10 @@ class IPVSKernel:
             if before is not None and before.service == service:
                 service = before.service
             request, digest = nl.encode_dest_dump(self._family, self._next_seq(), service.key), b""
-        dests, digest, unchanged = self._dump_dests(service.key, request, before, digest)
+        like = expected.get(service.key) if expected is not None else None
+        dests, digest, unchanged = self._dump_dests(
+            service.key, request, before, digest, like.dests if like is not None else None
+        )
         if unchanged and before is not None and before.service is service:
             observed = (
                 before if before.stats == stats else ObservedService(service, before.dests, stats)
@@ -329,7 +345,12 @@ class IPVSKernel:
         return observed, _Seen(observed, request, digest)
 
     def _dump_dests(
-        self, key: ServiceKey, request: bytes, before: ObservedService | None, digest: bytes
+        self,
+        key: ServiceKey,
+        request: bytes,
+        before: ObservedService | None,
+        digest: bytes,
+        expected: Mapping[DestKey, Dest] | None = None,
     ) -> tuple[Mapping[DestKey, ObservedDest], bytes, bool]:
         """The dests of one service, the digest of the reply, and whether they are exactly
         ``before``'s.
@@ -337,7 +358,8 @@ class IPVSKernel:
         ``request`` keeps its sequence number from dump to dump, so an unchanged reply is
         byte for byte the same: when its digest equals ``digest`` (the last dump's),
         ``before.dests`` is the answer and nothing is decoded. Otherwise each dest is
-        decoded, reusing the last dump's object in its place when that one is still right.
+        decoded, reusing the ``expected`` Dest equal to it, and the last dump's object in
+        its place when that one is still right.
         """
         self._send(request)
         chunks = self._collect(nl.NLMSG_HDR.unpack_from(request)[3], f"GET_DEST {key}")
@@ -345,6 +367,7 @@ class IPVSKernel:
         if before is not None and fingerprint == digest:
             return before.dests, fingerprint, True
         earlier = list(before.dests.values()) if before is not None else []
+        like = {(k.address, k.port): d for k, d in expected.items()} if expected else None
         found: dict[DestKey, ObservedDest] = {}
         reused = 0
         af = int(key.af)
@@ -362,7 +385,7 @@ class IPVSKernel:
                     header = nl.Header(0, 0, 0, start + nl.NLMSG_HDR.size, start + length)
                     observed = nl.decode_dest_message(chunk, header, af)
                 else:
-                    observed = build(af, *values, previous=previous)
+                    observed = build(af, *values, previous=previous, like=like)
                     reused += observed is previous
                 found[observed.dest.key] = observed
                 start += (length + 3) & ~3

@@ -24,7 +24,7 @@ import operator
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, NamedTuple
@@ -592,6 +592,30 @@ _set = object.__setattr__
 _ntohs = socket.ntohs
 
 
+def _same(
+    dest: Dest,
+    weight: int,
+    method: ForwardingMethod,
+    upper: int,
+    lower: int,
+    tunnel_type: TunnelType,
+    tunnel_port: int,
+    tunnel_flags: TunnelFlags,
+    af: AddressFamily | None,
+) -> bool:
+    """Whether ``dest`` holds these settings (its key is compared by the caller)."""
+    return (
+        dest.weight == weight
+        and dest.forwarding is method
+        and dest.upper_threshold == upper
+        and dest.lower_threshold == lower
+        and dest.tunnel_type is tunnel_type
+        and dest.tunnel_port == tunnel_port
+        and dest.tunnel_flags is tunnel_flags
+        and dest.af is af
+    )
+
+
 def observed_dest(
     service_af: int,
     raw_addr: bytes,
@@ -614,13 +638,16 @@ def observed_dest(
     outbytes: int,
     *,
     previous: ObservedDest | None = None,
+    like: Mapping[tuple[str, int], Dest] | None = None,
 ) -> ObservedDest:
     """Model values from a dest's raw attribute values, in _DEST_SPEC order.
 
     Ports come as read from the wire in native order (be16 bytes), af 0 means the service's.
     ``previous`` is what the last dump had in this place: when nothing differs it is
     returned as is (and its Dest when only counters moved), which is cheaper than building
-    and lets consecutive tables share their unchanged entries.
+    and lets consecutive tables share their unchanged entries. ``like`` holds the Dests the
+    caller expects, by (address, port): one equal to this dest is used itself, so the
+    observed table shares it with the desired one instead of holding an equal copy.
     Both decoders end here, so they cannot disagree on what a value means.
     """
     port = _ntohs(port)
@@ -635,21 +662,21 @@ def observed_dest(
     if tunnel_flags is None:
         tunnel_flags = _tunnel_flags(tun_flags)
     dest: Dest | None = None
+    if like is not None:
+        wanted = like.get((address, port))
+        if wanted is not None and _same(
+            wanted, weight, method, upper, lower, tunnel_type, tun_port, tunnel_flags, own
+        ):
+            dest = wanted
     if previous is not None:
         old = previous.dest
-        if (
-            old.weight == weight
-            and old.key.port == port
+        if dest is None and (
+            old.key.port == port
             and old.key.address == address
-            and old.forwarding is method
-            and old.upper_threshold == upper
-            and old.lower_threshold == lower
-            and old.tunnel_type is tunnel_type
-            and old.tunnel_port == tun_port
-            and old.tunnel_flags is tunnel_flags
-            and old.af is own
+            and _same(old, weight, method, upper, lower, tunnel_type, tun_port, tunnel_flags, own)
         ):
             dest = old
+        if dest is old:
             was = previous.stats
             if (
                 was.connections == conns
