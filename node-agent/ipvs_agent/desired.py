@@ -14,6 +14,7 @@ that the shell looked up.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -255,11 +256,18 @@ def service_template(vs: VirtualServer, key: ServiceKey) -> Service:
     return Service(key, str(spec.scheduler), flags, timeout, netmask, pe)
 
 
+def _dest_key(address: IPAddress, port: int) -> DestKey:
+    """The key of a real server. Its address text is interned: a Service's ports, and the
+    VirtualServers that share its endpoints, hold one string per address (the kernel
+    layer interns what it reads too)."""
+    return DestKey(sys.intern(str(address)), port)
+
+
 def _dest(
     vs: VirtualServer,
     key: ServiceKey,
     address: IPAddress,
-    port: int,
+    dkey: DestKey,
     weight: int,
     upper: int = 0,
     lower: int | None = None,
@@ -270,7 +278,7 @@ def _dest(
     if upper and lower is None:
         lower = upper * 3 // 4
     return Dest(
-        key=DestKey(str(address), port),
+        key=dkey,
         forwarding=_METHOD[fwd.method],
         weight=weight,
         upper_threshold=upper,
@@ -337,12 +345,12 @@ def _static_dests(
         else:
             rport = port.port
         configured = vs.spec.backends.default_weight if rs.weight is None else rs.weight
-        dkey = DestKey(str(rs.address), rport)
-        weight, adjust = health.weigh(key, dkey, (str(rs.address), rs.port or 0), configured)
+        dkey = _dest_key(rs.address, rport)
+        weight, adjust = health.weigh(key, dkey, (dkey.address, rs.port or 0), configured)
         if weight is None:
             continue
         upper, lower = _upper(adjust, rs.upper_threshold, rs.lower_threshold)
-        d = _dest(vs, key, rs.address, rport, weight, upper, lower)
+        d = _dest(vs, key, rs.address, dkey, weight, upper, lower)
         dests[d.key] = d
     return dests
 
@@ -382,12 +390,12 @@ def _service_dests(
         if rport is None:
             continue  # this slice has no port of that name
         weight: int | None = vs.spec.backends.default_weight if ep.ready else 0
-        dkey = DestKey(str(ep.address), rport)
-        weight, adjust = health.weigh(key, dkey, (str(ep.address), 0), weight or 0)
+        dkey = _dest_key(ep.address, rport)
+        weight, adjust = health.weigh(key, dkey, (dkey.address, 0), weight or 0)
         if weight is None:
             continue
         upper, _ = _upper(adjust, 0, None)
-        d = _dest(vs, key, ep.address, rport, weight, upper)
+        d = _dest(vs, key, ep.address, dkey, weight, upper)
         old = dests.get(d.key)
         if old is None or (old.weight == 0 and weight > 0):
             dests[d.key] = d  # the same address in two slices: the ready one wins
