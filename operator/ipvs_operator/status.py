@@ -24,7 +24,7 @@ SERVING: Final = "Serving"
 _NAMED_NODES: Final = 5
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirectorReport:
     """One node's IPVSNode entry for a VirtualServer it directs."""
 

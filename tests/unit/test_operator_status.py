@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+from dataclasses import replace
 from typing import Any
 
 from ipvs_api import conditions, load
@@ -246,6 +248,32 @@ def test_index_entries_keep_only_what_is_read() -> None:
     assert "managedFields" not in kept["metadata"]
     assert kept["metadata"]["annotations"] == {"ipvs.io/scheduler": "rr"}
     assert kept["spec"] == {"type": "ClusterIP"}
+
+
+def test_report_entries_of_many_nodes_share_their_strings() -> None:
+    """The operator holds an entry per (node, VirtualServer): two million at 20 000 x 100.
+    Each node's parsed report must not bring its own copy of the same names and states."""
+
+    def parsed(node: str) -> dict[tuple[str, str], DirectorReport]:
+        entry = {
+            "namespace": "shop",
+            "name": "web",
+            "state": "Failed",
+            "reason": "AddressConflict",
+            "message": "the kernel already has TCP 192.0.2.10:80",
+            "observedGeneration": 2,
+            "roles": ["Director"],
+            "announcement": {"mode": "Layer2"},
+        }
+        body = {"metadata": {"name": node}, "status": {"virtualServers": [entry]}}
+        return views.report_entries(json.loads(json.dumps(body)))  # fresh strings, as served
+
+    (key_a, a), (key_b, b) = *parsed("node-a").items(), *parsed("node-b").items()
+    assert a == replace(b, node="node-a")
+    assert all(x is y for x, y in zip(key_a, key_b, strict=True))
+    for field in ("state", "reason", "message", "announcement"):
+        assert getattr(a, field) is getattr(b, field), field
+    assert not hasattr(a, "__dict__")  # slots: no per-entry dict
 
 
 def test_the_announcing_node_is_in_status_and_every_move_is_an_event() -> None:
