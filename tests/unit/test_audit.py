@@ -136,9 +136,12 @@ class Second:
         self.kernel = kernel
         self.hold = hold
         self.dumps = 0
+        #: The table the last reading was handed (it lends its Dests: no third copy of each)
+        self.lent: DesiredTable | None = None
 
     def dump(self, expected: DesiredTable | None = None) -> ObservedTable:
         self.dumps += 1
+        self.lent = expected
         if self.hold is not None:
             assert self.hold.wait(10), "the test never let the reading finish"
         return self.kernel.dump(expected)
@@ -171,6 +174,7 @@ def test_in_the_loop_the_auditor_takes_the_resync_and_drift_gets_a_full_pass() -
         until(lambda: bed.passes("full") == 1, "the first pass")
         until(lambda: second.dumps >= 3, "three audits")
         assert bed.passes("full") == 1, "clean audits run no pass"
+        assert bed.agent.expected is not None and second.lent is bed.agent.expected.table
         audits = bed.agent.metrics.registry.get_sample_value
         assert (audits("ipvs_agent_audits_total", {"result": "clean"}) or 0) >= 2
         service = bed.kernel.dump()[key_of(bed.kernel, "192.0.2.1")].service
