@@ -33,7 +33,7 @@ from ipvs_operator.events import EventPoster
 from ipvs_operator.marks import MarkClaim, MarkTable
 from ipvs_operator.service_reconciler import ServiceReconciler
 from ipvs_operator.status import Address, DirectorReport
-from ipvs_operator.views import Views
+from ipvs_operator.views import Views, report_key, virtual_server_of
 from ipvs_operator.workqueue import POOL, SVC, VS, Key, WorkQueue
 from ipvs_operator.writer import NotLeading, Writer, always_leading, status_patch
 from ipvs_operator.writer import meta as _meta
@@ -76,8 +76,9 @@ class Controller:
         self._waiting: set[Key] = set()
         self._node_labels: dict[str, dict[str, str]] = {}
         #: What each node's report objects (its IPVSNode, and IPVSNodeReports on a big node)
-        #: list, by node, then by object name.
-        self._node_reports: dict[str, dict[str, dict[tuple[str, str], int]]] = {}
+        #: list, by node, then by object name: each entry's hash by ``report_key``
+        #: (an interned string per VirtualServer: a tuple per entry was half of this memory).
+        self._node_reports: dict[str, dict[str, dict[str, int]]] = {}
         #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
         self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
         self._namespace_labels: dict[str, dict[str, str]] = {}
@@ -150,7 +151,7 @@ class Controller:
         change cost N times 1700 reconciles (each entry is remembered by its hash; two different
         reports of one VirtualServer with equal hashes are a 2**-64 chance).
         """
-        now = {} if gone else {k: hash(r) for k, r in listed.items()}
+        now = {} if gone else {report_key(*k): hash(r) for k, r in listed.items()}
         objects = self._node_reports.setdefault(node, {})
         before = objects.get(source)
         if gone:
@@ -165,7 +166,7 @@ class Controller:
         before = before or {}
         for key in now.keys() | before.keys():
             if now.get(key) != before.get(key):
-                self.queue.add((VS, *key))
+                self.queue.add((VS, *virtual_server_of(key)))
 
     async def sessions_changed(
         self, node: str, report: Mapping[str, Any] | None, *, listing: bool, gone: bool
@@ -208,8 +209,8 @@ class Controller:
         moved = set(self._node_reports) if before is None else alive ^ before
         for node in moved | (stale ^ before_stale):
             for listed in self._node_reports.get(node, {}).values():
-                for namespace, name in listed:
-                    self.queue.add((VS, namespace, name))
+                for key in listed:
+                    self.queue.add((VS, *virtual_server_of(key)))
 
     def _live(self, reports: Mapping[str, DirectorReport]) -> dict[str, DirectorReport]:
         return status.live_reports(reports, self._live_agents, self._stale_agents)

@@ -230,6 +230,7 @@ def test_an_endpoint_removed_by_a_change_pass_drains_its_open_connection(lab: La
             assert gone not in fresh and len(set(fresh)) == 2, fresh
         wait_for(f"{gone} deleted after its drain", lambda: gone not in weights(), 30)
         assert sorted(weights().values()) == [1, 1]
+        assert passes("full") == 1, "the drain checks are change passes, not full ones"
     finally:
         stop.set()
         agent.changed.set()

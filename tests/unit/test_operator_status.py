@@ -254,7 +254,7 @@ def test_report_entries_of_many_nodes_share_their_strings() -> None:
     """The operator holds an entry per (node, VirtualServer): two million at 20 000 x 100.
     Each node's parsed report must not bring its own copy of the same names and states."""
 
-    def parsed(node: str) -> dict[tuple[str, str], DirectorReport]:
+    def parsed(node: str) -> dict[str, Any]:
         entry = {
             "namespace": "shop",
             "name": "web",
@@ -266,11 +266,18 @@ def test_report_entries_of_many_nodes_share_their_strings() -> None:
             "announcement": {"mode": "Layer2"},
         }
         body = {"metadata": {"name": node}, "status": {"virtualServers": [entry]}}
-        return views.report_entries(json.loads(json.dumps(body)))  # fresh strings, as served
+        fresh: dict[str, Any] = json.loads(json.dumps(body))  # fresh strings, as served
+        return fresh
 
-    (key_a, a), (key_b, b) = *parsed("node-a").items(), *parsed("node-b").items()
-    assert a == replace(b, node="node-a")
+    ((key_a, a),) = views.report_entries(parsed("n-a")).items()
+    ((key_b, b),) = views.report_entries(parsed("n-b")).items()
+    assert a == replace(b, node="n-a")
     assert all(x is y for x, y in zip(key_a, key_b, strict=True))
+    # kopf keeps the index key of every entry: one string per VirtualServer for all nodes
+    index_a, index_b = (views.ipvs_node_entries(parsed(n)) for n in ("n-a", "n-b"))
+    (report_a,) = (k for k in index_a if isinstance(k, str))
+    (report_b,) = (k for k in index_b if isinstance(k, str))
+    assert report_a is report_b and views.virtual_server_of(report_a) == ("shop", "web")
     for field in ("state", "reason", "message", "announcement"):
         assert getattr(a, field) is getattr(b, field), field
     assert not hasattr(a, "__dict__")  # slots: no per-entry dict
