@@ -179,6 +179,9 @@ class Agent:
         with ``full``) a full pass."""
         if self.kernel_info is None:
             self.kernel_info = self.kernel.info()
+        elif self._modules_changed():
+            self.kernel_info = replace(self.kernel_info, unloaded=self.kernel.unloaded())
+            full = True  # a new node, so the plan's memo starts anew too
         changes = self._take_changes()
         last = self._snapshot
         self._snapshot = None  # a pass that raises leaves the next one full
@@ -360,6 +363,12 @@ class Agent:
                 keys |= written
             return frozenset(keys)
 
+    def _modules_changed(self) -> bool:
+        """Whether a scheduler the planner holds back (:attr:`KernelInfo.unloaded`) was
+        loaded since (or unloaded): then a full pass programs what waited for it."""
+        info = self.kernel_info
+        return info is not None and self.kernel.unloaded() != info.unloaded
+
     def _audit(self) -> bool:
         """Hand the due resync to the auditor; False when there is none, no pass to compare
         with yet, or its reading has taken :data:`STUCK_RESYNCS` periods (then the loop runs
@@ -494,9 +503,10 @@ class Agent:
             now = self.clock()
             cause = "change" if woke else "resync" if now >= next_resync else "drain"
             # A due resync is a full pass even when changes keep coming (it applies them too),
-            # unless the auditor takes it: then the loop goes on with changes meanwhile.
+            # unless the auditor takes it: then the loop goes on with changes meanwhile. A
+            # scheduler module loaded since the last pass needs the full pass.
             due = now >= next_resync
-            if due and now < next_full and self._audit():
+            if due and now < next_full and not self._modules_changed() and self._audit():
                 next_resync, due = now + self.settings.resync_seconds, False
                 if cause == "resync":
                     self.alive_at = now

@@ -423,6 +423,14 @@ def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
             f"scheduler {sched} is not available in kernel {kernel.release or '?'} "
             f"(it has {', '.join(kernel.schedulers)})",
         )
+    if sched in kernel.unloaded:
+        raise Unprogrammable(
+            State.UNSUPPORTED,
+            "SchedulerNotLoaded",
+            f"scheduler {sched}: module ip_vs_{sched} is not loaded on this node, and the "
+            "kernel's own load of it on first use can hang the node's network namespaces; "
+            f"load it at boot (the chart's agent.modules, or /etc/modules-load.d)",
+        )
     fwd = vs.spec.forwarding
     tun = fwd.method is ForwardingMethod.TUN
     if tun and kernel.tunnel_types and str(fwd.tunnel.type) not in kernel.tunnel_types:

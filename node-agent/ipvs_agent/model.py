@@ -210,6 +210,9 @@ class KernelInfo:
     release: str = ""
     schedulers: tuple[str, ...] = ()
     tunnel_types: tuple[str, ...] = ()
+    #: Schedulers of :data:`ipvs_agent.kernel.PRELOAD_SCHEDULERS` this kernel has but has not
+    #: loaded: a virtual service may not use one until it is loaded (first use can deadlock).
+    unloaded: tuple[str, ...] = ()
 
 
 class SyncState(IntEnum):

@@ -349,19 +349,34 @@ def test_pod_real_servers_add_sys_admin_and_the_nodes_namespaces(helm: Helm) -> 
 
 
 def test_load_modules_script(helm: Helm, tmp_path: Path) -> None:
-    """The init container's shell loop, run with a modprobe that fails for one module."""
+    """The init container's shell loop, run with a modprobe that has ip_vs_nope but cannot
+    load it, and lacks ip_vs_absent altogether."""
+    assert container(agent_pod(helm), "load-modules", init=True)["args"] == [
+        "ip_vs",
+        "ip_vs_lblc",
+        "ip_vs_lblcr",
+    ]
     init = container(agent_pod(helm, "full.yaml"), "load-modules", init=True)
     assert init["args"] == ["ip_vs", "ip_vs_wrr", "ip_vs_mh"]
     fake = tmp_path / "modprobe"
-    fake.write_text('#!/bin/sh\necho "$1" >> "$LOG"\n[ "$1" != ip_vs_nope ]\n')
+    fake.write_text(
+        '#!/bin/sh\necho "$*" >> "$LOG"\n'
+        'case "$*" in *ip_vs_absent) exit 1 ;; "-n -q ip_vs_nope") exit 0 ;; '
+        "*ip_vs_nope) exit 1 ;; esac\n"
+    )
     fake.chmod(0o755)
     log = tmp_path / "log"
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LOG": str(log)}
     ok = subprocess.run([*init["command"], *init["args"]], env=env, check=False)
     assert ok.returncode == 0
-    assert log.read_text().split() == init["args"]
+    assert log.read_text().splitlines() == init["args"]
     bad = subprocess.run([*init["command"], "ip_vs", "ip_vs_nope"], env=env, check=False)
-    assert bad.returncode == 1  # not loadable and not in /sys/module: the pod does not start
+    assert bad.returncode == 1  # in the kernel, not loadable, not in /sys/module: no start
+    absent = [*init["command"], "ip_vs_absent", "ip_vs"]
+    skipped = subprocess.run(absent, env=env, check=False, capture_output=True, text=True)
+    assert skipped.returncode == 0, "a module the kernel lacks is skipped"
+    assert "ip_vs_absent is not in this kernel" in skipped.stdout
+    assert log.read_text().splitlines()[-2:] == ["-n -q ip_vs_absent", "ip_vs"]
 
 
 def test_agent_without_sysctls_has_no_mount_to_write_through(helm: Helm) -> None:

@@ -118,6 +118,10 @@ class Agent:
                 self._info = kernel.info()
         return self._info
 
+    def forget_kernel_info(self) -> None:
+        """Read the kernel's offer anew at the next pass (a module was loaded meanwhile)."""
+        self._info = None
+
     def reconcile(self, *objects: dict[str, Any]) -> PassResult:
         info = self.info()
         with self.kernel() as kernel:

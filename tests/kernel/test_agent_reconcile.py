@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +190,29 @@ def test_one_unprogrammable_virtual_server_leaves_the_others_working(
         assert "twos" in result.outcomes["lab/twos"].message
     counts = topology.client.tcp_identities(topology.vip, topology.port, 9)
     assert counts == Counter(rs1=3, rs2=3, rs3=3)
+
+
+def test_an_lblc_service_waits_for_its_module_then_serves(nat: tuple[Topology, Agent]) -> None:
+    """ip_vs_lblc sets up state in every network namespace as it loads. Loaded by the kernel
+    on first use, inside the IPVS command and under its lock, it waits for any namespace being
+    removed, which waits for that lock: the node's namespaces hang for good (docs/agent.md).
+    So the agent sends no lblc service before the module is in (the test bed loads it at boot,
+    as the chart's init container does; here it is taken out and put back)."""
+    topology, agent = nat
+    module = Path("/sys/module/ip_vs_lblc")
+    subprocess.run(["rmmod", "ip_vs_lblc"], check=True, capture_output=True)
+    try:
+        held = agent.reconcile(manifest(topology, scheduler="lblc"))
+        outcome = held.outcomes["lab/web"]
+        assert (outcome.state, outcome.reason) == (State.UNSUPPORTED, "SchedulerNotLoaded")
+        assert held.ops == [] and ipvsadm(topology.director, "-S", "-n").stdout == ""
+        assert not module.exists(), "nothing the agent did loaded it"
+    finally:
+        subprocess.run(["modprobe", "ip_vs_lblc"], check=True, capture_output=True)
+    with agent.kernel() as kernel:
+        assert kernel.unloaded() == ()
+    agent.forget_kernel_info()  # the in-cluster agent asks again at every pass
+    result = agent.reconcile(manifest(topology, scheduler="lblc"))
+    assert result.outcomes["lab/web"].state is State.PROGRAMMED
+    counts = topology.client.tcp_identities(topology.vip, topology.port, 6)
+    assert sum(counts.values()) == 6 and len(counts) == 1, "one destination IP, one server"

@@ -561,3 +561,4 @@ def test_info_describes_this_kernel(ns: Netns, kernel: IPVSKernel) -> None:
     if info.release.startswith("6.1."):
         assert "twos" not in info.schedulers  # twos arrived in 6.2
     assert info.tunnel_types == ("ipip", "gue", "gre")
+    assert info.unloaded == (), "the test bed loads lblc and lblcr at boot, as the chart does"

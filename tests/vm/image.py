@@ -119,6 +119,11 @@ mount -t 9p -o "$OPTS,cache=none" ipvsout /newroot/run/ipvs-vm \
     || die "cannot mount the results share"
 
 echo /modprobe-chroot > /proc/sys/kernel/modprobe
+# As the chart's init container does on a node (agent.modules): these schedulers' modules
+# must be in before first use, which can deadlock the kernel (PRELOAD_SCHEDULERS in
+# node-agent/ipvs_agent/kernel/__init__.py). ip_vs comes with them; other schedulers,
+# tunnels and nftables still load on first use.
+/modprobe-chroot -a ip_vs_lblc ip_vs_lblcr || die "cannot load ip_vs_lblc and ip_vs_lblcr"
 ip link set lo up
 
 say "running /run/ipvs-vm/$RUN"

@@ -225,6 +225,9 @@ def qemu_command(
             "console=ttyS0",
             "quiet",
             "panic=-1",
+            # A task stuck for 120 s (a kernel deadlock) ends the run at once, with its
+            # report on the console, instead of at the suite's timeout an hour later.
+            "hung_task_panic=1",
             f"ipvsvm_kver={image.kernel_version}",
             f"ipvsvm_modtree={image.modules}",
             f"ipvsvm_run={script}",

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
 from ipvs_agent.model import (
     DesiredTable,
@@ -110,6 +110,17 @@ def apply_in_rounds(
     return [r for r in results if r is not None]
 
 
+#: Schedulers whose modules keep state in every network namespace (a sysctl each): loading one
+#: takes the lock that network-namespace teardown holds. The kernel loads a scheduler's module
+#: on first use from inside the IPVS command, holding the IPVS lock that teardown then waits
+#: for, so that first use deadlocks when a namespace is being removed at the time (pods
+#: stopping on the node): the command, every later namespace creation and deletion on the
+#: node hang for good. Reproduced in the test VM with 40 namespaces removed just before
+#: (docs/agent.md); the other schedulers load safely on first use. These must be loaded
+#: beforehand, at boot or by the chart's init container.
+PRELOAD_SCHEDULERS: Final = frozenset({"lblc", "lblcr"})
+
+
 class KernelError(OSError):
     """A whole kernel call failed (socket, dump, config), as opposed to one op of a batch."""
 
@@ -140,6 +151,11 @@ class Kernel(Protocol):
 
     def info(self) -> KernelInfo:
         """IPVS version, connection table size, release, schedulers and tunnel types."""
+        ...
+
+    def unloaded(self) -> tuple[str, ...]:
+        """The :data:`PRELOAD_SCHEDULERS` this kernel has but has not loaded now: what
+        :attr:`KernelInfo.unloaded` would say if asked again (an admin may load them)."""
         ...
 
     def set_timeouts(self, timeouts: Timeouts) -> None:

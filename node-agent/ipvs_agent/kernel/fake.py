@@ -82,6 +82,9 @@ class FakeKernel:
         self.schedulers = tuple(schedulers)
         self.tunnel_types = tuple(tunnel_types)
         self.release = release
+        #: Schedulers a test marks as not loaded (of PRELOAD_SCHEDULERS: the real kernel can
+        #: deadlock loading one on first use, so a service using one fails the test).
+        self.unloaded_schedulers: set[str] = set()
         self.timeouts = DEFAULT_TIMEOUTS
         #: Every op that succeeded, in order, for tests that check what was done.
         self.applied: list[Op] = []
@@ -150,7 +153,12 @@ class FakeKernel:
 
     def info(self) -> KernelInfo:
         self._check_open()
-        return KernelInfo("1.2.1", 4096, self.release, self.schedulers, self.tunnel_types)
+        return KernelInfo(
+            "1.2.1", 4096, self.release, self.schedulers, self.tunnel_types, self.unloaded()
+        )
+
+    def unloaded(self) -> tuple[str, ...]:
+        return tuple(s for s in self.schedulers if s in self.unloaded_schedulers)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         self._check_open()
@@ -245,6 +253,8 @@ class FakeKernel:
     def _set_service(self, service: Service, entry: _Entry) -> tuple[int, str]:
         if service.scheduler not in self.schedulers:
             return errno.ENOENT, f"scheduler {service.scheduler} not available"
+        if service.scheduler in self.unloaded_schedulers:
+            raise AssertionError(f"scheduler {service.scheduler} used before its module was loaded")
         if service.pe_name and service.pe_name not in PERSISTENCE_ENGINES:
             return errno.ENOENT, f"persistence engine {service.pe_name} not available"
         entry.service = service

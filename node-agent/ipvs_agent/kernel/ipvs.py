@@ -33,7 +33,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
-from ipvs_agent.kernel import KernelError, OpResult, apply_in_rounds, describe_error
+from ipvs_agent.kernel import (
+    PRELOAD_SCHEDULERS,
+    KernelError,
+    OpResult,
+    apply_in_rounds,
+    describe_error,
+)
 from ipvs_agent.kernel import netlink as nl
 from ipvs_agent.model import (
     DesiredTable,
@@ -97,6 +103,8 @@ class IPVSKernel:
         self._last: ObservedTable = {}
         self._seen: dict[bytes, _Seen] = {}
         self._lock = threading.Lock()
+        #: The schedulers :meth:`info` found (modules are global: any namespace sees them).
+        self._schedulers: tuple[str, ...] | None = None
 
     # --- Kernel protocol ------------------------------------------------------------------
 
@@ -179,7 +187,15 @@ class IPVSKernel:
             version, table_size = nl.decode_info(data, header)
         release = os.uname().release
         schedulers, tunnels = probe_modules(release)
-        return KernelInfo(version, table_size, release, schedulers, tunnels)
+        self._schedulers = schedulers
+        unloaded = unloaded_schedulers(schedulers, release)
+        return KernelInfo(version, table_size, release, schedulers, tunnels, unloaded)
+
+    def unloaded(self) -> tuple[str, ...]:
+        release = os.uname().release
+        if self._schedulers is None:
+            self._schedulers = probe_modules(release)[0]
+        return unloaded_schedulers(self._schedulers, release)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         with self._lock:
@@ -585,29 +601,56 @@ def _module_name(path: str) -> str:
     return name.removesuffix(".ko").replace("-", "_")
 
 
-def available_modules(release: str, root: Path = Path("/")) -> frozenset[str]:
-    """Modules that are loaded, built in, or installed for ``release``.
-
-    Reads /proc/modules, /sys/module and the modules.dep / modules.builtin of
-    /lib/modules/<release>; missing files count as empty (a container may lack them).
-    """
+def loaded_modules(release: str, root: Path = Path("/")) -> frozenset[str]:
+    """Modules in the kernel now: loaded (/proc/modules, /sys/module) or built in
+    (modules.builtin of /lib/modules/<release>); missing files count as empty."""
     names: set[str] = set()
     with contextlib.suppress(OSError):
         for line in (root / "proc/modules").read_text().splitlines():
             names.add(line.split(" ", 1)[0])
     with contextlib.suppress(OSError):
         names.update(entry.name for entry in (root / "sys/module").iterdir())
-    tree = root / "lib/modules" / release
-    for listing, split in (("modules.dep", ":"), ("modules.builtin", None)):
-        try:
-            text = (tree / listing).read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            path = line.split(split, 1)[0] if split else line
-            if path.strip():
-                names.add(_module_name(path.strip()))
+    names.update(_listed(root / "lib/modules" / release / "modules.builtin", None))
     return frozenset(names)
+
+
+def _listed(listing: Path, split: str | None) -> set[str]:
+    """Module names in a modules.dep (``split`` ":") or modules.builtin listing."""
+    try:
+        text = listing.read_text()
+    except OSError:
+        return set()
+    names = set()
+    for line in text.splitlines():
+        path = line.split(split, 1)[0] if split else line
+        if path.strip():
+            names.add(_module_name(path.strip()))
+    return names
+
+
+def available_modules(release: str, root: Path = Path("/")) -> frozenset[str]:
+    """Modules that are loaded, built in, or installed for ``release``.
+
+    Reads /proc/modules, /sys/module and the modules.dep / modules.builtin of
+    /lib/modules/<release>; missing files count as empty (a container may lack them).
+    """
+    installed = _listed(root / "lib/modules" / release / "modules.dep", ":")
+    return loaded_modules(release, root) | installed
+
+
+def unloaded_schedulers(
+    schedulers: Iterable[str], release: str, root: Path = Path("/")
+) -> tuple[str, ...]:
+    """Those of ``schedulers`` in PRELOAD_SCHEDULERS whose module is not in the kernel now.
+    Every pass asks, so a loaded module costs one stat (its /sys/module directory)."""
+    sysfs = root / "sys/module"
+    wanted = [
+        s for s in schedulers if s in PRELOAD_SCHEDULERS and not (sysfs / f"ip_vs_{s}").is_dir()
+    ]
+    if not wanted:
+        return ()
+    loaded = loaded_modules(release, root)
+    return tuple(s for s in wanted if f"ip_vs_{s}" not in loaded)
 
 
 def probe_modules(release: str, root: Path = Path("/")) -> tuple[tuple[str, ...], tuple[str, ...]]:
