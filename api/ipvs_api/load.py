@@ -25,6 +25,7 @@ from ipvs_api.types import (
     CheckType,
     DNSCheck,
     Feedback,
+    FeedbackMode,
     Forwarding,
     ForwardingMethod,
     HealthCheck,
@@ -200,6 +201,7 @@ def feedback(raw: dict[str, Any]) -> Feedback:
         threshold=raw["thresholdPercent"] / 100,
         blackout=_seconds(raw["blackout"]),
         expiry=_seconds(raw["expiry"]),
+        mode=FeedbackMode(raw["mode"]),
     )
 
 

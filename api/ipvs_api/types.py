@@ -217,6 +217,16 @@ class HealthCheck:
     dns: DNSCheck | None = None
 
 
+class FeedbackMode(StrEnum):
+    """What the feedback law steers each real server's load toward."""
+
+    #: ``targetLoadPercent`` (the LVS law): below it a weight rises, above it it falls.
+    TARGET = "Target"
+    #: The mean load of the VirtualServer's real servers: utilisation evens out, and the
+    #: weights end up in proportion to capacity.
+    BALANCE = "Balance"
+
+
 @dataclass(frozen=True)
 class Feedback:
     """LVS dynamic feedback: load from each real server's agent (HAProxy agent-check protocol)
@@ -235,6 +245,7 @@ class Feedback:
     threshold: float = 0.15
     blackout: float = 10.0
     expiry: float = 180.0
+    mode: FeedbackMode = FeedbackMode.TARGET
 
 
 @dataclass(frozen=True)

@@ -155,8 +155,9 @@ class Plan:
     real_servers: Mapping[RealServerNetns, RealServerSpec] = field(default_factory=dict)
     #: The VirtualServers (keys) each of those namespaces serves, to attribute a failure.
     real_server_owners: Mapping[RealServerNetns, frozenset[str]] = field(default_factory=dict)
-    #: VirtualServers the planner failed on (a bug, reported as InternalError): what this node
-    #: programmed for them stays as it was (see :func:`ipvs_agent.reconciler.reconcile`).
+    #: VirtualServers the planner failed on (a bug, reported as InternalError), or that wait
+    #: for the node (``Unprogrammable.keep``): what this node programmed for them stays as it
+    #: was (see :func:`ipvs_agent.reconciler.reconcile`).
     broken: frozenset[str] = frozenset()
     #: Each VirtualServer's share of :attr:`real_servers`, for the next pass's ``previous``.
     real_server_parts: Mapping[str, Mapping[RealServerNetns, RealServerSpec]] = field(
@@ -194,11 +195,14 @@ PROTECTED_PORTS = frozenset({22, 2379, 2380, 6443, 9753, 10249, 10250, 10255, 10
 class Unprogrammable(Exception):
     """A VirtualServer this node cannot program; carries the condition reason."""
 
-    def __init__(self, state: State, reason: str, message: str) -> None:
+    def __init__(self, state: State, reason: str, message: str, keep: bool = False) -> None:
         super().__init__(message)
         self.state = state
         self.reason = reason
         self.message = message
+        #: Leave what this node programmed for it as it is (as for a planner bug), rather than
+        #: take it down: the node will program it once it can (a module to be loaded).
+        self.keep = keep
 
 
 _PROTOCOL = {
@@ -430,6 +434,7 @@ def _check_kernel(vs: VirtualServer, kernel: KernelInfo | None) -> None:
             f"scheduler {sched}: module ip_vs_{sched} is not loaded on this node, and the "
             "kernel's own load of it on first use can hang the node's network namespaces; "
             f"load it at boot (the chart's agent.modules, or /etc/modules-load.d)",
+            keep=True,  # a service changed to it keeps its old scheduler meanwhile
         )
     fwd = vs.spec.forwarding
     tun = fwd.method is ForwardingMethod.TUN
@@ -874,6 +879,8 @@ def plan(
                 )
             except Unprogrammable as e:
                 known = _Planned(vs, backends, mine, part, None, (e.state, e.reason, e.message))
+                if e.keep:
+                    broken[vs.key] = e
             except Exception as e:  # a planner bug must cost one object, not the node
                 broken[vs.key] = e
                 outcomes[vs.key] = _internal_error(vs, e, roles)

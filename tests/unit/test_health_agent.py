@@ -319,6 +319,29 @@ def test_feedback_drain_weights_blackout_and_expiry_through_the_checker() -> Non
     assert bed.wakes > wakes
 
 
+def test_balance_steers_each_real_server_toward_the_mean_of_its_virtual_server() -> None:
+    """Through the checker: each real server's answer is judged against the last answers of
+    the other real servers of the same VirtualServer (only), whatever order they come in."""
+    bed = Bed()
+    fb = {"agent": {"port": 3333}, "period": "1s", "blackout": "0s", "mode": "Balance"}
+    servers = {"static": [{"address": RS1, "weight": 10}, {"address": RS2, "weight": 10}]}
+    lone = {"static": [{"address": "198.51.100.13", "weight": 10}]}
+    other = checked(name="other", address="192.0.2.2", healthCheck=None, feedback=fb,
+                    backends=lone)  # fmt: skip
+    bed.checker.configure(
+        targets([checked(healthCheck=None, feedback=fb, backends=servers), other], {}, NODE)
+    )
+    bed.answers[RS1] = [b"10%\n"] * 3  # load 0.9
+    bed.answers[RS2] = [b"70%\n"] * 3  # load 0.3: the mean is 0.6
+    bed.answers["198.51.100.13"] = [b"0%\n"] * 3  # alone: nobody to balance against
+    bed.advance(3.0)
+    moved = bed.checker.adjustments()["ns/web"]
+    weak, strong = moved[(RS1, 0)].weight, moved[(RS2, 0)].weight
+    assert weak is not None and strong is not None and weak < 10 < strong
+    lone_weight = bed.checker.adjustments()["ns/other"][("198.51.100.13", 0)].weight
+    assert lone_weight == 10, "a lone real server keeps its weight, however loaded"
+
+
 def test_metrics_of_probes_transitions_and_feedback() -> None:
     bed = Bed()
     fb = {"agent": {"port": 3333}, "period": "1s", "blackout": "0s"}

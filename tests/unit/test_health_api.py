@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ipvs_agent.health.feedback import Law
 from ipvs_api import constants, load
 from ipvs_api.rules import parse_duration, parse_statuses
-from ipvs_api.types import CheckType, OnFailure
+from ipvs_api.types import CheckType, FeedbackMode, OnFailure
 
 STATIC = {"static": [{"address": "198.51.100.11"}]}
 
@@ -83,6 +84,11 @@ VALID_SPECS: dict[str, dict[str, Any]] = {
         },
         "backends": {"service": {"name": "web"}},
     },
+    "feedback-balance": {
+        "ports": [{"port": 80}],
+        "feedback": {"agent": {"port": 3333}, "mode": "Balance"},
+        "backends": STATIC,
+    },
 }
 
 
@@ -139,6 +145,10 @@ def test_feedback_defaults_are_the_lvs_ones() -> None:
     assert (fb.agent_port, fb.agent_send) == (3333, "")
     assert (fb.gain, fb.target, fb.scale, fb.min_weight) == (5, 0.95, 10, 1)
     assert (fb.period, fb.timeout, fb.blackout, fb.expiry, fb.threshold) == (5, 1, 10, 180, 0.15)
+    assert fb.mode is FeedbackMode.TARGET
+    balance = load.virtual_server(virtual_server(VALID_SPECS["feedback-balance"])).spec.feedback
+    assert balance is not None and balance.mode is FeedbackMode.BALANCE
+    assert Law.of(balance).balance and not Law.of(fb).balance
 
 
 @given(

@@ -8,6 +8,7 @@ convergence, the absence of oscillation and every safeguard are shown without a 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -308,3 +309,76 @@ def test_the_step_is_gain_times_the_cube_root_of_the_distance_to_the_target(
 
 def test_feed_is_a_value() -> None:
     assert feedback.start(3, 1.0) == Feed(3, 3.0, 3, last=1.0)
+
+
+# ---------------------------------------------------------------- the Balance law
+
+BALANCE = replace(FAST, balance=True)
+
+
+def simulate_balance(
+    capacities: list[float], offered: float, law: Law, periods: int, configured: int = 10
+) -> tuple[list[list[int]], list[list[float]]]:
+    """As :func:`simulate`, but each server is steered toward the mean load: polled one after
+    another, as the checker does, each against the others' last answers."""
+    feeds = [feedback.start(configured, 0.0) for _ in capacities]
+    weights, loads = [], []
+    for period in range(periods):
+        now = float(period + 1)
+        applied = [f.applied for f in feeds]
+        load = [offered * w / sum(applied) / c for w, c in zip(applied, capacities, strict=True)]
+        for i, x in enumerate(load):
+            reply = agent_answer(x)
+            others = feeds[:i] + feeds[i + 1 :]
+            mean = feedback.mean_load(reply.load, others, now, law)
+            feeds[i] = feedback.step(feeds[i], reply, now, law, mean)
+        weights.append([f.applied for f in feeds])
+        loads.append(load)
+    return weights, loads
+
+
+@pytest.mark.parametrize("offered", [8.0, 24.0, 36.0])
+def test_balance_evens_out_utilisation_and_the_weights_follow_capacity(offered: float) -> None:
+    # The weak (10/s) and strong (30/s) servers of the Target tests, at 20 %, 60 % and 90 % of
+    # their joint capacity. Target leaves them equal at 20 % (both below it, both at the cap:
+    # test_every_server_below_the_target_keeps_rising_to_the_cap_and_stays).
+    weights, loads = simulate_balance([10.0, 30.0], offered, BALANCE, periods=150)
+    weak, strong = [w[0] for w in weights], [w[1] for w in weights]
+    mean = sum(loads[-1]) / 2  # even to within the law's tolerance, where it rests
+    assert all(abs(x - mean) <= feedback.BALANCE_TOLERANCE * mean for x in loads[-1]), loads[-1]
+    assert abs(loads[-1][0] - loads[-1][1]) < abs(loads[0][0] - loads[0][1]) / 4
+    assert 2.4 <= strong[-1] / weak[-1] <= 3.6, weights[-1]
+    assert direction_changes(weak) <= 1 and direction_changes(strong) <= 1
+    settled = next(i for i in range(len(weights)) if weights[i:] == [weights[-1]] * (150 - i))
+    assert settled < 60, weights[:settled]
+
+
+def test_balance_stays_within_the_bounds_and_rests_on_equal_servers() -> None:
+    weights, _ = simulate_balance([10.0, 10.0, 10.0], 15.0, BALANCE, periods=30)
+    assert weights == [[10, 10, 10]] * 30, "nothing to even out: no weight moves"
+    weights, _ = simulate_balance([1.0, 100.0], 20.0, BALANCE, periods=200)
+    assert weights[-1] == [1, 100], "as far as the bounds allow (minWeight 1, scale 10 x 10)"
+
+
+def test_the_mean_counts_only_real_servers_in_use() -> None:
+    law = Law(blackout=5, expiry=30, balance=True)
+
+    def answered(load: float, since: float = 0.0, last: float = 10.0, **kw: object) -> Feed:
+        return replace(feedback.start(10, 0.0), since=since, last=last, answered=True,
+                       load=load, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    now = 10.0
+    peers = [
+        answered(0.2),
+        answered(0.9, since=8.0),  # in its blackout
+        answered(0.9, last=-25.0),  # expired
+        answered(0.9, command=Command.DRAIN),
+        replace(answered(0.9), configured=0),
+        feedback.start(10, 0.0),  # never answered
+    ]
+    assert feedback.mean_load(0.6, peers, now, law) == pytest.approx(0.4)
+    assert feedback.mean_load(0.6, peers[1:], now, law) is None, "no one to compare with"
+    assert feedback.mean_load(None, peers, now, law) is None
+    # Alone (or with none to compare), a Balance law holds the weight; commands still count.
+    alone = feedback.step(feedback.start(10, 0.0), Reply(load=0.9), 10.0, BALANCE, None)
+    assert (alone.applied, alone.weight, alone.load) == (10, 10.0, 0.9)

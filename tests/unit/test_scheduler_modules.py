@@ -15,6 +15,7 @@ from ipvs_agent.audit import Auditor
 from ipvs_agent.desired import Node, State, plan
 from ipvs_agent.kernel.ipvs import loaded_modules, probe_modules, unloaded_schedulers
 from ipvs_agent.model import KernelInfo
+from ipvs_agent.ops import OpKind
 from tests.unit.agent_helpers import vs
 from tests.unit.test_audit import Second, looping, until
 from tests.unit.test_change_pass import Bed, virtual_server
@@ -88,3 +89,19 @@ def test_the_agent_programs_the_service_once_the_module_is_loaded() -> None:
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_a_service_changed_to_an_unloaded_scheduler_keeps_its_old_one_meanwhile() -> None:
+    bed = Bed(services=1)
+    bed.agent.run_once("change")
+    (key,) = bed.kernel.dump()
+    bed.kernel.unloaded_schedulers = {"lblc"}
+    bed.virtual_servers.put(virtual_server("v0", "s0", "192.0.2.1", scheduler={"name": "lblc"}))
+    held = bed.agent.run_once("change")
+    assert held.outcomes["ns/v0"].reason == "SchedulerNotLoaded"
+    assert held.ops == [], "not taken down: it keeps serving with its old scheduler"
+    assert bed.kernel.dump()[key].service.scheduler == "wlc"
+    bed.kernel.unloaded_schedulers = set()
+    loaded = bed.agent.run_once("resync")
+    assert [op.kind for op in loaded.ops] == [OpKind.EDIT_SERVICE]
+    assert bed.kernel.dump()[key].service.scheduler == "lblc"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ipvs_agent.health import feedback, machine, probes
-from ipvs_agent.health.feedback import Command, Feed
+from ipvs_agent.health.feedback import Command, Feed, Reply
 from ipvs_agent.health.targets import FeedTarget, Poll, Probe, Ref, Targets
 from ipvs_agent.health.verdict import Adjustment, Adjustments, Attention, RealServerKey
 from ipvs_api.types import OnFailure
@@ -294,13 +294,21 @@ class Checker:
             self._push(state.due, q)
             for ref, ft in self._targets.feeds.items():
                 if ft.poll == q and ref in e.feeds:
-                    e.feeds[ref] = feedback.step(e.feeds[ref], reply, now, ft.law)
+                    mean = self._mean(ref, ft, reply, now) if ft.law.balance else None
+                    e.feeds[ref] = feedback.step(e.feeds[ref], reply, now, ft.law, mean)
             changed = self._changed(now)
             self._cond.notify_all()
         if self.observer is not None:
             self.observer.polled(reply is not None)
         if changed:
             self._wake()
+
+    def _mean(self, ref: Ref, ft: FeedTarget, reply: Reply | None, now: float) -> float | None:
+        """The Balance law's reference for one real server: with the loads of the other real
+        servers of its VirtualServer (polled by their own schedules, so up to a period old)."""
+        vs = ref[0]
+        others = (f for (v, k), f in self._entries.feeds.items() if v == vs and (v, k) != ref)
+        return feedback.mean_load(reply.load if reply else None, others, now, ft.law)
 
     def _changed(self, now: float) -> bool:
         """Whether the decisions moved since they were last computed (then remembered)."""

@@ -16,15 +16,26 @@ threshold. Safeguards as in Envoy's client-side weighted round robin: answers ar
 ``blackout`` after an agent starts answering, a weight falls back to the configured one when
 the agent has been silent for ``expiry`` (a dead agent must never starve a healthy server),
 and a load never gives weight 0 — only health does.
+
+Two modes (``spec.feedback.mode``). ``Target`` is the LVS law above: each real server on its
+own, toward the target load. It keeps an overloaded server at the target, but where every
+server is below it, every weight rises to its cap and the weights end up equal whatever the
+capacities. ``Balance`` steers each server toward the mean load of its VirtualServer's real
+servers instead (the others' last answers with its own new one): a server busier than the
+mean loses weight, a quieter one gains, so utilisation evens out and the weights settle in
+proportion to capacity, as Envoy's weight = qps / utilisation (gRFC A58). Its step is
+multiplicative (:func:`_balanced`), with the same bounds, tolerance, write threshold and
+safeguards; ``gain`` and ``target`` are Target's alone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from ipvs_api.types import Feedback
+from ipvs_api.types import Feedback, FeedbackMode
 
 #: Bytes of an agent's answer that are read; HAProxy reads one line too.
 MAX_REPLY = 512
@@ -33,6 +44,19 @@ MAX_REPLY = 512
 #: tolerance the law's weight would walk back and forth across its resting point, and every
 #: few periods a write would follow (seen on the simulated plant in the unit tests).
 TOLERANCE = 0.03
+
+
+#: The Balance law's tolerance, a share of the mean: evenness is relative (at 20 % load, 3
+#: points apart is 15 % apart), and an agent's load is noisy (measured over a window of a
+#: few requests); a smaller one had the weights of a wlc service, which evens out short
+#: queues by itself, wander and be written every other period in the VM.
+BALANCE_TOLERANCE = 0.1
+#: A load at or above this is saturated: the server may be far more loaded than it can say.
+SATURATED = 0.99
+#: The Balance law moves a weight by at most this factor per period, and counts a load as
+#: at least MIN_LOAD (an idle server's answer says little about its capacity).
+MAX_FACTOR = 2.0
+MIN_LOAD = 0.01
 
 
 class Command(StrEnum):
@@ -97,11 +121,21 @@ class Law:
     threshold: float = 0.15
     blackout: float = 10.0
     expiry: float = 180.0
+    #: Steer toward the mean load of the VirtualServer's real servers, not ``target``.
+    balance: bool = False
 
     @classmethod
     def of(cls, fb: Feedback) -> Law:
+        balance = fb.mode is FeedbackMode.BALANCE
         return cls(
-            fb.gain, fb.target, fb.scale, fb.min_weight, fb.threshold, fb.blackout, fb.expiry
+            fb.gain,
+            fb.target,
+            fb.scale,
+            fb.min_weight,
+            fb.threshold,
+            fb.blackout,
+            fb.expiry,
+            balance,
         )
 
     def bounds(self, configured: int) -> tuple[int, int]:
@@ -146,8 +180,50 @@ def _settle(applied: int, weight: float, law: Law, low: int, high: int) -> int:
     return applied
 
 
-def step(feed: Feed, reply: Reply | None, now: float, law: Law) -> Feed:
-    """The state after one poll: ``reply`` None when the agent did not answer usably.
+def in_use(feed: Feed, now: float, law: Law) -> bool:
+    """Whether a real server's load counts toward the mean a Balance law steers to: its agent
+    answered, past the blackout and not expired, and it takes traffic (up, weight > 0)."""
+    return (
+        feed.load is not None
+        and feed.configured > 0
+        and feed.command is Command.UP
+        and feed.since is not None
+        and now - feed.since >= law.blackout
+        and now - feed.last <= law.expiry
+    )
+
+
+def mean_load(load: float | None, others: Iterable[Feed], now: float, law: Law) -> float | None:
+    """What a Balance law steers one real server to: the mean of its new ``load`` and the last
+    loads of its VirtualServer's other real servers in use. None when it has none to compare
+    with (alone, or the others silent): a server cannot be balanced against nobody."""
+    loads = [f.load for f in others if in_use(f, now, law) and f.load is not None]
+    if load is None or not loads:
+        return None
+    return (load + sum(loads)) / (len(loads) + 1)
+
+
+def _uneven(load: float, mean: float) -> bool:
+    """Whether a load is far enough from the mean to move its weight. A saturated server
+    always is, unless all are: its true load is censored at 100 % (a 1.1 against 0.83 reads
+    1.0 against a mean of 0.915, inside the tolerance)."""
+    if load >= SATURATED:
+        return mean < SATURATED
+    return abs(load - mean) > BALANCE_TOLERANCE * mean
+
+
+def _balanced(weight: float, load: float, mean: float) -> float:
+    """The Balance step: half the way, in ratio, to the weight at which this server's load
+    would be the mean (its share of traffic over its load is its capacity: gRFC A58's qps /
+    utilisation). A step proportional to the weight settles at any weight level, where a
+    fixed gain overshoots small weights; at most x2 or /2 a period, as near-idle loads are
+    mostly noise."""
+    return weight * min(MAX_FACTOR, max(1 / MAX_FACTOR, math.sqrt(mean / max(load, MIN_LOAD))))
+
+
+def step(feed: Feed, reply: Reply | None, now: float, law: Law, mean: float | None = None) -> Feed:
+    """The state after one poll: ``reply`` None when the agent did not answer usably; ``mean``
+    the Balance law's reference (:func:`mean_load`), without which it holds the weight.
 
     A failed poll changes nothing (not reaching the agent is no news about the server); the
     expiry, judged by :func:`verdict`, undoes what a silent agent said. An agent heard again
@@ -161,11 +237,14 @@ def step(feed: Feed, reply: Reply | None, now: float, law: Law) -> Feed:
     command = reply.command or feed.command
     maxconn = reply.maxconn if reply.maxconn is not None else feed.maxconn
     weight, applied = feed.weight, feed.applied
-    if reply.load is not None and feed.configured > 0 and now - since >= law.blackout:
+    aim = mean if law.balance else law.target
+    ready = feed.configured > 0 and now - since >= law.blackout
+    if reply.load is not None and aim is not None and ready:
         low, high = law.bounds(feed.configured)
-        error = law.target - reply.load
-        if abs(error) > TOLERANCE:
-            weight = min(high, max(low, weight + law.gain * cbrt(error)))
+        if law.balance and _uneven(reply.load, aim):
+            weight = min(high, max(low, _balanced(weight, reply.load, aim)))
+        elif not law.balance and abs(aim - reply.load) > TOLERANCE:
+            weight = min(high, max(low, weight + law.gain * cbrt(aim - reply.load)))
         applied = _settle(applied, weight, law, low, high)
     load = reply.load if reply.load is not None else feed.load
     return Feed(feed.configured, weight, applied, since, now, True, command, maxconn, load)

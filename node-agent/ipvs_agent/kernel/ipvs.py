@@ -141,10 +141,8 @@ class IPVSKernel:
                     continue
                 service, stats = found
                 request = nl.encode_dest_dump(self._family, self._next_seq(), key)
-                like = expected.get(key) if expected is not None else None
-                dests, _, _ = self._dump_dests(
-                    key, request, None, b"", like.dests if like is not None else None
-                )
+                like = _expected_dests(expected, key)
+                dests, _, _ = self._dump_dests(key, request, None, b"", like)
                 table[key] = ObservedService(service, dests, stats)
             return table
 
@@ -348,10 +346,8 @@ class IPVSKernel:
             if before is not None and before.service == service:
                 service = before.service
             request, digest = nl.encode_dest_dump(self._family, self._next_seq(), service.key), b""
-        like = expected.get(service.key) if expected is not None else None
-        dests, digest, unchanged = self._dump_dests(
-            service.key, request, before, digest, like.dests if like is not None else None
-        )
+        like = _expected_dests(expected, service.key)
+        dests, digest, unchanged = self._dump_dests(service.key, request, before, digest, like)
         if unchanged and before is not None and before.service is service:
             observed = (
                 before if before.stats == stats else ObservedService(service, before.dests, stats)
@@ -592,6 +588,14 @@ NOT_SCHEDULERS: Final = frozenset({"ftp", "pe_sip"})
 #: director writes all three headers itself (ip_vs_xmit.c); a node is offered a type when its
 #: kernel also has the module, as a real server of the same cluster will need it.
 TUNNEL_MODULES: Final = (("ipip", "ipip"), ("gue", "fou"), ("gre", "ip_gre"))
+
+
+def _expected_dests(
+    expected: DesiredTable | None, key: ServiceKey
+) -> Mapping[DestKey, Dest] | None:
+    """The dests a dump may lend (``Kernel.dump``'s ``expected``) for one service."""
+    like = expected.get(key) if expected is not None else None
+    return like.dests if like is not None else None
 
 
 def _module_name(path: str) -> str:
