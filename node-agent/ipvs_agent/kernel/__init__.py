@@ -114,10 +114,10 @@ def apply_in_rounds(
 #: takes the lock that network-namespace teardown holds. The kernel loads a scheduler's module
 #: on first use from inside the IPVS command, holding the IPVS lock that teardown then waits
 #: for, so that first use deadlocks when a namespace is being removed at the time (pods
-#: stopping on the node): the command, every later namespace creation and deletion on the
-#: node hang for good. Reproduced in the test VM with 40 namespaces removed just before
-#: (docs/agent.md); the other schedulers load safely on first use. These must be loaded
-#: beforehand, at boot or by the chart's init container.
+#: stopping on the node): the command and the namespace cleanup hang for good, and with them
+#: (by the locks) the node's later namespace changes. Reproduced in the test VM with 40
+#: namespaces removed just before (docs/agent.md); the other schedulers load safely on first
+#: use. These must be loaded beforehand, at boot or by the chart's init container.
 PRELOAD_SCHEDULERS: Final = frozenset({"lblc", "lblcr"})
 
 
