@@ -304,7 +304,8 @@ def test_balance_gives_weights_in_capacity_order_and_evens_out_the_load(lab: Lab
 
     def settled() -> bool:
         history.append(agent.weights(vip, WORK))
-        loads.append(tuple(float(workers[n].stats()["utilisation"]) for n in ("rs1", "rs2")))
+        weak_load, strong_load = (float(workers[n].stats()["utilisation"]) for n in ("rs1", "rs2"))
+        loads.append((weak_load, strong_load))
         if len(history) < 16:
             return False
         weak = sum(h.get(rs1_ip, 0) for h in history[-16:]) / 16
