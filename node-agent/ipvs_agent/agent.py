@@ -180,7 +180,6 @@ class Agent:
         if self.kernel_info is None:
             self.kernel_info = self.kernel.info()
         elif self._modules_changed():
-            self.kernel_info = replace(self.kernel_info, unloaded=self.kernel.unloaded())
             full = True  # a new node, so the plan's memo starts anew too
         changes = self._take_changes()
         last = self._snapshot
@@ -365,9 +364,16 @@ class Agent:
 
     def _modules_changed(self) -> bool:
         """Whether a scheduler the planner holds back (:attr:`KernelInfo.unloaded`) was
-        loaded since (or unloaded): then a full pass programs what waited for it."""
+        loaded since (or unloaded), noting it in :attr:`kernel_info`: then a full pass
+        programs what waited for it."""
         info = self.kernel_info
-        return info is not None and self.kernel.unloaded() != info.unloaded
+        if info is None:
+            return False
+        unloaded = self.kernel.unloaded()
+        if unloaded == info.unloaded:
+            return False
+        self.kernel_info = replace(info, unloaded=unloaded)
+        return True
 
     def _audit(self) -> bool:
         """Hand the due resync to the auditor; False when there is none, no pass to compare

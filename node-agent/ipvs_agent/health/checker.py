@@ -306,8 +306,7 @@ class Checker:
     def _mean(self, ref: Ref, ft: FeedTarget, reply: Reply | None, now: float) -> float | None:
         """The Balance law's reference for one real server: with the loads of the other real
         servers of its VirtualServer (polled by their own schedules, so up to a period old)."""
-        vs = ref[0]
-        others = (f for (v, k), f in self._entries.feeds.items() if v == vs and (v, k) != ref)
+        others = (f for r, f in self._entries.feeds.items() if r[0] == ref[0] and r != ref)
         return feedback.mean_load(reply.load if reply else None, others, now, ft.law)
 
     def _changed(self, now: float) -> bool:

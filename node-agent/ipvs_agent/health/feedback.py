@@ -181,16 +181,11 @@ def _settle(applied: int, weight: float, law: Law, low: int, high: int) -> int:
 
 
 def in_use(feed: Feed, now: float, law: Law) -> bool:
-    """Whether a real server's load counts toward the mean a Balance law steers to: its agent
-    answered, past the blackout and not expired, and it takes traffic (up, weight > 0)."""
-    return (
-        feed.load is not None
-        and feed.configured > 0
-        and feed.command is Command.UP
-        and feed.since is not None
-        and now - feed.since >= law.blackout
-        and now - feed.last <= law.expiry
-    )
+    """Whether a real server's load counts toward the mean a Balance law steers to: its
+    answers are in force (:func:`verdict` gives them a weight: answered, past the blackout,
+    not expired, configured weight > 0) and it takes traffic (up)."""
+    v = verdict(feed, now, law)
+    return feed.load is not None and v.weight is not None and v.command is Command.UP
 
 
 def mean_load(load: float | None, others: Iterable[Feed], now: float, law: Law) -> float | None:
@@ -241,9 +236,10 @@ def step(feed: Feed, reply: Reply | None, now: float, law: Law, mean: float | No
     ready = feed.configured > 0 and now - since >= law.blackout
     if reply.load is not None and aim is not None and ready:
         low, high = law.bounds(feed.configured)
-        if law.balance and _uneven(reply.load, aim):
-            weight = min(high, max(low, _balanced(weight, reply.load, aim)))
-        elif not law.balance and abs(aim - reply.load) > TOLERANCE:
+        if law.balance:
+            if _uneven(reply.load, aim):
+                weight = min(high, max(low, _balanced(weight, reply.load, aim)))
+        elif abs(aim - reply.load) > TOLERANCE:
             weight = min(high, max(low, weight + law.gain * cbrt(aim - reply.load)))
         applied = _settle(applied, weight, law, low, high)
     load = reply.load if reply.load is not None else feed.load

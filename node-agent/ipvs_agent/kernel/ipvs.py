@@ -186,8 +186,7 @@ class IPVSKernel:
         release = os.uname().release
         schedulers, tunnels = probe_modules(release)
         self._schedulers = schedulers
-        unloaded = unloaded_schedulers(schedulers, release)
-        return KernelInfo(version, table_size, release, schedulers, tunnels, unloaded)
+        return KernelInfo(version, table_size, release, schedulers, tunnels, self.unloaded())
 
     def unloaded(self) -> tuple[str, ...]:
         release = os.uname().release
