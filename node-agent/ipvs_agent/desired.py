@@ -14,10 +14,12 @@ that the shell looked up.
 from __future__ import annotations
 
 import ipaddress
+import operator
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from ipvs_agent import model
 from ipvs_agent.health.verdict import Adjustment, Adjustments, RealServerHealth, RealServerKey
@@ -716,6 +718,17 @@ class _Planned:
         return all(_off_link(routes.get(address)) == was for address, was in self.looked)
 
 
+class _PlanInputs(NamedTuple):
+    """What a whole :func:`plan` is a function of (``previous`` aside: see
+    :meth:`PlanMemo.last_plan`)."""
+
+    virtual_servers: tuple[VirtualServer, ...]
+    endpoints: EndpointIndex
+    node: Node
+    routes: Mapping[IPAddress, Route]
+    adjustments: Adjustments
+
+
 class PlanMemo:
     """Each VirtualServer's planned share, from one :func:`plan` to the next.
 
@@ -732,9 +745,32 @@ class PlanMemo:
     def __init__(self) -> None:
         self._node: Node | None = None
         self._entries: dict[str, _Planned] = {}
+        #: The last whole plan and its inputs (see :meth:`last_plan`).
+        self._whole: tuple[_PlanInputs, Plan] | None = None
         #: VirtualServers served from the memo, and planned anew, by the last plan.
         self.hits = 0
         self.misses = 0
+
+    def last_plan(self, inputs: _PlanInputs) -> Plan | None:
+        """The last plan itself when it was made from these very inputs: the same validated
+        objects in the same order (by identity, as :class:`~ipvs_agent.snapshot.ReadCache`
+        hands them back), equal endpoints, node, routes and health verdicts. Then every
+        VirtualServer would be a hit and :func:`plan`'s bookkeeping around them (ownership,
+        conflicts, outcomes) would come out the same, so a resync of an unchanged cluster
+        plans nothing at all. A plan with a broken VirtualServer is never kept: it also
+        depends on ``previous``."""
+        if self._whole is None:
+            return None
+        was, result = self._whole
+        same = (
+            len(was.virtual_servers) == len(inputs.virtual_servers)
+            and all(map(operator.is_, was.virtual_servers, inputs.virtual_servers))
+            and (was.node is inputs.node or was.node == inputs.node)
+            and was.endpoints == inputs.endpoints
+            and was.routes == inputs.routes
+            and was.adjustments == inputs.adjustments
+        )
+        return result if same else None
 
     def find(
         self,
@@ -748,14 +784,17 @@ class PlanMemo:
         found = self._entries.get(vs.key)
         return found if found is not None and found.made_from(vs, backends, health) else None
 
-    def replace(self, node: Node, entries: dict[str, _Planned]) -> None:
-        self._node, self._entries = node, entries
+    def replace(
+        self, node: Node, entries: dict[str, _Planned], whole: tuple[_PlanInputs, Plan] | None
+    ) -> None:
+        self._node, self._entries, self._whole = node, entries, whole
 
     def merge(self, other: PlanMemo) -> None:
         """Take ``other``'s entries (a plan of a few VirtualServers, for the same node) over
         this memo's: what a change pass planned is what the next full pass finds."""
         if other._node is not None and (self._node is other._node or self._node == other._node):
             self._entries.update(other._entries)
+            self._whole = None
 
 
 def services_used(
@@ -810,6 +849,13 @@ def plan(
     its inputs are unchanged; the result is the same as without it.
     """
     routes = routes or {}
+    virtual_servers = tuple(virtual_servers)
+    inputs = _PlanInputs(virtual_servers, endpoints, node, routes, adjustments or {})
+    if memo is not None:
+        same = memo.last_plan(inputs)
+        if same is not None:
+            memo.hits, memo.misses = len(memo._entries), 0
+            return same
     entries: dict[str, _Planned] = {}
     hits = 0
     dr_real_servers: set[IPAddress] = set()
@@ -942,10 +988,7 @@ def plan(
             down_real_servers=sum(1 for a in mine.values() if a.down),
             health=_attention(mine),
         )
-    if memo is not None:
-        memo.replace(node, entries)
-        memo.hits, memo.misses = hits, len(entries) - hits
-    return Plan(
+    result = Plan(
         table,
         owners,
         drain,
@@ -960,6 +1003,10 @@ def plan(
         frozenset(remove_now),
         frozenset(dr_real_servers),
     )
+    if memo is not None:
+        memo.replace(node, entries, None if broken else (inputs, result))
+        memo.hits, memo.misses = hits, len(entries) - hits
+    return result
 
 
 def _attention(mine: Mapping[RealServerKey, Adjustment]) -> tuple[RealServerHealth, ...]:

@@ -19,7 +19,7 @@ its trash with its connections and counters, so their connections live on (see
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ipvs_agent.model import (
     MANAGED_FLAGS,
@@ -39,6 +39,9 @@ from ipvs_agent.ops import Op, OpKind
 
 #: When each draining real server started to drain (seconds on the caller's clock).
 DrainBook = Mapping[tuple[ServiceKey, DestKey], float]
+#: Services whose real servers a diff found exactly as wanted, with the two mappings it
+#: compared (see :func:`diff`'s ``agreed``).
+Agreed = Mapping[ServiceKey, tuple[Mapping[DestKey, Dest], Mapping[DestKey, ObservedDest]]]
 
 
 def drain_step(op: Op, draining: Collection[tuple[ServiceKey, DestKey]]) -> bool:
@@ -83,6 +86,8 @@ class Diff:
     draining: dict[tuple[ServiceKey, DestKey], float]
     #: Desired services that a foreign program already holds in the kernel.
     conflicts: frozenset[ServiceKey]
+    #: The services whose real servers are as wanted, for the next diff's ``agreed``.
+    agreed: Agreed = field(default_factory=dict)
 
 
 def same_service(a: Service, b: Service) -> bool:
@@ -140,8 +145,8 @@ def _same_dests(want: DesiredService, have: ObservedService) -> bool:
         return False
     for dkey, d in want.dests.items():
         current = have.dests.get(dkey)
-        if current is None or not same_dest(d, current.dest):
-            return False
+        if current is None or (current.dest is not d and not same_dest(d, current.dest)):
+            return False  # (a dump lends the wanted Dest itself when the kernel's is equal)
     return True
 
 
@@ -153,29 +158,60 @@ def diff(
     draining: DrainBook,
     now: float,
     remove_now: frozenset[tuple[ServiceKey, DestKey]] = frozenset(),
+    agreed: Agreed | None = None,
 ) -> Diff:
     """The operations that turn ``observed`` into ``desired`` for the services we own.
 
     A real server in ``remove_now`` (taken out by a failed health check with ``onFailure:
     Remove``) is deleted at once instead of drained.
+
+    ``agreed``: the last diff's :attr:`Diff.agreed`. A service whose wanted and observed
+    real servers are the very mappings found equal then is equal now (both are immutable:
+    the plan memo hands back the same desired services, and a dump the same observed ones
+    while the kernel's reply is byte for byte unchanged), so a resync compares per service,
+    not per real server.
     """
     ops: list[Op] = []
     book: dict[tuple[ServiceKey, DestKey], float] = {}
     conflicts: set[ServiceKey] = set()
-    for key in sorted(desired):
+    before = agreed or {}
+    agree: dict[ServiceKey, tuple[Mapping[DestKey, Dest], Mapping[DestKey, ObservedDest]]] = {}
+
+    def dests_agree(key: ServiceKey, want: DesiredService, have: ObservedService) -> bool:
+        if want.service.scheduler in ORDERED_SCHEDULERS:
+            return False  # the order matters too: see below
+        was = before.get(key)
+        if (was is not None and was[0] is want.dests and was[1] is have.dests) or (
+            _same_dests(want, have)
+        ):
+            agree[key] = (want.dests, have.dests)
+            return True
+        return False
+
+    # First the services that need nothing (a resync: all of them), unsorted; then, in key
+    # order so that the operations are, those that need something.
+    work: list[ServiceKey] = []
+    for key, want in desired.items():
+        have = observed.get(key)
+        if have is not None and not owned(key):
+            conflicts.add(key)
+        elif (
+            have is None
+            or not same_service(want.service, have.service)
+            or not dests_agree(key, want, have)
+        ):
+            work.append(key)
+    for key in sorted(work):
         want = desired[key]
         have = observed.get(key)
         if have is None:
             ops.append(Op(OpKind.ADD_SERVICE, want.service))
             ops.extend(Op(OpKind.ADD_DEST, want.service, d) for _, d in sorted(want.dests.items()))
             continue
-        if not owned(key):
-            conflicts.add(key)
-            continue
         if not same_service(want.service, have.service):
             ops.append(Op(OpKind.EDIT_SERVICE, want.service))
-        if want.service.scheduler not in ORDERED_SCHEDULERS and _same_dests(want, have):
-            continue  # the common case of a resync, without sorting anything
+        if dests_agree(key, want, have):
+            continue
         dest_ops: list[Op] = []
         final: dict[DestKey, Dest] = dict(want.dests)
         for dkey in sorted(want.dests):
@@ -205,7 +241,7 @@ def diff(
     for key in sorted(set(observed) - set(desired)):
         if owned(key):
             ops.append(Op(OpKind.DEL_SERVICE, observed[key].service))
-    return Diff(ops, book, frozenset(conflicts))
+    return Diff(ops, book, frozenset(conflicts), agree)
 
 
 def _in_order(

@@ -95,6 +95,17 @@ class ServiceKey:
     address: str
     port: int
     fwmark: int = 0
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Kept: a pass hashes each key a dozen times (tables, sets, the ownership record),
+        # and the generated __hash__ builds and hashes a tuple of the five fields each time.
+        object.__setattr__(
+            self, "_hash", hash((self.af, self.protocol, self.address, self.port, self.fwmark))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def for_address(cls, addr: IPAddress, protocol: Protocol, port: int) -> ServiceKey:

@@ -24,7 +24,7 @@ from ipvs_agent.desired import (
     node_needs,
     plan,
 )
-from ipvs_agent.diff import diff
+from ipvs_agent.diff import Agreed, diff
 from ipvs_agent.host import sysctl
 from ipvs_agent.host.nftables import Ruleset
 from ipvs_agent.host.realserver import RealServerSpec
@@ -106,6 +106,8 @@ class Memory:
     )
     #: Each VirtualServer's planned services, reused while its inputs stay the same.
     plans: PlanMemo = field(default_factory=PlanMemo)
+    #: The services the last full pass found with their real servers as wanted.
+    agreed: Agreed = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ def reconcile(
         memory.draining,
         now,
         p.remove_now,
+        memory.agreed,
     )
     outcomes = {**p.outcomes, **snapshot.rejected}
     if dry_run:
@@ -282,11 +285,9 @@ def reconcile(
     # so a crash in between leaves at worst a record without a service (cleaned next pass).
     # The guard opens a new service before its address is local and closes an old one only
     # after the service is gone.
-    repairs = list(
-        host.record(
-            Ruleset.of(owned_before | ours, masquerade, wanted | going, declared | owned_before)
-        )
-    )
+    before = (owned_before | ours, masquerade, wanted | going, declared | owned_before)
+    first = Ruleset.of(*before)
+    repairs = list(host.record(first))
     if isinstance(host, NodeTuning):
         release = snapshot.node.kernel.release if snapshot.node.kernel else ""
         host.tune(sysctl.needed(node_needs(p, snapshot.node), release))
@@ -295,6 +296,7 @@ def reconcile(
     host.sync_addresses(wanted | going)
     results = kernel.apply(d.ops)
     memory.draining = dict(d.draining)
+    memory.agreed = d.agreed
     # A frozen service keeps its owner (or stays of unknown owner) for the next pass.
     carried = {k: (memory.owners or {}).get(k, UNKNOWN_OWNER) for k in frozen}
     memory.owners = {**carried, **p.owners}
@@ -310,7 +312,8 @@ def reconcile(
     }
     kept = (ours - not_created) | still_there
     remaining = wanted | _vips(still_there)
-    written = Ruleset.of(kept, masquerade - not_created, remaining, declared | still_there)
+    after = (kept, masquerade - not_created, remaining, declared | still_there)
+    written = first if after == before else Ruleset.of(*after)  # (a resync: the same)
     repairs += host.record(written)
     if going - remaining:  # else the first sync already left exactly the wanted addresses
         host.sync_addresses(remaining)

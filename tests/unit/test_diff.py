@@ -196,6 +196,56 @@ def test_applying_the_diff_converges_in_one_step(want_spec: dict, have_spec: dic
     }
 
 
+@settings(max_examples=300, deadline=None)
+@given(tables_st, tables_st, tables_st, st.sets(keys_st))
+def test_what_the_last_diff_agreed_on_changes_no_judgement(
+    first_spec: dict,  # type: ignore[type-arg]
+    have_spec: dict,  # type: ignore[type-arg]
+    next_spec: dict,  # type: ignore[type-arg]
+    kept: set[ServiceKey],
+) -> None:
+    """``agreed`` skips only the very mappings found equal before: with any mix of the last
+    pass's objects (``kept``: desired services the plan memo handed back) and new ones, and
+    the kernel's table before or after the last diff's operations, the operations are
+    those of a diff without it."""
+    first, have = build(first_spec), observed_from(build(have_spec))
+    last = diff(first, have, everything, {}, {}, now=0)
+    after = apply_ops(have, last.ops)
+    fresh = build(next_spec)
+    want = {k: first[k] if k in kept and k in first else v for k, v in fresh.items()}
+    for kernel in (have, after, {**after, **{k: have[k] for k in have if k in kept}}):
+        plain = diff(want, kernel, everything, {}, {}, now=0)
+        memo = diff(want, kernel, everything, {}, {}, now=0, agreed=last.agreed)
+        assert memo.ops == plain.ops
+        assert memo.agreed == plain.agreed
+
+
+def test_an_agreed_service_is_not_compared_again_and_a_new_reading_is() -> None:
+    want = table(HTTP, dest("198.51.100.11"), dest("198.51.100.12"))
+    have = observed_from(want)
+    last = diff(want, have, everything, {}, {}, now=0)
+    assert last.agreed == {HTTP: (want[HTTP].dests, have[HTTP].dests)}
+    # The same objects: found equal without looking at a real server (none is compared).
+    poisoned = {HTTP: (want[HTTP].dests, have[HTTP].dests)}
+    assert diff(want, have, everything, {}, {}, now=0, agreed=poisoned).ops == []
+    # A new reading of the kernel (someone changed a weight) is compared.
+    changed = observed_from(table(HTTP, dest("198.51.100.11"), dest("198.51.100.12", 9)))
+    (op,) = diff(want, changed, everything, {}, {}, now=0, agreed=last.agreed).ops
+    assert op.kind is OpKind.EDIT_DEST and op.dest == dest("198.51.100.12")
+
+
+def test_operations_come_in_key_order_whatever_the_table_order() -> None:
+    https = ServiceKey.for_address(VIP, Protocol.TCP, 443)
+    want = {
+        **table(https, dest("198.51.100.13")),
+        **table(HTTP, dest("198.51.100.11")),
+        **table(DNS, dest("198.51.100.12")),
+    }
+    have = observed_from(table(https, dest("198.51.100.13", 4)))
+    d = diff(want, have, everything, {}, {}, now=0)
+    assert list(dict.fromkeys(op.service.key for op in d.ops)) == [HTTP, https, DNS]
+
+
 @settings(max_examples=200, deadline=None)
 @given(tables_st, tables_st)
 def test_foreign_entries_survive_any_diff(want_spec: dict, foreign_spec: dict) -> None:  # type: ignore[type-arg]

@@ -167,6 +167,11 @@ def test_canonical_writes_ipv6_addresses_as_nft_prints_them() -> None:
     key = ServiceKey(AddressFamily.INET6, 6, "2001:DB8:0:0::10", 80)
     assert canonical(key).address == "2001:db8::10"
     assert canonical(WEB) is WEB
+    # The key keeps its hash (ServiceKey._hash): a rewritten key hashes as its new fields.
+    same = ServiceKey(AddressFamily.INET6, 6, "2001:db8::10", 80)
+    assert canonical(key) == same and hash(canonical(key)) == hash(same)
+    assert canonical(key) in {same} and key not in {same}
+    assert "_hash" not in repr(same)
 
 
 def _listing(sets: dict[str, list[Any]], comment: str = "") -> dict[str, Any]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipvs_agent import desired
 from ipvs_agent.desired import Node, PlanMemo, Route, plan
 from ipvs_agent.health.verdict import Adjustment, Attention
 from ipvs_agent.snapshot import index_endpoints
@@ -63,6 +65,71 @@ def test_a_resync_of_unchanged_inputs_plans_nothing_again() -> None:
     assert (memo.hits, memo.misses) == (5, 0)
     assert again == first
     assert all(again.table[k] is first.table[k] for k in first.table), "the same services"
+
+
+def test_a_resync_of_the_very_same_inputs_returns_the_last_plan_itself() -> None:
+    """The same validated objects (as ReadCache hands them back), equal endpoints, node,
+    routes and verdicts: nothing is planned, not even the bookkeeping around the services."""
+    objects = (static("v1", "NAT", REAL_SERVERS[:3]), of_service("v2", "DR"))
+    endpoints = index_endpoints([web_slice(REAL_SERVERS[:2])])
+    memo = PlanMemo()
+    first = plan(objects, endpoints, NODE, memo=memo)
+    again = plan(list(objects), dict(endpoints), NODE, {}, adjustments={}, memo=memo)
+    assert again is first
+    assert (memo.hits, memo.misses) == (2, 0)
+    # An equal but new object (a file read again, no resourceVersion) plans as before it.
+    fresh = (static("v1", "NAT", REAL_SERVERS[:3]), objects[1])
+    third = plan(fresh, endpoints, NODE, memo=memo)
+    assert third is not first and third == first
+    assert (memo.hits, memo.misses) == (2, 0), "still every VirtualServer from the memo"
+    # Each other input, changed, is a new plan (the property test below: the right one).
+    down = {"ns/v1": {("192.0.2.12", 0): Adjustment(down=True, attention=Attention.DOWN)}}
+    off = {ip("192.0.2.12"): Route(False, "via 192.0.2.254")}
+    other = Node("node-a", {}, addresses=NODE.addresses)
+    changed = index_endpoints([web_slice(REAL_SERVERS[:3])])
+    for kwargs in (
+        {"adjustments": down},
+        {"routes": off},
+        {"node": other},
+        {"endpoints": changed},
+        {"virtual_servers": fresh[:1]},
+    ):
+        inputs: dict[str, Any] = {"virtual_servers": fresh, "endpoints": endpoints, "node": NODE}
+        inputs.update(kwargs)
+        base = plan(fresh, endpoints, NODE, memo=memo)
+        assert plan(**inputs, memo=memo) is not base, kwargs
+
+
+def test_a_plan_with_a_broken_virtual_server_is_not_kept_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It depends on ``previous`` too (what the broken one had set up), which is not
+    compared: such a plan is made afresh, with its healthy VirtualServers from the memo."""
+    real = desired._services
+
+    def broken(vs: VirtualServer, *args: Any, **kwargs: Any) -> Any:
+        if vs.name == "v2":
+            raise RuntimeError("planner bug")
+        return real(vs, *args, **kwargs)
+
+    monkeypatch.setattr(desired, "_services", broken)
+    objects = (static("v1", "NAT", REAL_SERVERS[:3]), static("v2", "NAT", REAL_SERVERS[3:]))
+    memo = PlanMemo()
+    first = plan(objects, {}, NODE, memo=memo)
+    assert first.broken == {"ns/v2"}
+    again = plan(objects, {}, NODE, memo=memo)
+    assert again is not first and again == first
+    assert memo.hits == 1
+
+
+def test_a_change_pass_merged_into_the_memo_ends_the_whole_plan() -> None:
+    objects = (static("v1", "NAT", REAL_SERVERS[:3]),)
+    memo = PlanMemo()
+    first = plan(objects, {}, NODE, memo=memo)
+    sub = PlanMemo()
+    plan(objects, {}, NODE, memo=sub)
+    memo.merge(sub)
+    assert plan(objects, {}, NODE, memo=memo) is not first
 
 
 def test_each_kind_of_input_change_plans_only_what_it_touches() -> None:
@@ -150,3 +217,6 @@ def test_with_the_memo_every_plan_is_the_plan_without_it(
         }
         memoised = plan(objects, endpoints, node, routes, adjustments=health, memo=memo)
         assert memoised == plan(objects, endpoints, node, routes, adjustments=health), step
+        # A resync with nothing changed: the same plan, whatever came before.
+        again = plan(objects, endpoints, node, dict(routes), adjustments=health, memo=memo)
+        assert again is memoised, step

@@ -137,8 +137,14 @@ def _address_key(key: ServiceKey) -> tuple[IPAddress, int, int]:
 @functools.lru_cache(maxsize=1 << 16)  # every pass asks again for every key of the table
 def canonical(key: ServiceKey) -> ServiceKey:
     """The key with its address written as nft and ``ipaddress`` write it (``2001:db8::1``)."""
-    address = str(parse_address(key.address))
+    address = _canonical_text(key.address)
     return key if address == key.address else replace(key, address=address)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical_text(address: str) -> str:
+    """Remembered: every pass writes the same few thousand service addresses twice."""
+    return str(parse_address(address))
 
 
 def _address_elements(keys: Iterable[ServiceKey], af: AddressFamily) -> list[str]:
