@@ -61,13 +61,19 @@ def family(text: str) -> int:
     return 0 if addr is None else addr.version
 
 
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-
-
 def is_global_unicast(addr: IPAddress) -> bool:
     """Go's ``netip.Addr.IsGlobalUnicast``, which CEL's ``isGlobalUnicast`` uses."""
-    if addr == _BROADCAST:  # parsed once: the agent asks for every real server of every pass
-        return False
+    if isinstance(addr, ipaddress.IPv4Address):
+        # As integers: the agent asks for every real server when it plans from nothing, and
+        # the ipaddress properties (a network containment test each) were a tenth of that.
+        n = int(addr)
+        return not (
+            n == 0  # unspecified
+            or n == 0xFFFFFFFF  # limited broadcast
+            or n >> 24 == 127  # loopback, 127.0.0.0/8
+            or n >> 28 == 0xE  # multicast, 224.0.0.0/4
+            or n >> 16 == 0xA9FE  # link-local, 169.254.0.0/16
+        )
     return not (addr.is_unspecified or addr.is_loopback or addr.is_multicast or addr.is_link_local)
 
 
