@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,13 @@ def parse_ip(text: str) -> IPAddress | None:
 def _parse_ip(text: str) -> IPAddress | None:
     if "%" in text:
         return None
+    try:  # IPv4 as inet_pton reads it, in C, when it is the address's one spelling ...
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        pass
+    else:  # ... (inet_pton takes forms ipaddress refuses; those go the long way below)
+        if socket.inet_ntoa(packed) == text:
+            return ipaddress.IPv4Address(packed)
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:

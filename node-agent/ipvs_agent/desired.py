@@ -266,7 +266,7 @@ def _dest_key(address: IPAddress, port: int) -> DestKey:
     """The key of a real server. Its address text is interned: a Service's ports, and the
     VirtualServers that share its endpoints, hold one string per address (the kernel
     layer interns what it reads too)."""
-    return DestKey(sys.intern(str(address)), port)
+    return DestKey(sys.intern(model.address_text(address)), port)
 
 
 def _dest(

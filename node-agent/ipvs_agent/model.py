@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -23,6 +24,14 @@ def parse_address(text: str) -> IPAddress:
 
     Raises ValueError like ``ip_address``."""
     return ipaddress.ip_address(text)
+
+
+def address_text(address: IPAddress) -> str:
+    """``str(address)``; IPv4 in C (``inet_ntoa``): a plan from nothing writes every real
+    server's address, and ``ipaddress`` formats it octet by octet in Python."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return socket.inet_ntoa(int(address).to_bytes(4, "big"))
+    return str(address)
 
 
 class AddressFamily(IntEnum):

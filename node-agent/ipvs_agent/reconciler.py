@@ -25,6 +25,7 @@ from ipvs_agent.desired import (
     plan,
 )
 from ipvs_agent.diff import Agreed, diff
+from ipvs_agent.heap import collector_paused
 from ipvs_agent.host import sysctl
 from ipvs_agent.host.nftables import Ruleset
 from ipvs_agent.host.realserver import RealServerSpec
@@ -220,6 +221,7 @@ def _vips(keys: set[ServiceKey] | frozenset[ServiceKey]) -> set[IPAddress]:
     return {parse_address(k.address) for k in keys if not k.fwmark}
 
 
+@collector_paused()  # (see heap: the pass builds a table of small objects)
 def reconcile(
     snapshot: Snapshot,
     kernel: Kernel,

@@ -14,6 +14,7 @@ from typing import Any
 
 from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
 from ipvs_agent.health.verdict import Adjustments
+from ipvs_agent.heap import collector_paused
 from ipvs_agent.model import KernelInfo
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, Endpoint, endpoints_from_slices
@@ -219,6 +220,7 @@ def unadmitted(vs: VirtualServer) -> str | None:
     return None
 
 
+@collector_paused()  # (see heap: the pass builds a table of small objects)
 def take(
     virtual_servers: Iterable[Mapping[str, Any]],
     endpoint_slices: Iterable[Mapping[str, Any]],

@@ -1,5 +1,6 @@
-"""``rules.is_global_unicast`` computes IPv4 on integers; it must say what the ipaddress
-properties (and Go's ``netip.Addr.IsGlobalUnicast``, which CEL uses) say."""
+"""``rules`` reads IPv4 in C (``parse_ip``) and judges it on integers (``is_global_unicast``);
+both must say exactly what ``ipaddress`` says, which the contract tests hold to the API
+server's CEL."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipvs_api.rules import is_global_unicast
+from ipvs_api.rules import is_global_unicast, parse_ip
 
 EDGES = [
     0, 1, 0xFFFFFFFF, 0xFFFFFFFE,  # unspecified, broadcast and their neighbours
@@ -39,3 +40,45 @@ def test_the_edges_themselves() -> None:
         assert is_global_unicast(ipaddress.IPv4Address(text)), text
     assert not is_global_unicast(ipaddress.IPv6Address("fe80::1"))
     assert is_global_unicast(ipaddress.IPv6Address("2001:db8::1"))
+
+
+def by_ipaddress(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``parse_ip`` as it was, on ``ipaddress`` alone."""
+    if "%" in text:
+        return None
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return None
+    return addr
+
+
+OCTETS = st.one_of(
+    st.integers(0, 255).map(str),
+    st.sampled_from(["00", "01", "010", "0x1", "256", "999", "1234", "", " 1", "1 ", "+1", "٣"]),
+)
+DOTTED = st.lists(OCTETS, min_size=1, max_size=6).map(".".join)
+
+
+@given(st.one_of(DOTTED, st.text(alphabet="0123456789.x: %", max_size=20)))
+def test_parse_ip_reads_what_ipaddress_reads(text: str) -> None:
+    assert parse_ip(text) == by_ipaddress(text)
+
+
+def test_parse_ip_on_the_spellings_inet_pton_and_ipaddress_may_differ_on() -> None:
+    for text in (
+        "1.2.3.4",
+        "0.0.0.0",
+        "255.255.255.255",
+        "01.2.3.4",
+        "1.2.3",
+        "1.2.3.4.",
+        "1.2.3.04",
+        "0x7f.0.0.1",
+        "127.1",
+        "::ffff:1.2.3.4",
+        "2001:db8::1",
+    ):
+        assert parse_ip(text) == by_ipaddress(text), text

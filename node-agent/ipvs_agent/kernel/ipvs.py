@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import os
 import socket
@@ -33,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
+from ipvs_agent.heap import collector_paused
 from ipvs_agent.kernel import (
     PRELOAD_SCHEDULERS,
     KernelError,
@@ -112,7 +112,7 @@ class IPVSKernel:
         """The whole table. What did not change since the last dump is that dump's own
         objects (the two tables share them), found without decoding: see _Seen. A dest
         decoded anew that equals ``expected``'s is that Dest object itself."""
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             seq = self._next_seq()
             self._send(nl.message(self._family, nl.Cmd.GET_SERVICE,
                                   nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq))  # fmt: skip
@@ -133,7 +133,7 @@ class IPVSKernel:
     ) -> ObservedTable:
         """Only these services: a GET_SERVICE and a GET_DEST dump each. Not remembered for
         the next dump (its shortcut compares with the last whole table)."""
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             table: dict[ServiceKey, ObservedService] = {}
             for key in keys:
                 found = self._get_service(key)
@@ -536,19 +536,6 @@ def _spans(chunk: bytearray) -> Iterator[tuple[int, int]]:
         length = unpack(chunk, off)[0]
         yield off, off + length
         off += (length + 3) & ~3
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause the cyclic GC: a dump makes a few acyclic objects per dest, and with the
-    collector on, a large table gets rescanned over and over (it doubled the cost)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _open(netns: str | None) -> tuple[int, socket.socket]:
