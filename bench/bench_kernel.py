@@ -140,26 +140,47 @@ def virtual_server(i: int, dests: int, replaced: int | None = None) -> dict[str,
     }
 
 
-def listed_mirror(count: int, dests: int) -> list[dict[str, object]]:
-    """What the agent's VirtualServer mirror holds after listing ``count`` of the objects of
-    :func:`virtual_server` as the API server serves them (``tests.served``: CRD defaults,
-    managedFields, kubectl's last-applied annotation, the operator's status): through the
-    agent's own ``cluster.Mirror``, in pages parsed from JSON, each object trimmed by the same
-    transform (``ipvs_agent.trim``)."""
-    import threading
-
+def served_page(count: int, dests: int, start: int, limit: int) -> str:
+    """One page of a list of ``count`` objects of :func:`virtual_server` as the API server
+    serves them (``tests.served``: CRD defaults, managedFields, kubectl's last-applied
+    annotation, the operator's status), as JSON text; ``continue`` is the next start."""
     if str(CHECKOUT) not in sys.path:
         sys.path.insert(0, str(CHECKOUT))
-    from ipvs_agent import cluster, trim
     from tests.served import served
+
+    end = min(count, start + limit) if limit else count
+    page = [served(virtual_server(i, dests), i, defaults=True) for i in range(start, end)]
+    more = str(end) if end < count else ""
+    return json.dumps({"metadata": {"resourceVersion": "1", "continue": more}, "items": page})
+
+
+def served_pages(count: int, dests: int) -> dict[int, str]:
+    """Every page the agent's list asks for (pages of ``cluster.LIST_PAGE``), by start."""
+    from ipvs_agent import cluster
+
+    return {
+        start: served_page(count, dests, start, cluster.LIST_PAGE)
+        for start in range(0, count, cluster.LIST_PAGE)
+    }
+
+
+def listed_mirror(
+    count: int, dests: int, pages: dict[int, str] | None = None
+) -> list[dict[str, object]]:
+    """What the agent's VirtualServer mirror holds after listing ``count`` of the objects of
+    :func:`virtual_server` as the API server serves them: through the agent's own
+    ``cluster.Mirror``, in pages parsed from JSON (what the kubernetes client does with a
+    custom object list's body), each object trimmed by the same transform
+    (``ipvs_agent.trim``). ``pages`` (:func:`served_pages`) are served as they are;
+    without them each page is made when asked for and dropped after (the memory child:
+    only one page's text is alive at a time, as with a real list)."""
+    import threading
+
+    from ipvs_agent import cluster, trim
 
     def list_fn(limit: int = 0, _continue: str = "", **_: object) -> object:
         start = int(_continue or 0)
-        end = min(count, start + limit) if limit else count
-        page = [served(virtual_server(i, dests), i, defaults=True) for i in range(start, end)]
-        more = str(end) if end < count else ""
-        text = json.dumps({"metadata": {"resourceVersion": "1", "continue": more}, "items": page})
-        del page
+        text = pages[start] if pages is not None else served_page(count, dests, start, limit)
         return json.loads(text)
 
     api: Any = None  # lists are plain dicts: the client is never asked to convert one
@@ -302,16 +323,28 @@ def bench_program_and_read(args: argparse.Namespace) -> dict[str, object]:
 
 
 def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]:
-    """(d) the agent's own pass over the programmed table: a resync, then one endpoint change."""
+    """(d) the agent's own pass over the programmed table: its list of the VirtualServers, the
+    first pass of a restarted agent, resyncs, then one endpoint change."""
+    from ipvs_agent import trim
     from ipvs_agent.desired import Node
     from ipvs_agent.kernel.ipvs import IPVSKernel
     from ipvs_agent.reconciler import Memory, reconcile
     from ipvs_agent.snapshot import ReadCache, take
+    from tests.served import served
 
-    objects = [virtual_server(i, args.dests) for i in range(args.services)]
+    # The API lists, the agent's side of them: JSON pages parsed and trimmed into its mirror
+    # (the API server's own time is another machine's, and not measured here).
+    pages = served_pages(args.services, args.dests)
+    lists = []
+    for _ in range(args.rounds):
+        began = time.perf_counter()
+        objects = listed_mirror(args.services, args.dests, pages)
+        lists.append(time.perf_counter() - began)
+    del pages
+    with IPVSKernel(netns=NETNS) as other:  # the ownership record, read from the state file
+        host = OwnsAll(set(other.dump()))  # in the agent: not a dump of the pass's socket
     with IPVSKernel(netns=NETNS) as kernel:
         node = Node("bench", {}, kernel.info())
-        host = OwnsAll(set(kernel.dump()))
         memory, cache = Memory(), ReadCache()  # what the agent keeps between passes
 
         def one_pass() -> tuple[float, list[str]]:
@@ -330,11 +363,16 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
             if ops:
                 raise BenchError(f"a resync of an unchanged table sent {ops[:3]}")
             resync.append(took)
-        objects[args.services // 2] = virtual_server(args.services // 2, args.dests, replaced=3)
+        middle = args.services // 2
+        changed = served(virtual_server(middle, args.dests, replaced=3), middle, defaults=True)
+        objects[middle] = trim.virtual_server(json.loads(json.dumps(changed)))
         change, change_ops = one_pass()
+    listed = min(lists)
     return {
+        "list (the agent's side)": listed,
         "first pass (restart)": first,
         "first pass ops": len(first_ops),
+        "first pass ratio vs -Ln + list": first / (ipvsadm_ln + listed),
         "resync pass": min(resync),
         "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
         "one endpoint change": change,
