@@ -347,22 +347,38 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
         node = Node("bench", {}, kernel.info())
         memory, cache = Memory(), ReadCache()  # what the agent keeps between passes
 
+        parts: dict[str, float] = {}
+        dump = kernel.dump
+
+        def timed_dump(expected: Any = None) -> Any:
+            began = time.perf_counter()
+            try:
+                return dump(expected)
+            finally:
+                parts["dump"] = time.perf_counter() - began
+
+        kernel.dump = timed_dump  # type: ignore[method-assign]
+
         def one_pass() -> tuple[float, list[str]]:
             began = time.perf_counter()
             snap = take(objects, [], node, cache=cache)
+            parts["snapshot"] = time.perf_counter() - began
             result = reconcile(snap, kernel, host, memory, time.monotonic())
             took = time.perf_counter() - began
+            parts["plan, diff and the rest"] = took - parts["snapshot"] - parts["dump"]
             if result.failures:
                 raise BenchError(f"pass failed: {result.failures[0]}")
             return took, [str(op) for op in result.ops]
 
         first, first_ops = one_pass()  # a restarted agent: new socket, nothing in memory
-        resync = []
+        first_parts = dict(parts)
+        resync, resync_parts = [], {}
         for _ in range(args.rounds):
             took, ops = one_pass()
             if ops:
                 raise BenchError(f"a resync of an unchanged table sent {ops[:3]}")
             resync.append(took)
+            resync_parts = dict(parts)
         middle = args.services // 2
         changed = served(virtual_server(middle, args.dests, replaced=3), middle, defaults=True)
         objects[middle] = trim.virtual_server(json.loads(json.dumps(changed)))
@@ -373,8 +389,10 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
         "first pass (restart)": first,
         "first pass ops": len(first_ops),
         "first pass ratio vs -Ln + list": first / (ipvsadm_ln + listed),
+        "first pass parts": first_parts,
         "resync pass": min(resync),
         "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
+        "resync pass parts (the last)": resync_parts,
         "one endpoint change": change,
         "one endpoint change ops": change_ops,
     }

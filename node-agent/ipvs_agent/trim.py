@@ -26,6 +26,7 @@ would the whole object.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
@@ -171,8 +172,20 @@ def custom_object(obj: Obj, status: Collection[str] | None = ()) -> Obj:
 
 def virtual_server(obj: Obj) -> Obj:
     """A VirtualServer as ``load.virtual_server`` and the fingerprint read it: the whole spec,
-    identity and generation, and the confirmed address, pool and firewall mark."""
-    return custom_object(obj, VIRTUAL_SERVER_STATUS)
+    identity and generation, and the confirmed address, pool and firewall mark.
+
+    Its static real servers' addresses are interned, as the planner interns the address of
+    every real server it plans (``desired._dest_key``): the mirror and the plan then hold one
+    string per address, not two."""
+    out = custom_object(obj, VIRTUAL_SERVER_STATUS)
+    spec = out.get("spec") if out is not obj else None
+    backends = spec.get("backends") if isinstance(spec, dict) else None
+    static = backends.get("static") if isinstance(backends, dict) else None
+    if isinstance(static, list):
+        for entry in static:
+            if isinstance(entry, dict) and type(entry.get("address")) is str:
+                entry["address"] = sys.intern(entry["address"])
+    return out
 
 
 def address_pool(obj: Obj) -> Obj:
@@ -213,6 +226,9 @@ def _endpoint(entry: Any) -> Any:
     if not isinstance(entry, Mapping):
         return entry
     out = _pick(entry, ENDPOINT)
+    addresses = out.get("addresses")
+    if type(addresses) is list:  # interned, as the planner interns them (see virtual_server)
+        out["addresses"] = [sys.intern(a) if type(a) is str else a for a in addresses]
     if "nodeName" in out:
         out["nodeName"] = _share(out["nodeName"])
     conditions = entry.get("conditions")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipvs_agent import cluster, trim
-from ipvs_agent.desired import Node
+from ipvs_agent.desired import Node, plan
 from ipvs_agent.snapshot import index_endpoints, node_from, take
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, endpoints_from_slices
@@ -178,6 +179,32 @@ def test_repeated_words_and_keys_are_one_copy_across_objects() -> None:
     key_b = next(k for k in b["spec"] if k == "backends")
     assert key_a is key_b
     assert a["spec"]["forwarding"]["method"] is b["spec"]["forwarding"]["method"]
+
+
+def test_the_mirror_and_the_plan_hold_one_string_per_real_server_address() -> None:
+    """The trimmed copies intern real-server addresses as the planner does, so the plan's
+    DestKeys hold the mirror's own strings."""
+    manifest = {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.VIRTUAL_SERVER,
+        "metadata": {"name": "shared", "namespace": "shop"},
+        "spec": {
+            "address": "203.0.113.77",
+            "ports": [{"port": 80}],
+            "backends": {"static": [{"address": "198.51.100.77"}, {"address": "198.51.100.78"}]},
+        },
+    }
+    vs = trim.virtual_server(json.loads(json.dumps(served(manifest, 7, defaults=True))))
+    web = trim.endpoint_slice(json.loads(json.dumps(endpoint_slice("web", 77))))
+    node = Node("node-a", {})
+    snap = take([vs], [web], node)
+    p = plan(snap.virtual_servers, snap.endpoints, node)
+    planned = {k.address: k.address for s in p.table.values() for k in s.dests}
+    for entry in vs["spec"]["backends"]["static"]:
+        assert planned[entry["address"]] is entry["address"]
+    for entry in web["endpoints"]:
+        for address in entry["addresses"]:
+            assert address is sys.intern(address)
 
 
 #: Status values as they could arrive: right and wrong types, for the fields the agent reads.
