@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipvs_agent.kernel import KernelError, OpResult, describe_error
 from ipvs_agent.kernel import ipvs as ipvs_module
@@ -501,6 +503,58 @@ def _ops() -> Iterator[Op]:
         yield Op(OpKind.ADD_DEST, service, dest)
         yield Op(OpKind.EDIT_DEST, service, dest)
         yield Op(OpKind.DEL_DEST, service, dest)
+
+
+_U32S = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**32]))
+_U16S = st.one_of(st.integers(0, 2**16 - 1), st.sampled_from([-1, 2**16]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    address=st.one_of(
+        st.ip_addresses().map(str), st.sampled_from(["10.0.0.300", "2001:db8::zz", ""])
+    ),
+    port=_U16S,
+    method=st.sampled_from(list(ForwardingMethod)),
+    weight=_U32S,
+    upper=_U32S,
+    lower=_U32S,
+    tunnel=st.sampled_from(list(TunnelType)),
+    tunnel_port=_U16S,
+    flags=st.sampled_from(list(TunnelFlags)),
+    af=st.sampled_from([None, V4, V6]),
+    kind=st.sampled_from([OpKind.ADD_DEST, OpKind.EDIT_DEST, OpKind.DEL_DEST]),
+)
+def test_a_dest_op_encodes_as_its_attributes_one_by_one(
+    address: str,
+    port: int,
+    method: ForwardingMethod,
+    weight: int,
+    upper: int,
+    lower: int,
+    tunnel: TunnelType,
+    tunnel_port: int,
+    flags: TunnelFlags,
+    af: AddressFamily | None,
+    kind: OpKind,
+) -> None:
+    """The one-struct build of a dest op (``_full_dest_nest``, the service's nest remembered)
+    is byte for byte the attribute-by-attribute one, and refuses alike what is out of range."""
+    dest = Dest(
+        DestKey(address, port), method, weight, upper, lower, tunnel, tunnel_port, flags, af
+    )
+    op = Op(kind, Service(TCP80), dest)
+    try:
+        general: Any = nl.nested(nl.CmdAttr.SERVICE, nl.encode_service_key(TCP80)) + nl.nested(
+            nl.CmdAttr.DEST, nl.encode_dest(dest, kind is not OpKind.DEL_DEST)
+        )
+    except nl.CodecError as error:
+        general = ("refused", error.errno)
+    try:
+        got: Any = nl.encode_op_payload(op)[1]
+    except nl.CodecError as error:
+        got = ("refused", error.errno)
+    assert got == general
 
 
 @pytest.mark.parametrize("op", list(_ops()), ids=str)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import ipaddress
 import operator
 import socket
@@ -294,6 +295,53 @@ def encode_service(svc: Service) -> bytes:
     )
 
 
+#: A DEST nest with every attribute NEW/SET_DEST take, IPv4 or IPv6, in :func:`encode_dest`'s
+#: order: ports as native u16 of ``htons`` (the wire's big-endian bytes).
+_ADDR_HDR: Final = NLA_HDR.size + _ADDR_LEN
+_FULL_DEST: Final = struct.Struct("=HH" + "HH16s" + "HHH2x" * 2 + "HHI" * 4 + "HHB3x" + "HHH2x" * 2)
+
+
+#: Its constant words as plain ints (an enum member looked up per call doubled the cost).
+_DEST_NEST: Final = int(CmdAttr.DEST | NLA_F_NESTED)
+_D_ADDR, _D_PORT, _D_AF = int(DestAttr.ADDR), int(DestAttr.PORT), int(DestAttr.ADDR_FAMILY)
+_D_FWD, _D_WEIGHT = int(DestAttr.FWD_METHOD), int(DestAttr.WEIGHT)
+_D_UPPER, _D_LOWER = int(DestAttr.U_THRESH), int(DestAttr.L_THRESH)
+_D_TTYPE, _D_TPORT, _D_TFLAGS = (
+    int(DestAttr.TUN_TYPE),
+    int(DestAttr.TUN_PORT),
+    int(DestAttr.TUN_FLAGS),
+)
+_V4, _V6 = int(AddressFamily.INET), int(AddressFamily.INET6)
+
+
+def _full_dest_nest(dest: Dest) -> bytes | None:
+    """``nested(DEST, encode_dest(dest, True))`` in one struct call: a cold start programs
+    every real server, and the attribute-by-attribute build was most of ``apply``'s Python
+    time (4.4 µs a dest on the host, against 0.9). None when ``dest`` is out of the common
+    case (a family that does not match, a value out of range): the general build then
+    reports it exactly."""
+    address = dest.key.address
+    af = _V6 if ":" in address else _V4
+    if dest.af is not None and dest.af != af:
+        return None
+    try:
+        return _FULL_DEST.pack(
+            _FULL_DEST.size, _DEST_NEST,
+            _ADDR_HDR, _D_ADDR, socket.inet_pton(af, address),
+            6, _D_PORT, socket.htons(dest.key.port),
+            6, _D_AF, af,
+            8, _D_FWD, dest.forwarding,
+            8, _D_WEIGHT, dest.weight,
+            8, _D_UPPER, dest.upper_threshold,
+            8, _D_LOWER, dest.lower_threshold,
+            5, _D_TTYPE, dest.tunnel_type,
+            6, _D_TPORT, socket.htons(dest.tunnel_port),
+            6, _D_TFLAGS, dest.tunnel_flags,
+        )  # fmt: skip
+    except (OSError, ValueError, OverflowError, struct.error):
+        return None
+
+
 def encode_dest(dest: Dest, full: bool) -> bytes:
     """Dest attributes; ``full`` adds what NEW/SET_DEST require, and the tunnel settings.
 
@@ -324,10 +372,13 @@ def encode_dest(dest: Dest, full: bool) -> bytes:
     )
 
 
+_HEADERS: Final = struct.Struct(NLMSG_HDR.format + GENL_HDR.format[1:])
+
+
 def message(family: int, cmd: int, flags: int, seq: int, payload: bytes = b"") -> bytes:
     """A whole generic-netlink message (nlmsghdr + genlmsghdr + attributes)."""
-    header = NLMSG_HDR.pack(HEADERS_LEN + len(payload), family, flags, seq, 0)
-    return header + GENL_HDR.pack(cmd, GENL_VERSION, 0) + payload
+    header = _HEADERS.pack(HEADERS_LEN + len(payload), family, flags, seq, 0, cmd, GENL_VERSION, 0)
+    return header + payload
 
 
 _OP_CMD: Final = {
@@ -339,19 +390,30 @@ _OP_CMD: Final = {
     OpKind.DEL_DEST: Cmd.DEL_DEST,
 }
 _DEST_CMDS: Final = frozenset({Cmd.NEW_DEST, Cmd.SET_DEST, Cmd.DEL_DEST})
+_FULL_DEST_CMDS: Final = frozenset({Cmd.NEW_DEST, Cmd.SET_DEST})
+_SERVICE_CMDS: Final = frozenset({Cmd.NEW_SERVICE, Cmd.SET_SERVICE})
 
 
 def encode_op_payload(op: Op) -> tuple[Cmd, bytes]:
     """The command and attributes of one planner op; CodecError when it cannot be encoded."""
     cmd = _OP_CMD[op.kind]
-    if cmd in (Cmd.NEW_SERVICE, Cmd.SET_SERVICE):
+    if cmd in _SERVICE_CMDS:
         return cmd, nested(CmdAttr.SERVICE, encode_service(op.service))
-    service = nested(CmdAttr.SERVICE, encode_service_key(op.service.key))
+    service = _service_nest(op.service.key)
     if cmd not in _DEST_CMDS:
         return cmd, service
     if op.dest is None:
         raise CodecError(errno.EINVAL, f"{op.kind} needs a destination")
-    return cmd, service + nested(CmdAttr.DEST, encode_dest(op.dest, cmd != Cmd.DEL_DEST))
+    full = cmd in _FULL_DEST_CMDS
+    dest = _full_dest_nest(op.dest) if full else None
+    return cmd, service + (dest or nested(CmdAttr.DEST, encode_dest(op.dest, full)))
+
+
+@functools.lru_cache(maxsize=1 << 13)
+def _service_nest(key: ServiceKey) -> bytes:
+    """The SERVICE nest naming ``key``: a service's real servers are added one op each,
+    every one naming the service again."""
+    return nested(CmdAttr.SERVICE, encode_service_key(key))
 
 
 def encode_op(op: Op, family: int, seq: int, flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
