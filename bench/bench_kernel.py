@@ -30,9 +30,11 @@ import gc
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -164,23 +166,41 @@ def served_pages(count: int, dests: int) -> dict[int, str]:
     }
 
 
+def write_pages(count: int, dests: int, path: Path) -> None:
+    """:func:`served_pages`, one page a line, made one at a time (a list of 10 000 objects
+    is tens of MB of text)."""
+    from ipvs_agent import cluster
+
+    with path.open("w") as out:
+        for start in range(0, count, cluster.LIST_PAGE):
+            out.write(served_page(count, dests, start, cluster.LIST_PAGE) + "\n")
+
+
 def listed_mirror(
-    count: int, dests: int, pages: dict[int, str] | None = None
+    count: int, dests: int, pages: dict[int, str] | Path | None = None
 ) -> list[dict[str, object]]:
     """What the agent's VirtualServer mirror holds after listing ``count`` of the objects of
     :func:`virtual_server` as the API server serves them: through the agent's own
     ``cluster.Mirror``, in pages parsed from JSON (what the kubernetes client does with a
     custom object list's body), each object trimmed by the same transform
-    (``ipvs_agent.trim``). ``pages`` (:func:`served_pages`) are served as they are;
-    without them each page is made when asked for and dropped after (the memory child:
-    only one page's text is alive at a time, as with a real list)."""
+    (``ipvs_agent.trim``). ``pages`` (:func:`served_pages`) are served as they are, or read
+    a line at a time from a file (:func:`write_pages`: the memory child, whose heap then
+    sees only what the agent's sees, one response body at a time); without them each page
+    is made when asked for."""
     import threading
 
     from ipvs_agent import cluster, trim
 
+    lines = iter(pages.open()) if isinstance(pages, Path) else None
+
     def list_fn(limit: int = 0, _continue: str = "", **_: object) -> object:
         start = int(_continue or 0)
-        text = pages[start] if pages is not None else served_page(count, dests, start, limit)
+        if lines is not None:
+            text = next(lines)
+        elif isinstance(pages, dict):
+            text = pages[start]
+        else:
+            text = served_page(count, dests, start, limit)
         return json.loads(text)
 
     api: Any = None  # lists are plain dicts: the client is never asked to convert one
@@ -439,7 +459,8 @@ from ipvs_agent.snapshot import ReadCache, take
 import ipvs_agent.cluster  # the kubernetes client, which the agent's mirrors use
 gc.collect()
 with_client = rss()
-mirror = bench_kernel.listed_mirror(int(sys.argv[3]), int(sys.argv[4]))
+from pathlib import Path
+mirror = bench_kernel.listed_mirror(int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[7]))
 gc.collect()
 with_mirror = rss()
 share = sys.argv[5] == "share"
@@ -493,19 +514,32 @@ def bench_memory(args: argparse.Namespace) -> dict[str, object]:
     gc.collect()
     child = [sys.executable, "-c", MEMORY_CHILD, NETNS, str(CHECKOUT / "bench")]
     measured: dict[str, object] = {"programming_s": program}
-    for mode in ("share", "copy"):
-        trace = "trace" if args.trace_audit else "rss"
-        out = run([*child, str(args.memory_services), str(args.dests), mode, trace],
-                  args.step_timeout)  # fmt: skip
-        found: dict[str, object] = json.loads(out)
-        if (found["services"], found["dests"], found["pass_ops"]) != (
-            args.memory_services,
-            args.memory_services * args.dests,
-            0,
-        ):
-            raise BenchError(f"memory table incomplete or the pass wrote: {found}")
-        measured[mode] = found
+    # The list's response bodies, made here: the child only parses them, as the agent does.
+    pages = Path(tempfile.mkdtemp(prefix="bench-kernel-")) / "pages.jsonl"
+    try:
+        write_pages(args.memory_services, args.dests, pages)
+        for mode in ("share", "copy"):
+            measured[mode] = _memory_child(args, child, mode, pages)
+    finally:
+        shutil.rmtree(pages.parent, ignore_errors=True)
     return measured
+
+
+def _memory_child(
+    args: argparse.Namespace, child: list[str], mode: str, pages: Path
+) -> dict[str, object]:
+    """One fresh process's figures (:data:`MEMORY_CHILD`) in ``mode`` (share or copy)."""
+    trace = "trace" if args.trace_audit else "rss"
+    out = run([*child, str(args.memory_services), str(args.dests), mode, trace, str(pages)],
+              args.step_timeout)  # fmt: skip
+    found: dict[str, object] = json.loads(out)
+    if (found["services"], found["dests"], found["pass_ops"]) != (
+        args.memory_services,
+        args.memory_services * args.dests,
+        0,
+    ):
+        raise BenchError(f"memory table incomplete or the pass wrote: {found}")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
