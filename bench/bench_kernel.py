@@ -156,24 +156,26 @@ def served_page(count: int, dests: int, start: int, limit: int) -> str:
     return json.dumps({"metadata": {"resourceVersion": "1", "continue": more}, "items": page})
 
 
-def served_pages(count: int, dests: int) -> dict[int, str]:
-    """Every page the agent's list asks for (pages of ``cluster.LIST_PAGE``), by start."""
+def _pages(count: int, dests: int) -> Iterator[tuple[int, str]]:
+    """Every page the agent's list asks for (pages of ``cluster.LIST_PAGE``) with its start,
+    made one at a time."""
     from ipvs_agent import cluster
 
-    return {
-        start: served_page(count, dests, start, cluster.LIST_PAGE)
-        for start in range(0, count, cluster.LIST_PAGE)
-    }
+    for start in range(0, count, cluster.LIST_PAGE):
+        yield start, served_page(count, dests, start, cluster.LIST_PAGE)
+
+
+def served_pages(count: int, dests: int) -> dict[int, str]:
+    """Every page the agent's list asks for, by start."""
+    return dict(_pages(count, dests))
 
 
 def write_pages(count: int, dests: int, path: Path) -> None:
-    """:func:`served_pages`, one page a line, made one at a time (a list of 10 000 objects
-    is tens of MB of text)."""
-    from ipvs_agent import cluster
-
+    """:func:`served_pages`, one page a line, made and written one at a time (a list of
+    10 000 objects is tens of MB of text)."""
     with path.open("w") as out:
-        for start in range(0, count, cluster.LIST_PAGE):
-            out.write(served_page(count, dests, start, cluster.LIST_PAGE) + "\n")
+        for _, text in _pages(count, dests):
+            out.write(text + "\n")
 
 
 def listed_mirror(
@@ -191,7 +193,7 @@ def listed_mirror(
 
     from ipvs_agent import cluster, trim
 
-    lines = iter(pages.open()) if isinstance(pages, Path) else None
+    lines: Iterator[str] | None = None
 
     def list_fn(limit: int = 0, _continue: str = "", **_: object) -> object:
         start = int(_continue or 0)
@@ -207,7 +209,12 @@ def listed_mirror(
     mirror = cluster.Mirror(
         "virtualservers", list_fn, api, threading.Event(), transform=trim.virtual_server
     )
-    mirror._relist()
+    if isinstance(pages, Path):
+        with pages.open() as file:
+            lines = iter(file)
+            mirror._relist()
+    else:
+        mirror._relist()
     return mirror.items()
 
 

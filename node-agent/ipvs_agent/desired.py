@@ -757,8 +757,8 @@ class PlanMemo:
         hands them back), equal endpoints, node, routes and health verdicts. Then every
         VirtualServer would be a hit and :func:`plan`'s bookkeeping around them (ownership,
         conflicts, outcomes) would come out the same, so a resync of an unchanged cluster
-        plans nothing at all. A plan with a broken VirtualServer is never kept: it also
-        depends on ``previous``."""
+        plans nothing at all (and every VirtualServer counts as a hit). A plan with a broken
+        VirtualServer is never kept: it also depends on ``previous``."""
         if self._whole is None:
             return None
         was, result = self._whole
@@ -770,7 +770,10 @@ class PlanMemo:
             and was.routes == inputs.routes
             and was.adjustments == inputs.adjustments
         )
-        return result if same else None
+        if not same:
+            return None
+        self.hits, self.misses = len(self._entries), 0
+        return result
 
     def find(
         self,
@@ -854,7 +857,6 @@ def plan(
     if memo is not None:
         same = memo.last_plan(inputs)
         if same is not None:
-            memo.hits, memo.misses = len(memo._entries), 0
             return same
     entries: dict[str, _Planned] = {}
     hits = 0

@@ -297,12 +297,10 @@ def encode_service(svc: Service) -> bytes:
 
 #: A DEST nest with every attribute NEW/SET_DEST take, IPv4 or IPv6, in :func:`encode_dest`'s
 #: order: ports as native u16 of ``htons`` (the wire's big-endian bytes).
-_ADDR_HDR: Final = NLA_HDR.size + _ADDR_LEN
 _FULL_DEST: Final = struct.Struct("=HH" + "HH16s" + "HHH2x" * 2 + "HHI" * 4 + "HHB3x" + "HHH2x" * 2)
-
-
 #: Its constant words as plain ints (an enum member looked up per call doubled the cost).
 _DEST_NEST: Final = int(CmdAttr.DEST | NLA_F_NESTED)
+_ADDR_HDR: Final = NLA_HDR.size + _ADDR_LEN
 _D_ADDR, _D_PORT, _D_AF = int(DestAttr.ADDR), int(DestAttr.PORT), int(DestAttr.ADDR_FAMILY)
 _D_FWD, _D_WEIGHT = int(DestAttr.FWD_METHOD), int(DestAttr.WEIGHT)
 _D_UPPER, _D_LOWER = int(DestAttr.U_THRESH), int(DestAttr.L_THRESH)
@@ -311,7 +309,6 @@ _D_TTYPE, _D_TPORT, _D_TFLAGS = (
     int(DestAttr.TUN_PORT),
     int(DestAttr.TUN_FLAGS),
 )
-_V4, _V6 = int(AddressFamily.INET), int(AddressFamily.INET6)
 
 
 def _full_dest_nest(dest: Dest) -> bytes | None:
@@ -321,7 +318,7 @@ def _full_dest_nest(dest: Dest) -> bytes | None:
     case (a family that does not match, a value out of range): the general build then
     reports it exactly."""
     address = dest.key.address
-    af = _V6 if ":" in address else _V4
+    af = family_of(address)
     if dest.af is not None and dest.af != af:
         return None
     try:
