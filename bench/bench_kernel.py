@@ -179,19 +179,22 @@ def write_pages(count: int, dests: int, path: Path) -> None:
 
 
 def listed_mirror(
-    count: int, dests: int, pages: dict[int, str] | Path | None = None
+    count: int,
+    dests: int,
+    pages: dict[int, str] | Path | None = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> list[dict[str, object]]:
     """What the agent's VirtualServer mirror holds after listing ``count`` of the objects of
     :func:`virtual_server` as the API server serves them: through the agent's own
     ``cluster.Mirror``, in pages parsed from JSON (what the kubernetes client does with a
-    custom object list's body), each object trimmed by the same transform
-    (``ipvs_agent.trim``). ``pages`` (:func:`served_pages`) are served as they are, or read
-    a line at a time from a file (:func:`write_pages`: the memory child, whose heap then
-    sees only what the agent's sees, one response body at a time); without them each page
-    is made when asked for."""
+    custom object list's body), each object kept by the same transform
+    (``cluster.kept_virtual_server``: trimmed and read), or by ``transform``. ``pages``
+    (:func:`served_pages`) are served as they are, or read a line at a time from a file
+    (:func:`write_pages`: the memory child, whose heap then sees only what the agent's
+    sees, one response body at a time); without them each page is made when asked for."""
     import threading
 
-    from ipvs_agent import cluster, trim
+    from ipvs_agent import cluster
 
     lines: Iterator[str] | None = None
 
@@ -207,7 +210,11 @@ def listed_mirror(
 
     api: Any = None  # lists are plain dicts: the client is never asked to convert one
     mirror = cluster.Mirror(
-        "virtualservers", list_fn, api, threading.Event(), transform=trim.virtual_server
+        "virtualservers",
+        list_fn,
+        api,
+        threading.Event(),
+        transform=transform or cluster.kept_virtual_server,
     )
     if isinstance(pages, Path):
         with pages.open() as file:
@@ -352,7 +359,7 @@ def bench_program_and_read(args: argparse.Namespace) -> dict[str, object]:
 def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]:
     """(d) the agent's own pass over the programmed table: its list of the VirtualServers, the
     first pass of a restarted agent, resyncs, then one endpoint change."""
-    from ipvs_agent import trim
+    from ipvs_agent import cluster, trim
     from ipvs_agent.desired import Node
     from ipvs_agent.kernel.ipvs import IPVSKernel
     from ipvs_agent.reconciler import Memory, reconcile
@@ -360,10 +367,16 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
     from tests.served import served
 
     # The API lists, the agent's side of them: JSON pages parsed and trimmed into its mirror
-    # (the API server's own time is another machine's, and not measured here).
+    # (the API server's own time is another machine's, and not measured here). The mirror
+    # also reads each VirtualServer as it arrives (validation, once per version), which the
+    # first pass used to do: timed apart ("bare": parsed and trimmed only), so the goal's
+    # ratio charges that reading to the agent as before, not to the lists.
     pages = served_pages(args.services, args.dests)
-    lists = []
+    lists, bare = [], []
     for _ in range(args.rounds):
+        began = time.perf_counter()
+        listed_mirror(args.services, args.dests, pages, trim.virtual_server)
+        bare.append(time.perf_counter() - began)
         began = time.perf_counter()
         objects = listed_mirror(args.services, args.dests, pages)
         lists.append(time.perf_counter() - began)
@@ -408,19 +421,24 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
             resync_parts = dict(parts)
         middle = args.services // 2
         changed = served(virtual_server(middle, args.dests, replaced=3), middle, defaults=True)
-        objects[middle] = trim.virtual_server(json.loads(json.dumps(changed)))
+        began = time.perf_counter()  # the watch event's arrival in the mirror, then the pass
+        objects[middle] = cluster.kept_virtual_server(json.loads(json.dumps(changed)))
+        arrived = time.perf_counter() - began
         change, change_ops = one_pass()
-    listed = min(lists)
+    listed, listed_bare = min(lists), min(bare)
+    reading = max(0.0, listed - listed_bare)  # the mirror's reading of the VirtualServers
     return {
-        "list (the agent's side)": listed,
+        "list (the agent's side, read on arrival)": listed,
+        "list, parsed and trimmed only": listed_bare,
         "first pass (restart)": first,
         "first pass ops": len(first_ops),
-        "first pass ratio vs -Ln + list": first / (ipvsadm_ln + listed),
+        "first pass + the mirror's reading": first + reading,
+        "first pass ratio vs -Ln + list": (first + reading) / (ipvsadm_ln + listed_bare),
         "first pass parts": first_parts,
         "resync pass": min(resync),
         "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
         "resync pass parts (the last)": resync_parts,
-        "one endpoint change": change,
+        "one endpoint change": arrived + change,
         "one endpoint change ops": change_ops,
     }
 

@@ -80,7 +80,7 @@ class TrafficPolicy(StrEnum):
     LOCAL = "Local"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelRequirement:
     key: str
     operator: str
@@ -95,7 +95,7 @@ class LabelRequirement:
         return inside if self.operator == "In" else not inside
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelSelector:
     """A Kubernetes label selector; the empty selector matches everything."""
 
@@ -108,7 +108,7 @@ class LabelSelector:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of a virtual service; ``target_port`` None means the same port."""
 
@@ -118,20 +118,20 @@ class ServicePort:
     name: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tunnel:
     type: TunnelType = TunnelType.IPIP
     port: int | None = None
     checksum: TunnelChecksum = TunnelChecksum.NOCSUM
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Forwarding:
     method: ForwardingMethod = ForwardingMethod.NAT
     tunnel: Tunnel = field(default_factory=Tunnel)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Persistence:
     timeout_seconds: int = 300
     ipv4_prefix_length: int = 32
@@ -139,7 +139,7 @@ class Persistence:
     engine: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StaticRealServer:
     address: IPAddress
     port: int | None = None
@@ -168,7 +168,7 @@ class OnFailure(StrEnum):
     REMOVE = "Remove"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HTTPCheck:
     path: str = "/"
     #: Host header; None: the address checked.
@@ -181,7 +181,7 @@ class HTTPCheck:
     body_contains: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UDPCheck:
     send: str
     #: Text the reply must contain; None: any reply.
@@ -190,13 +190,13 @@ class UDPCheck:
     require_reply: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DNSCheck:
     name: str
     type: str = "A"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """One check per static real server, run by every director from its own node.
 
@@ -227,7 +227,7 @@ class FeedbackMode(StrEnum):
     BALANCE = "Balance"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Feedback:
     """LVS dynamic feedback: load from each real server's agent (HAProxy agent-check protocol)
     moves its weight by ``gain * cbrt(target - load)`` every ``period``, between ``min_weight``
@@ -248,7 +248,7 @@ class Feedback:
     mode: FeedbackMode = FeedbackMode.TARGET
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backends:
     """Exactly one of ``service`` (a Service name) or ``static`` is in use."""
 
@@ -257,7 +257,7 @@ class Backends:
     default_weight: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VirtualServerSpec:
     backends: Backends
     address: IPAddress | None = None
@@ -285,7 +285,7 @@ class VirtualServerSpec:
         return self.ip_family or IPFamily.IPV4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VirtualServer:
     """A validated VirtualServer with the identity the agents report against."""
 
@@ -314,7 +314,7 @@ class VirtualServer:
         return self.spec.address or self.status_address
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddressRange:
     """An inclusive range of addresses of one family (a CIDR is a range too)."""
 
@@ -333,7 +333,7 @@ class AddressRange:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MarkRange:
     """An inclusive range of firewall marks."""
 
@@ -348,7 +348,7 @@ class MarkRange:
         return isinstance(mark, int) and self.first <= mark <= self.last
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Layer2:
     """Where a pool's addresses are announced on the local network (ARP, NDP)."""
 
@@ -358,7 +358,7 @@ class Layer2:
     interfaces: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BGPAdvertisement:
     """How a pool's addresses are announced over BGP (AddressPool ``spec.bgp``)."""
 
@@ -371,13 +371,13 @@ class BGPAdvertisement:
     local_preference: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SecretKeyRef:
     name: str
     key: str = "password"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BGPPeer:
     """A router the agents open BGP sessions with."""
 
@@ -394,7 +394,7 @@ class BGPPeer:
     generation: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddressPool:
     name: str
     ranges: tuple[AddressRange, ...]

@@ -1,7 +1,9 @@
 """Read-only mirrors of the few API resources the agent needs (list, then watch).
 
 Each mirror keeps of an object only what the agent reads (:mod:`ipvs_agent.trim`): no
-``managedFields``, no last-applied annotation, no status written for people.
+``managedFields``, no last-applied annotation, no status written for people. A VirtualServer
+is read (validated and typed) as it arrives, and its spec is not kept
+(:func:`kept_virtual_server`).
 
 The agent watches only VirtualServers, EndpointSlices and its own Node (and, to know when it is
 being uninstalled, its own DaemonSet). Not every event wakes a reconcile pass: an update that
@@ -34,7 +36,8 @@ from kubernetes import client, watch
 from kubernetes.client import rest
 
 from ipvs_agent import trim
-from ipvs_agent.snapshot import service_of
+from ipvs_agent.heap import collector_paused
+from ipvs_agent.snapshot import ReadVirtualServer, read_on_arrival, service_of
 from ipvs_api import constants
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ class Changes:
 
 
 class Mirror:
-    """A list+watch cache of one resource, as plain dicts keyed by namespace/name."""
+    """A list+watch cache of one resource, as dicts keyed by namespace/name."""
 
     def __init__(
         self,
@@ -248,9 +251,10 @@ class Mirror:
             resp = self._as_dict(
                 self._list_fn(_request_timeout=REQUEST_TIMEOUT, **paging, **self._kwargs)
             )
-            for obj in resp.get("items") or []:
-                kept = self._kept(obj)
-                items[self._key(kept)] = kept
+            with collector_paused():  # a page's worth of new objects, none of them cyclic
+                for obj in resp.get("items") or []:
+                    kept = self._kept(obj)
+                    items[self._key(kept)] = kept
             meta = resp.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             token = str(meta.get("continue") or "")
@@ -411,6 +415,13 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def kept_virtual_server(obj: dict[str, Any]) -> ReadVirtualServer:
+    """What the VirtualServer mirror keeps of one: trimmed, then read at once (validated and
+    typed), keeping its metadata and confirmed status but not its spec
+    (:class:`~ipvs_agent.snapshot.ReadVirtualServer`)."""
+    return read_on_arrival(trim.virtual_server(obj))
+
+
 def virtual_server_fingerprint(obj: dict[str, Any]) -> Any:
     """What the agent reads of a VirtualServer: its spec (by generation) and what the operator
     confirmed in status — not the conditions, nodes and counts the operator writes after
@@ -470,7 +481,7 @@ def mirrors(
             changed,
             retry_seconds,
             fingerprint=virtual_server_fingerprint,
-            transform=trim.virtual_server,
+            transform=kept_virtual_server,
         ),
         Mirror(
             "endpointslices",

@@ -121,7 +121,7 @@ def _netns_order(target: RealServerNetns) -> tuple[int, int, int]:
     return (0, 0, 0) if ip is None else (1, ip.version, int(ip))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one VirtualServer on this node."""
 

@@ -51,12 +51,36 @@ def _read_one(obj: Mapping[str, Any]) -> VirtualServer | Outcome:
         return Outcome(State.FAILED, "InvalidSpec", f"{type(e).__name__}: {e}")
 
 
+class ReadVirtualServer(dict[str, Any]):
+    """A VirtualServer as the agent's mirror keeps it: read once, when it arrived.
+
+    The dict is the object's metadata and confirmed status, all that the mirror's key, its
+    change journal and the fingerprint read. The spec is not kept: :attr:`read` holds what
+    it was read into, the validated object or the outcome that refused it. The mirror used
+    to keep the spec as parsed JSON beside its validated form, which was read again only
+    when its resourceVersion changed, and it was the agent's largest holding.
+    """
+
+    __slots__ = ("read",)
+    read: VirtualServer | Outcome
+
+
+def read_on_arrival(obj: Mapping[str, Any]) -> ReadVirtualServer:
+    """``obj`` read as a pass would read it (validated once per version, in the mirror's
+    thread, instead of at the next pass); a bad object becomes its outcome, never an error."""
+    entry = ReadVirtualServer((k, obj[k]) for k in ("metadata", "status") if k in obj)
+    entry.read = _read_one(obj)
+    return entry
+
+
 class ReadCache:
     """Validated VirtualServers by (namespace/name, resourceVersion), from one pass to the next.
 
     Validation is most of a pass's CPU with thousands of objects, and a resync sees the same
     versions again; an object without a resourceVersion (from a file) is always read anew.
-    Only the last pass's entries are kept, so the cache never outgrows the mirror.
+    Only the last pass's entries are kept, so the cache never outgrows the mirror. The
+    in-cluster agent's mirror hands over objects already read (:class:`ReadVirtualServer`),
+    which need no cache.
     """
 
     def __init__(self) -> None:
@@ -114,7 +138,12 @@ def read_virtual_servers(
     bad: dict[str, Outcome] = {}
     kept: dict[tuple[str, str], VirtualServer | Outcome] = {}
     for obj in objects:
-        result = cache.read(obj, kept) if cache is not None else _read_one(obj)
+        if type(obj) is ReadVirtualServer:
+            result = obj.read
+        elif cache is not None:
+            result = cache.read(obj, kept)
+        else:
+            result = _read_one(obj)
         if isinstance(result, Outcome):
             bad[_key(obj)] = result
         else:

@@ -172,20 +172,10 @@ def custom_object(obj: Obj, status: Collection[str] | None = ()) -> Obj:
 
 def virtual_server(obj: Obj) -> Obj:
     """A VirtualServer as ``load.virtual_server`` and the fingerprint read it: the whole spec,
-    identity and generation, and the confirmed address, pool and firewall mark.
-
-    Its static real servers' addresses are interned, as the planner interns the address of
-    every real server it plans (``desired._dest_key``): the mirror and the plan then hold one
-    string per address, not two."""
-    out = custom_object(obj, VIRTUAL_SERVER_STATUS)
-    spec = out.get("spec") if out is not obj else None
-    backends = spec.get("backends") if isinstance(spec, dict) else None
-    static = backends.get("static") if isinstance(backends, dict) else None
-    if isinstance(static, list):
-        for entry in static:
-            if isinstance(entry, dict) and type(entry.get("address")) is str:
-                entry["address"] = sys.intern(entry["address"])
-    return out
+    identity and generation, and the confirmed address, pool and firewall mark. (The
+    mirror then reads it and keeps the reading instead of the spec:
+    ``cluster.kept_virtual_server``.)"""
+    return custom_object(obj, VIRTUAL_SERVER_STATUS)
 
 
 def address_pool(obj: Obj) -> Obj:

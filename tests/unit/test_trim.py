@@ -19,8 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipvs_agent import cluster, trim
-from ipvs_agent.desired import Node, plan
-from ipvs_agent.snapshot import index_endpoints, node_from, take
+from ipvs_agent.desired import Node, Outcome, plan
+from ipvs_agent.snapshot import (
+    ReadVirtualServer,
+    index_endpoints,
+    node_from,
+    read_virtual_servers,
+    take,
+)
 from ipvs_api import InvalidObject, constants, load
 from ipvs_api.endpoints import SERVICE_NAME_LABEL, endpoints_from_slices
 from ipvs_api.leases import ANNOTATION_LABELS, ANNOTATION_UNREADY, read_lease
@@ -117,6 +123,10 @@ def test_what_a_virtual_server_keeps() -> None:
     }
     assert trimmed["status"]
     assert LAST_APPLIED in whole["metadata"]["annotations"]
+    # the mirror keeps less still: the spec is read as it arrives, and only its reading kept
+    kept = cluster.kept_virtual_server(whole)
+    assert kept == {"metadata": trimmed["metadata"], "status": trimmed["status"]}
+    assert kept.read == load.virtual_server(whole)
     assert len(json.dumps(trimmed)) < len(json.dumps(whole)) / 2
 
 
@@ -182,8 +192,9 @@ def test_repeated_words_and_keys_are_one_copy_across_objects() -> None:
 
 
 def test_the_mirror_and_the_plan_hold_one_string_per_real_server_address() -> None:
-    """The trimmed copies intern real-server addresses as the planner does, so the plan's
-    DestKeys hold the mirror's own strings."""
+    """Trimmed EndpointSlices intern their addresses as the planner does, so the plan's
+    DestKeys hold the mirror's own strings. (A VirtualServer's static real servers are not
+    kept as text at all: the mirror keeps the validated object, not the spec.)"""
     manifest = {
         "apiVersion": constants.API_VERSION,
         "kind": constants.VIRTUAL_SERVER,
@@ -191,20 +202,20 @@ def test_the_mirror_and_the_plan_hold_one_string_per_real_server_address() -> No
         "spec": {
             "address": "203.0.113.77",
             "ports": [{"port": 80}],
-            "backends": {"static": [{"address": "198.51.100.77"}, {"address": "198.51.100.78"}]},
+            "backends": {"service": {"name": "web"}},
         },
     }
-    vs = trim.virtual_server(json.loads(json.dumps(served(manifest, 7, defaults=True))))
+    vs = cluster.kept_virtual_server(json.loads(json.dumps(served(manifest, 7, defaults=True))))
     web = trim.endpoint_slice(json.loads(json.dumps(endpoint_slice("web", 77))))
     node = Node("node-a", {})
     snap = take([vs], [web], node)
     p = plan(snap.virtual_servers, snap.endpoints, node)
     planned = {k.address: k.address for s in p.table.values() for k in s.dests}
-    for entry in vs["spec"]["backends"]["static"]:
-        assert planned[entry["address"]] is entry["address"]
-    for entry in web["endpoints"]:
-        for address in entry["addresses"]:
-            assert address is sys.intern(address)
+    addresses = [address for entry in web["endpoints"] for address in entry["addresses"]]
+    assert len(planned) >= 3 and set(planned) <= set(addresses)  # (not the unready one)
+    for address in addresses:
+        assert address is sys.intern(address)
+        assert planned.get(address, address) is address
 
 
 #: Status values as they could arrive: right and wrong types, for the fields the agent reads.
@@ -253,6 +264,12 @@ def test_round_trip_over_any_status_and_metadata(
     assert read(trimmed) == read(whole)
     assert cluster.virtual_server_fingerprint(trimmed) == cluster.virtual_server_fingerprint(whole)
     assert cluster.spec_fingerprint(trimmed) == cluster.spec_fingerprint(whole)
+    if whole["kind"] == constants.VIRTUAL_SERVER:  # what the mirror keeps: read on arrival
+        kept = cluster.kept_virtual_server(whole)
+        assert read_virtual_servers([kept]) == read_virtual_servers([whole])
+        fingerprint = cluster.virtual_server_fingerprint
+        assert fingerprint(kept) == fingerprint(whole)
+        assert cluster.Mirror._key(kept) == cluster.Mirror._key(whole)
 
 
 def test_odd_shapes_are_kept_as_they_are_so_validation_judges_them_alike() -> None:
@@ -265,6 +282,13 @@ def test_odd_shapes_are_kept_as_they_are_so_validation_judges_them_alike() -> No
     extra = {**base, "specs": {"typo": True}}  # unknown fields: validation refuses them
     assert read(trim.virtual_server(extra)) == read(extra)
     assert isinstance(read(extra), tuple)
+    # read on arrival, an odd object becomes the outcome a pass would have made of it
+    for odd_obj in [{**base, "status": "a string status"}, {**base, "status": None}, extra]:
+        kept = cluster.kept_virtual_server(odd_obj)
+        assert read_virtual_servers([kept]) == read_virtual_servers([odd_obj])
+    kept = cluster.kept_virtual_server(no_meta)
+    assert read_virtual_servers([kept]) == read_virtual_servers([no_meta])
+    assert isinstance(kept.read, Outcome) and "spec" not in kept
 
 
 # --- the planner's whole input ----------------------------------------------------------------
@@ -400,6 +424,10 @@ def test_the_whole_snapshot_is_the_same_from_trimmed_objects() -> None:
         admitted_only=True,
     )
     assert trimmed == whole
+    # as the VirtualServer mirror keeps them: read on arrival, without their spec
+    kept = [cluster.kept_virtual_server(v) for v in vss]
+    assert all(isinstance(k, ReadVirtualServer) and "spec" not in k for k in kept)
+    assert take(kept, slices, node, admitted_only=True) == whole
     assert len(whole.virtual_servers) >= 10 and len(whole.rejected) >= 30
     assert node == node_from(node_object(), "node-a", None)
     assert isinstance(node, Node)
@@ -457,7 +485,7 @@ def test_status_only_writes_still_cost_no_pass_on_trimmed_objects() -> None:
     change or a deletion does not."""
     manifest = next(m for n, m in MANIFESTS if n.startswith("nat-service"))
     first = served(manifest, 1)
-    keep = trim.virtual_server
+    keep = cluster.kept_virtual_server  # what the mirror stores and fingerprints
     fp = cluster.virtual_server_fingerprint
     later = copy.deepcopy(first)
     later["metadata"]["resourceVersion"] = "999999"
@@ -496,7 +524,7 @@ def test_every_mirror_of_the_agent_trims_what_it_stores() -> None:
         ]
     }
     assert found == {
-        "virtualservers": trim.virtual_server,
+        "virtualservers": cluster.kept_virtual_server,
         "endpointslices": trim.endpoint_slice,
         "node": trim.node,
         "addresspools": trim.address_pool,
