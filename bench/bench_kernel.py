@@ -454,16 +454,8 @@ from ipvs_agent.kernel.ipvs import IPVSKernel
 reader = IPVSKernel(netns=sys.argv[1])
 gc.collect()
 opened = rss()
-table = reader.dump()  # the dump on its own, cold; its memory is reused by what follows
-gc.collect()
-held = rss()
-services = len(table)
-dests = sum(len(o.dests) for o in table.values())
-keys = set(table)
-del table
-reader.close()
-del reader  # it keeps its last dump (for the next one's shortcut)
-gc.collect()
+# Every module first, so that the rows up to the client are the agent before any table
+# (until 2026-12-05 they came after the dump below, whose freed memory they reused).
 agent = None
 try:
     import ipvs_agent.agent  # the agent's other modules (the kubernetes client: below)
@@ -471,7 +463,7 @@ try:
     agent = rss()
 except Exception as error:  # report, do not fail the memory figure
     agent = repr(error)
-# The in-cluster agent's steady state: the mirror's VirtualServer dicts, and one whole
+# The in-cluster agent's steady state: the mirror's VirtualServers, and one whole
 # reconcile pass (snapshot, plan, dump, diff) with its plan and observed table kept, as
 # Agent.last keeps them between passes; then the drift audit's own reading (audit.Auditor:
 # a second socket that keeps its last dump too).
@@ -484,6 +476,16 @@ from ipvs_agent.snapshot import ReadCache, take
 import ipvs_agent.cluster  # the kubernetes client, which the agent's mirrors use
 gc.collect()
 with_client = rss()
+table = reader.dump()  # the dump on its own, cold; its memory is reused by what follows
+gc.collect()
+held = rss()
+services = len(table)
+dests = sum(len(o.dests) for o in table.values())
+keys = set(table)
+del table
+reader.close()
+del reader  # it keeps its last dump (for the next one's shortcut)
+gc.collect()
 from pathlib import Path
 mirror = bench_kernel.listed_mirror(int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[7]))
 gc.collect()
@@ -516,7 +518,7 @@ again = reconcile(take(mirror, [], node, cache=cache), kernel, host, last_memory
 gc.collect()
 second_pass = rss()
 print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
-                  "holding_dump_mb": held, "dump_mb": held - opened,
+                  "holding_dump_mb": held, "dump_mb": held - with_client,
                   "with_agent_imports_mb": agent, "with_client_imports_mb": with_client,
                   "with_mirror_mb": with_mirror, "agent_after_pass_mb": after_pass,
                   "with_audit_reading_mb": with_audit, "audit_reading_live_mb": audit_live,
