@@ -53,6 +53,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from bench.bench_operator import load_average, machine  # noqa: E402
 from tests.e2e.bed import NODE_NAME, LabBed, stderr_progress, wait_for  # noqa: E402
 from tests.operator import harness  # noqa: E402
+from tests.vm.qemu import exit_on_signals  # noqa: E402
 
 NAMESPACE = "bench-endpoints"
 POOL = "bench-endpoints"
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=9000.0, help="the whole run (s)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    exit_on_signals()  # SIGTERM too stops what the run started (see qemu.exit_on_signals)
     if not 1 <= args.services <= 4000 or not 1 <= args.reals <= 1000:
         parser.error("--services must be 1..4000 and --reals 1..1000")
     if not 0 <= args.warmup + args.changes <= 30000:

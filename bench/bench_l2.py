@@ -45,6 +45,7 @@ from ipvs_agent.cluster import lease_mirror  # noqa: E402
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
 from tests.apiserver.fixtures import repo_crd_files  # noqa: E402
 from tests.operator import harness  # noqa: E402
+from tests.vm.qemu import exit_on_signals  # noqa: E402
 
 NAMESPACE = harness.OPERATOR_NAMESPACE
 NICS = {"eth0": [ipaddress.ip_interface("198.18.0.1/15")]}
@@ -272,6 +273,7 @@ def main() -> int:
     lab = sub.add_parser("lab")
     lab.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    exit_on_signals()  # SIGTERM too stops what the run started (see qemu.exit_on_signals)
     result = api_bench(args) if args.mode == "api" else lab_bench(args)
     print(json.dumps(result, indent=1))
     return 0

@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 from ipvs_api import constants  # noqa: E402
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
 from tests.served import LAST_APPLIED, operator_status  # noqa: E402
+from tests.vm.qemu import exit_on_signals  # noqa: E402
 
 NAMESPACE = "bench"
 #: whole: the agent before (whole objects, one list response); trimmed-unpaged: trimmed
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=1800.0, help="whole run, seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    exit_on_signals()  # SIGTERM too stops what the run started (see qemu.exit_on_signals)
 
     def out_of_time(signum: int, frame: object) -> None:
         raise BenchError(f"the benchmark ran longer than --deadline {args.deadline:.0f}s")

@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
 
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
 from tests.operator import harness  # noqa: E402
+from tests.vm.qemu import exit_on_signals  # noqa: E402
 
 #: The chart's Lease timings rather than the tests' short ones (made for failover tests): on a
 #: loaded machine a 3 s renew deadline can lapse in a burst and the operator exits.
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    exit_on_signals()  # SIGTERM too stops what the run started (see qemu.exit_on_signals)
     before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp, LocalApiServer() as bed:
         bed.install_crds(sorted((REPO / "crds").glob("*.yaml")))

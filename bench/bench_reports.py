@@ -58,6 +58,7 @@ from ipvs_api import conditions  # noqa: E402
 from tests.apiserver.cluster import LocalApiServer  # noqa: E402
 from tests.operator import harness  # noqa: E402
 from tests.unit.agent_helpers import CountingEvent  # noqa: E402
+from tests.vm.qemu import exit_on_signals  # noqa: E402
 
 NAMESPACE = "bench"
 #: etcd's default request limit, which bounds any object.
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=5.0, help="seconds with no more writes")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    exit_on_signals()  # SIGTERM too stops what the run started (see qemu.exit_on_signals)
     before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-reports-") as tmp, LocalApiServer() as bed:
         out = run(args, Path(tmp), bed)

@@ -168,3 +168,65 @@ def test_service_account_is_denied_then_allowed_by_rbac(
         with pytest.raises(ApiException) as still_denied:
             core.list_namespaced_config_map(k8s_namespace)
         assert still_denied.value.status == 403
+
+
+#: A bench's shape: exit_on_signals first, then an API server it must not leave behind.
+SIGNALLED = """
+import time
+from tests.apiserver.cluster import LocalApiServer
+from tests.vm.qemu import exit_on_signals
+
+exit_on_signals()
+with LocalApiServer() as bed:
+    print(bed._apiserver.pid, bed._etcd.pid, bed.dir, bed._etcd_data, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_bench_stopped_by_sigterm_stops_its_api_server_and_removes_its_data() -> None:
+    """The host-side benches call ``exit_on_signals`` before they start an API server, so a
+    SIGTERM unwinds the run and ``LocalApiServer.stop`` runs. That stops kube-apiserver and
+    etcd, and it removes their directories. One of those directories is etcd's data in
+    /dev/shm, which is memory. Without the call, the parent-death signal still kills both
+    processes, but both directories stay behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    checkout = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED], cwd=checkout, stdout=subprocess.PIPE, text=True
+    )
+    started: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the bed prints once ready (its own start is bounded)
+        fields = line.split()
+        assert len(fields) == 4, f"the child printed {line!r} (exit {proc.poll()})"
+        started = [int(fields[0]), int(fields[1])]
+        directories = [Path(fields[2]), Path(fields[3])]
+        assert all(d.is_dir() for d in directories)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in started), "kube-apiserver or etcd outlived the run"
+        assert not any(d.exists() for d in directories), "the bed's directories were left"
+    finally:
+        for pid in started:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its reaper has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")

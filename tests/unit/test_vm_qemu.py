@@ -29,7 +29,7 @@ from tests.vm import qemu
 mode, console = sys.argv[1], sys.argv[2]
 with open(console, "wb") as sink:
     if mode == "command line":
-        qemu._exit_on_signals()
+        qemu.exit_on_signals()
         qemu._supervise(FAKE, sink, 600)
     elif mode == "library":
         qemu._supervise(FAKE, sink, 600)

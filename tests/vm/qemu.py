@@ -277,10 +277,11 @@ def _kill_leftovers() -> None:
         _kill_group(proc)
 
 
-def _exit_on_signals() -> None:
+def exit_on_signals() -> None:
     """Make SIGTERM and SIGINT end the command line like an exception (status 128 + signal),
-    so run_in_vm kills qemu on the way out instead of leaving it running; a second signal
-    is ignored, so it cannot cut that short."""
+    so that what it started is stopped on the way out instead of left running: run_in_vm
+    kills qemu, a LocalApiServer stops its API server and etcd (the benches that boot
+    either call this first). A second signal is ignored, so it cannot cut that short."""
 
     def stop(signum: int, frame: object) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -404,7 +405,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("command", nargs="+")
     args = parser.parse_args()
-    _exit_on_signals()
+    exit_on_signals()
     with tempfile.TemporaryDirectory(prefix="ipvs-vm-") as tmp:
         try:
             run = run_in_vm(
