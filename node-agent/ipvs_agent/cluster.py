@@ -37,7 +37,7 @@ from kubernetes.client import rest
 
 from ipvs_agent import trim
 from ipvs_agent.heap import collector_paused
-from ipvs_agent.snapshot import ReadVirtualServer, read_on_arrival, service_of
+from ipvs_agent.snapshot import ReadVirtualServer, read_again, read_on_arrival, service_of
 from ipvs_api import constants
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class Mirror:
         watch_seconds: int = WATCH_SECONDS,
         fingerprint: Callable[[dict[str, Any]], Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        reuse: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any] | None] | None = None,
         interest: Interest | None = None,
         changes: Callable[[dict[str, Any]], Hashable | None] | None = None,
         **list_kwargs: Any,
@@ -171,6 +172,9 @@ class Mirror:
         #: What of each listed or watched object is kept (``ipvs_agent.trim``), applied before
         #: it is stored (and before ``fingerprint`` sees it), as client-go's SetTransform.
         self.transform = transform
+        #: For a watched update: what to keep, made from what was kept of the object's last
+        #: version when that still serves (None: ``transform`` it anew).
+        self.reuse = reuse
         #: Objects per list page (a relist holds one page of whole objects at a time; 0: all
         #: in one response).
         self.page = LIST_PAGE
@@ -232,6 +236,16 @@ class Mirror:
         """What the mirror stores of one listed or watched object."""
         raw = self._as_dict(obj)
         return raw if self.transform is None else self.transform(raw)
+
+    def _updated(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """What the mirror stores of a watched object (added or modified)."""
+        if self.reuse is not None:
+            with self._lock:
+                before = self._items.get(self._key(raw))
+            again = self.reuse(raw, before) if before is not None else None
+            if again is not None:
+                return again
+        return self._kept(raw)
 
     @staticmethod
     def _key(obj: dict[str, Any]) -> str:
@@ -304,7 +318,7 @@ class Mirror:
                     version = str((raw.get("metadata") or {}).get("resourceVersion") or version)
                     if kind == "BOOKMARK":
                         continue
-                    kept = raw if kind == "DELETED" else self._kept(raw)
+                    kept = raw if kind == "DELETED" else self._updated(raw)
                     with self._lock:
                         if kind == "DELETED":
                             before = self._items.pop(self._key(kept), None)
@@ -422,6 +436,13 @@ def kept_virtual_server(obj: dict[str, Any]) -> ReadVirtualServer:
     return read_on_arrival(trim.virtual_server(obj))
 
 
+def kept_again(obj: dict[str, Any], before: dict[str, Any]) -> ReadVirtualServer | None:
+    """A new version of a VirtualServer the mirror has read: with the last reading when it
+    still holds (a status write), so the spec is neither copied nor validated again; None
+    to read it anew (:func:`~ipvs_agent.snapshot.read_again`)."""
+    return read_again(trim.virtual_server_head(obj), before)
+
+
 def virtual_server_fingerprint(obj: dict[str, Any]) -> Any:
     """What the agent reads of a VirtualServer: its spec (by generation) and what the operator
     confirmed in status — not the conditions, nodes and counts the operator writes after
@@ -482,6 +503,7 @@ def mirrors(
             retry_seconds,
             fingerprint=virtual_server_fingerprint,
             transform=kept_virtual_server,
+            reuse=kept_again,
         ),
         Mirror(
             "endpointslices",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
 from ipvs_agent.health.verdict import Adjustments
@@ -70,6 +70,42 @@ def read_on_arrival(obj: Mapping[str, Any]) -> ReadVirtualServer:
     thread, instead of at the next pass); a bad object becomes its outcome, never an error."""
     entry = ReadVirtualServer((k, obj[k]) for k in ("metadata", "status") if k in obj)
     entry.read = _read_one(obj)
+    return entry
+
+
+#: What a reading depends on besides the spec and the confirmed status: everything the
+#: mirror keeps of the metadata but the version (the reading reads the identity, creation
+#: time and generation; a deletion's timestamp is compared too, for simplicity).
+_VERSION: Final = "resourceVersion"
+
+
+def read_again(head: Mapping[str, Any], before: Mapping[str, Any]) -> ReadVirtualServer | None:
+    """The entry for a new version of an object whose kept metadata and status are
+    ``head``, with the reading of ``before`` (the mirror's entry for its last version), when
+    that reading still holds; None when the spec must be read anew.
+
+    It holds when both are the same object (uid) at the same generation, and all else that
+    the mirror keeps is equal but the version. The API server raises a custom object's
+    generation with every change to its spec, so the spec is the one read before. This is
+    what an update from the operator's status writes looks like: each agent saw one per
+    VirtualServer after every change, and validated it again.
+    """
+    if type(before) is not ReadVirtualServer:
+        return None
+    meta, was = head.get("metadata"), before.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(was, Mapping):
+        return None
+    generation, uid = meta.get("generation"), meta.get("uid")
+    if type(generation) is not int or generation < 1 or not isinstance(uid, str) or not uid:
+        return None
+    if head.get("status") != before.get("status") or set(head) != set(before):
+        return None
+    if {k: v for k, v in meta.items() if k != _VERSION} != {
+        k: v for k, v in was.items() if k != _VERSION
+    }:
+        return None
+    entry = ReadVirtualServer(head)
+    entry.read = before.read
     return entry
 
 

@@ -178,6 +178,20 @@ def virtual_server(obj: Obj) -> Obj:
     return custom_object(obj, VIRTUAL_SERVER_STATUS)
 
 
+def virtual_server_head(obj: Obj) -> Obj:
+    """Of a VirtualServer, only the metadata and status that :func:`virtual_server` keeps
+    (an odd shape: its metadata and status as they are), without copying the spec: the
+    mirror's entry when the object's spec needs no new reading
+    (``cluster.kept_virtual_server``)."""
+    if not _shaped(obj, "status"):
+        return {k: obj[k] for k in ("metadata", "status") if k in obj}
+    out: Obj = {"metadata": _meta(obj)}
+    kept = _pick(obj.get("status") or {}, VIRTUAL_SERVER_STATUS)
+    if kept:
+        out["status"] = kept
+    return out
+
+
 def address_pool(obj: Obj) -> Obj:
     """An AddressPool as ``load.address_pool`` reads it: the spec; no status (the operator's
     allocation counts and conditions)."""
