@@ -380,6 +380,7 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
         began = time.perf_counter()
         objects = listed_mirror(args.services, args.dests, pages)
         lists.append(time.perf_counter() - began)
+    status_writes = status_write_costs(pages, objects)
     del pages
     with IPVSKernel(netns=NETNS) as other:  # the ownership record, read from the state file
         host = OwnsAll(set(other.dump()))  # in the agent: not a dump of the pass's socket
@@ -439,8 +440,36 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
         "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
         "resync pass parts (the last)": resync_parts,
         "one endpoint change": arrived + change,
+        "status writes (each VirtualServer once)": status_writes,
         "one endpoint change ops": change_ops,
     }
+
+
+def status_write_costs(pages: dict[int, str], kept: list[dict[str, Any]]) -> dict[str, float]:
+    """The operator's status write on every listed VirtualServer (a new version, its
+    conditions and counts), as the agent's mirror takes each: the reading of the last
+    version kept (``cluster.kept_again``) against the object read anew."""
+    from ipvs_agent import cluster
+    from tests.served import operator_status
+
+    before = {cluster.Mirror._key(o): o for o in kept}
+    written = []
+    for text in pages.values():
+        for obj in json.loads(text)["items"]:
+            meta = obj["metadata"]
+            meta["resourceVersion"] = f"{meta['resourceVersion']}-status"
+            obj["status"] = {**operator_status(obj, nodes=4), **obj.get("status", {})}
+            written.append(obj)
+    began = time.perf_counter()
+    again = [cluster.kept_again(obj, before[cluster.Mirror._key(obj)]) for obj in written]
+    reuse = time.perf_counter() - began
+    if any(entry is None for entry in again):
+        raise BenchError("a status write was read anew")
+    began = time.perf_counter()
+    for obj in written:
+        cluster.kept_virtual_server(obj)
+    anew = time.perf_counter() - began
+    return {"reading kept": reuse, "read anew": anew, "ratio": reuse / anew}
 
 
 MEMORY_CHILD = r"""
