@@ -12,12 +12,15 @@ Measures, in a private network namespace:
 (c) resident memory of a fresh process holding a dump of M services x D real servers, and of
     one that runs the agent's whole reconcile pass over M VirtualServers (plan, dump, diff) as
     the in-cluster agent holds them, with its VirtualServer mirror filled as the agent fills
-    it (objects as the API server serves them, listed in pages and trimmed by its transform),
+    it (objects as the API server serves them, listed in pages, trimmed and read),
     and then with the drift audit's own reading; twice: as the agent runs (the dumps lend the
     plan's Dests) and with the dumps copying them (``--memory-only`` runs just this part);
-(d) the agent's reconcile pass over the S x D table: with nothing changed (a resync: full read
-    and diff, against ``ipvsadm -Ln``), and with one real server of one service replaced (the
-    netlink operations it sends, and its time).
+(d) the agent's list of the S VirtualServers (its side: parsing, trimming, reading), its
+    reconcile pass over the S x D table: the first pass of a restarted agent (against
+    ``ipvsadm -Ln`` and the list), with nothing changed (a resync: full read and diff,
+    against ``ipvsadm -Ln``), and with one real server of one service replaced (the netlink
+    operations it sends, and its time); and what the operator's status write on every
+    VirtualServer costs the mirror.
 
 Ratios are ours / ipvsadm's: below 1.0 we are faster. Every step is bounded in time.
 """
@@ -440,8 +443,8 @@ def bench_pass(args: argparse.Namespace, ipvsadm_ln: float) -> dict[str, object]
         "resync ratio vs -Ln": min(resync) / ipvsadm_ln,
         "resync pass parts (the last)": resync_parts,
         "one endpoint change": arrived + change,
-        "status writes (each VirtualServer once)": status_writes,
         "one endpoint change ops": change_ops,
+        "status writes (each VirtualServer once)": status_writes,
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from ipvs_agent.desired import EndpointIndex, Node, Outcome, Role, State
 from ipvs_agent.health.verdict import Adjustments
@@ -73,12 +73,6 @@ def read_on_arrival(obj: Mapping[str, Any]) -> ReadVirtualServer:
     return entry
 
 
-#: What a reading depends on besides the spec and the confirmed status: everything the
-#: mirror keeps of the metadata but the version (the reading reads the identity, creation
-#: time and generation; a deletion's timestamp is compared too, for simplicity).
-_VERSION: Final = "resourceVersion"
-
-
 def read_again(head: Mapping[str, Any], before: Mapping[str, Any]) -> ReadVirtualServer | None:
     """The entry for a new version of an object whose kept metadata and status are
     ``head``, with the reading of ``before`` (the mirror's entry for its last version), when
@@ -100,8 +94,10 @@ def read_again(head: Mapping[str, Any], before: Mapping[str, Any]) -> ReadVirtua
         return None
     if head.get("status") != before.get("status") or set(head) != set(before):
         return None
-    if {k: v for k, v in meta.items() if k != _VERSION} != {
-        k: v for k, v in was.items() if k != _VERSION
+    # the reading reads the identity, creation time and generation; the rest of the kept
+    # metadata (a deletion's timestamp) is compared too, for simplicity: all but the version
+    if {k: v for k, v in meta.items() if k != "resourceVersion"} != {
+        k: v for k, v in was.items() if k != "resourceVersion"
     }:
         return None
     entry = ReadVirtualServer(head)
