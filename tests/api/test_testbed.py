@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.apiserver.cluster import LocalApiServer, kubernetes_version
 from tests.apiserver.fixtures import repo_crd_files
+from tests.unit.test_vm_qemu import gone
 
 TEST_GROUP = "testbed.ipvs-operator.example"
 
@@ -210,23 +211,14 @@ def test_a_bench_stopped_by_sigterm_stops_its_api_server_and_removes_its_data() 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
-        while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
+        while not all(gone(pid) for pid in started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert all(_gone(pid) for pid in started), "kube-apiserver or etcd outlived the run"
+        assert all(gone(pid) for pid in started), "kube-apiserver or etcd outlived the run"
         assert not any(d.exists() for d in directories), "the bed's directories were left"
     finally:
         for pid in started:
-            if not _gone(pid):
+            if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has ended (a zombie waiting for its reaper has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
