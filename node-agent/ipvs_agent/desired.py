@@ -734,8 +734,9 @@ class PlanMemo:
 
     A resync mostly plans what it planned before, and building every VirtualServer's services
     again (address parsing and formatting per real server) was most of a pass. A VirtualServer
-    whose inputs are the same — the same validated object (kept by
-    :class:`~ipvs_agent.snapshot.ReadCache`), endpoints, health verdicts and DR routes — gets
+    whose inputs are the same — the same validated object (the mirror's reading,
+    :class:`~ipvs_agent.snapshot.ReadVirtualServer`, kept across status writes; or
+    :class:`~ipvs_agent.snapshot.ReadCache`'s), endpoints, health verdicts and DR routes — gets
     its last services back. Another node (labels, addresses, kernel) starts afresh, and only
     the last plan's entries are kept, so the memo never outgrows the cluster's objects.
     What :func:`plan` builds around the services (ownership, conflicts, outcomes) is done anew
@@ -753,10 +754,11 @@ class PlanMemo:
 
     def last_plan(self, inputs: _PlanInputs) -> Plan | None:
         """The last plan itself when it was made from these very inputs: the same validated
-        objects in the same order (by identity, as :class:`~ipvs_agent.snapshot.ReadCache`
-        hands them back), equal endpoints, node, routes and health verdicts. Then every
-        VirtualServer would be a hit and :func:`plan`'s bookkeeping around them (ownership,
-        conflicts, outcomes) would come out the same, so a resync of an unchanged cluster
+        objects in the same order (by identity, as the mirror's readings and
+        :class:`~ipvs_agent.snapshot.ReadCache` hand them back), equal endpoints, node, routes
+        and health verdicts. Then every VirtualServer would be a hit and :func:`plan`'s
+        bookkeeping around them (ownership, conflicts, outcomes) would come out the same, so
+        a resync of an unchanged cluster
         plans nothing at all (and every VirtualServer counts as a hit). A plan with a broken
         VirtualServer is never kept: it also depends on ``previous``."""
         if self._whole is None:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ipvs_agent import cluster, trim
-from ipvs_agent.snapshot import ReadVirtualServer, read_virtual_servers
+from ipvs_agent.desired import Node, PlanMemo, plan
+from ipvs_agent.snapshot import ReadVirtualServer, read_virtual_servers, take
 from ipvs_api import constants
 from tests.served import operator_status, served
 from tests.unit.test_interest import ScriptedWatch
@@ -189,3 +190,22 @@ def test_the_mirror_reads_a_spec_change_but_not_a_status_write(
     )
     assert woke == [False, True]
     assert mirror.items()[0]["metadata"]["resourceVersion"] == "5"
+
+
+def test_after_a_status_write_the_plan_is_the_last_one_itself() -> None:
+    """The kept reading is the very object the last pass planned from, so the plan memo
+    recognises it: a pass after the operator's status writes plans nothing anew."""
+    first = served(FIRST, 1)
+    before = cluster.kept_virtual_server(first)
+    node = Node("node-a", {})
+    memo = PlanMemo()
+    snap = take([before], [], node)
+    assert snap.virtual_servers, "the example is valid"
+    last = plan(snap.virtual_servers, snap.endpoints, node, memo=memo)
+    again = cluster.kept_again(status_write(first), before)
+    assert again is not None
+    snap = take([again], [], node)
+    assert plan(snap.virtual_servers, snap.endpoints, node, memo=memo) is last
+    # a reading made anew is an equal object, not the same one: planned again
+    snap = take([cluster.kept_virtual_server(status_write(first))], [], node)
+    assert plan(snap.virtual_servers, snap.endpoints, node, memo=memo) is not last
