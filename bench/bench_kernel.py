@@ -453,16 +453,14 @@ def status_write_costs(pages: dict[int, str], kept: list[dict[str, Any]]) -> dic
     conditions and counts), as the agent's mirror takes each: the reading of the last
     version kept (``cluster.kept_again``) against the object read anew."""
     from ipvs_agent import cluster
-    from tests.served import operator_status
+    from tests.served import status_written
 
     before = {cluster.Mirror._key(o): o for o in kept}
-    written = []
-    for text in pages.values():
-        for obj in json.loads(text)["items"]:
-            meta = obj["metadata"]
-            meta["resourceVersion"] = f"{meta['resourceVersion']}-status"
-            obj["status"] = {**operator_status(obj, nodes=4), **obj.get("status", {})}
-            written.append(obj)
+    written = [
+        status_written(obj, f"{obj['metadata']['resourceVersion']}-status")
+        for text in pages.values()
+        for obj in json.loads(text)["items"]
+    ]
     began = time.perf_counter()
     again = [cluster.kept_again(obj, before[cluster.Mirror._key(obj)]) for obj in written]
     reuse = time.perf_counter() - began

@@ -14,6 +14,7 @@ import copy
 import json
 from typing import Any
 
+from ipvs_agent.trim import VIRTUAL_SERVER_STATUS
 from ipvs_api import constants, schema
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -63,6 +64,19 @@ def operator_status(obj: dict[str, Any], nodes: int = 3) -> dict[str, Any]:
     status["realServers"] = {"ready": reals, "total": reals, "summary": f"{reals}/{reals}"}
     status["announcement"] = {"mode": "Layer2", "nodes": [f"node-{i}" for i in range(nodes)]}
     return status
+
+
+def status_written(obj: dict[str, Any], version: str) -> dict[str, Any]:
+    """A served VirtualServer after one of the operator's status writes: a new version, the
+    operator's conditions and counts (for 4 directors) beside the confirmed address, pool and
+    mark it had, the status writer's managedFields; spec and generation untouched."""
+    later = copy.deepcopy(obj)
+    later["metadata"]["resourceVersion"] = version
+    confirmed = (obj.get("status") or {}).items()
+    kept = {k: v for k, v in confirmed if k in VIRTUAL_SERVER_STATUS}
+    later["status"] = {**operator_status(later, nodes=4), **kept}
+    later["metadata"]["managedFields"] = [{"manager": "ipvs-operator", "subresource": "status"}]
+    return later
 
 
 def served(

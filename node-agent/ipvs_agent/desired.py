@@ -758,9 +758,9 @@ class PlanMemo:
         :class:`~ipvs_agent.snapshot.ReadCache` hand them back), equal endpoints, node, routes
         and health verdicts. Then every VirtualServer would be a hit and :func:`plan`'s
         bookkeeping around them (ownership, conflicts, outcomes) would come out the same, so
-        a resync of an unchanged cluster
-        plans nothing at all (and every VirtualServer counts as a hit). A plan with a broken
-        VirtualServer is never kept: it also depends on ``previous``."""
+        a resync of an unchanged cluster plans nothing at all (and every VirtualServer counts
+        as a hit). A plan with a broken VirtualServer is never kept: it also depends on
+        ``previous``."""
         if self._whole is None:
             return None
         was, result = self._whole

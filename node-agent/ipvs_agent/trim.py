@@ -159,7 +159,13 @@ def custom_object(obj: Obj, status: Collection[str] | None = ()) -> Obj:
     for key, value in obj.items():
         if key not in ("apiVersion", "kind", "metadata", "status"):
             out[_shared(key)] = _fresh(value)
-    out["metadata"] = _meta(obj)
+    out.update(_head(obj, status))
+    return out
+
+
+def _head(obj: Obj, status: Collection[str] | None) -> Obj:
+    """The kept metadata and status of a custom object (see :func:`custom_object`)."""
+    out: Obj = {"metadata": _meta(obj)}
     if status is None:
         if "status" in obj:
             out["status"] = _fresh(obj["status"])
@@ -181,15 +187,10 @@ def virtual_server(obj: Obj) -> Obj:
 def virtual_server_head(obj: Obj) -> Obj:
     """Of a VirtualServer, only the metadata and status that :func:`virtual_server` keeps
     (an odd shape: its metadata and status as they are), without copying the spec: the
-    mirror's entry when the object's spec needs no new reading
-    (``cluster.kept_virtual_server``)."""
+    mirror's entry when the object's spec needs no new reading (``cluster.kept_again``)."""
     if not _shaped(obj, "status"):
         return {k: obj[k] for k in ("metadata", "status") if k in obj}
-    out: Obj = {"metadata": _meta(obj)}
-    kept = _pick(obj.get("status") or {}, VIRTUAL_SERVER_STATUS)
-    if kept:
-        out["status"] = kept
-    return out
+    return _head(obj, VIRTUAL_SERVER_STATUS)
 
 
 def address_pool(obj: Obj) -> Obj:

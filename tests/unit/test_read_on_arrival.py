@@ -18,25 +18,13 @@ from ipvs_agent import cluster, trim
 from ipvs_agent.desired import Node, PlanMemo, plan
 from ipvs_agent.snapshot import ReadVirtualServer, read_virtual_servers, take
 from ipvs_api import constants
-from tests.served import operator_status, served
+from tests.served import served, status_written
 from tests.unit.test_interest import ScriptedWatch
 from tests.unit.test_trim import MANIFESTS
 
 VIRTUAL_SERVERS = [m for _, m in MANIFESTS if m["kind"] == constants.VIRTUAL_SERVER]
 FIRST = VIRTUAL_SERVERS[0]
 CONFIRMED = trim.VIRTUAL_SERVER_STATUS
-
-
-def status_write(obj: dict[str, Any], version: str = "999999") -> dict[str, Any]:
-    """``obj`` after one of the operator's status writes: a new version, new conditions,
-    counts and announcement, the status writer's managedFields; the spec and generation
-    untouched."""
-    later = copy.deepcopy(obj)
-    later["metadata"]["resourceVersion"] = version
-    confirmed = {k: v for k, v in (obj.get("status") or {}).items() if k in CONFIRMED}
-    later["status"] = {**operator_status(later, nodes=4), **confirmed}
-    later["metadata"]["managedFields"] = [{"manager": "ipvs-operator", "subresource": "status"}]
-    return later
 
 
 def same_entry(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -48,7 +36,7 @@ def same_entry(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def test_a_status_write_keeps_the_reading_itself() -> None:
     first = served(FIRST, 1)
     before = cluster.kept_virtual_server(first)
-    later = status_write(first)
+    later = status_written(first, "999999")
     again = cluster.kept_again(later, before)
     assert again is not None and again.read is before.read  # not validated again
     assert same_entry(again, cluster.kept_virtual_server(later))
@@ -76,7 +64,7 @@ def test_a_status_write_keeps_the_reading_itself() -> None:
 def test_what_the_reading_depends_on_reads_the_object_anew(change: Any) -> None:
     first = served(FIRST, 1)
     before = cluster.kept_virtual_server(first)
-    later = status_write(first)
+    later = status_written(first, "999999")
     change(later)
     assert cluster.kept_again(later, before) is None
 
@@ -84,8 +72,8 @@ def test_what_the_reading_depends_on_reads_the_object_anew(change: Any) -> None:
 def test_only_a_reading_is_reused() -> None:
     """A plain dict (a mirror without readings, or a test's stub) is never taken for one."""
     first = served(FIRST, 1)
-    assert cluster.kept_again(status_write(first), trim.virtual_server(first)) is None
-    assert cluster.kept_again(status_write(first), {"metadata": "odd"}) is None
+    assert cluster.kept_again(status_written(first, "999999"), trim.virtual_server(first)) is None
+    assert cluster.kept_again(status_written(first, "999999"), {"metadata": "odd"}) is None
 
 
 #: Values the kept fields could take in a new version (right and wrong types).
@@ -123,7 +111,7 @@ def test_a_kept_reading_is_always_the_one_a_new_reading_would_give(
     written), as ``trim`` assumes too."""
     first = served(VIRTUAL_SERVERS[index], 1)
     before = cluster.kept_virtual_server(first)
-    later = status_write(first)
+    later = status_written(first, "999999")
     later["status"].update(status)
     later["metadata"].update(metadata)
     if spec_changed:
@@ -162,7 +150,7 @@ def test_the_mirror_reads_a_spec_change_but_not_a_status_write(
 
     def script() -> Iterator[dict[str, Any]]:
         try:
-            for obj in (status_write(first, "4"), spec_change):
+            for obj in (status_written(first, "4"), spec_change):
                 readings.append(reading())
                 changed.clear()
                 yield {"type": "MODIFIED", "raw_object": copy.deepcopy(obj)}
@@ -202,10 +190,10 @@ def test_after_a_status_write_the_plan_is_the_last_one_itself() -> None:
     snap = take([before], [], node)
     assert snap.virtual_servers, "the example is valid"
     last = plan(snap.virtual_servers, snap.endpoints, node, memo=memo)
-    again = cluster.kept_again(status_write(first), before)
+    again = cluster.kept_again(status_written(first, "999999"), before)
     assert again is not None
     snap = take([again], [], node)
     assert plan(snap.virtual_servers, snap.endpoints, node, memo=memo) is last
     # a reading made anew is an equal object, not the same one: planned again
-    snap = take([cluster.kept_virtual_server(status_write(first))], [], node)
+    snap = take([cluster.kept_virtual_server(status_written(first, "999999"))], [], node)
     assert plan(snap.virtual_servers, snap.endpoints, node, memo=memo) is not last
