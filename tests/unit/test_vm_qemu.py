@@ -21,10 +21,13 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 FAKE_QEMU = ["sh", "-c", 'sleep 600 & echo "child $!"; echo "leader $$"; wait']
 DEADLINE = 20.0
 
-#: The parent process: supervises FAKE_QEMU (console to argv[2]) as argv[1] says.
+#: The parent process: supervises FAKE_QEMU (console to argv[2]) as argv[1] says. SIGUSR1
+#: dumps its threads' stacks, for a parent that does not end (see ``status``).
 PARENT = """
-import sys, threading
+import faulthandler, signal, sys, threading
 from tests.vm import qemu
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 mode, console = sys.argv[1], sys.argv[2]
 with open(console, "wb") as sink:
@@ -65,13 +68,38 @@ def kill(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def status(proc: subprocess.Popen[bytes]) -> int:
+    """The parent's exit status; if it has not ended within DEADLINE, fail with where each of
+    its threads is (Python stacks from faulthandler, kernel wait channels): a hang seen once
+    in CI (SIGINT, 2026-12-05) could not be reproduced, so a recurrence must say where."""
+    try:
+        return proc.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        pass
+    stderr = Path(f"/proc/{proc.pid}/fd/2").resolve()
+    channels = {
+        task.name: (task / "wchan").read_text() for task in Path(f"/proc/{proc.pid}/task").iterdir()
+    }
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(
+        "its threads' stacks", lambda: "most recent call first" in stderr.read_text(), DEADLINE
+    )
+    raise AssertionError(
+        f"the parent did not end within {DEADLINE}s; wait channels {channels}; "
+        f"stderr:\n{stderr.read_text()}"
+    )
+
+
 @contextlib.contextmanager
 def parent(mode: str, console: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
-    """The parent running in ``mode``, once its fake qemu runs; whatever is left is killed."""
+    """The parent running in ``mode``, once its fake qemu runs (stderr to the file beside
+    ``console``); whatever is left is killed."""
     code = f"FAKE = {FAKE_QEMU!r}\n{PARENT}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, mode, str(console)], cwd=CHECKOUT, stdin=subprocess.PIPE
-    )
+    with (console.parent / "stderr").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, mode, str(console)],
+            cwd=CHECKOUT, stdin=subprocess.PIPE, stderr=stderr,
+        )  # fmt: skip
     found: dict[str, int] = {}
     try:
         found.update(wait_for("the fake qemu to start", lambda: pids(console), DEADLINE))
@@ -88,14 +116,14 @@ def test_the_command_line_kills_qemu_and_its_children_when_it_is_signalled(
 ) -> None:
     with parent("command line", tmp_path / "console") as (proc, found):
         proc.send_signal(signum)
-        assert proc.wait(timeout=DEADLINE) == 128 + signum
+        assert status(proc) == 128 + signum, (tmp_path / "stderr").read_text()
         wait_for("qemu and its child to end", lambda: all(map(gone, found.values())), DEADLINE)
 
 
 def test_an_interrupted_run_kills_qemu_and_its_children(tmp_path: Path) -> None:
     with parent("library", tmp_path / "console") as (proc, found):
         proc.send_signal(signal.SIGINT)  # KeyboardInterrupt, as in pytest
-        proc.wait(timeout=DEADLINE)
+        status(proc)
         wait_for("qemu and its child to end", lambda: all(map(gone, found.values())), DEADLINE)
 
 
@@ -103,7 +131,7 @@ def test_interpreter_exit_kills_a_run_still_going_in_a_thread(tmp_path: Path) ->
     with parent("exit", tmp_path / "console") as (proc, found):
         assert proc.stdin is not None
         proc.stdin.close()
-        assert proc.wait(timeout=DEADLINE) == 0
+        assert status(proc) == 0, (tmp_path / "stderr").read_text()
         wait_for("qemu and its child to end", lambda: all(map(gone, found.values())), DEADLINE)
 
 
