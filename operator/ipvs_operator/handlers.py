@@ -9,6 +9,7 @@ so the operator never touches a user's VirtualServer or Service spec.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import kopf
@@ -66,17 +67,26 @@ class App:
         self._stopped()
 
 
-_INDEXES: list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]] = [
-    (VIRTUAL_SERVERS, views.VIRTUAL_SERVERS, views.virtual_server_entries),
-    (SERVICES, views.SERVICES, views.service_entry),
-    (ADDRESS_POOLS, views.POOLS, views.pool_entry),
-    (NAMESPACES, views.NAMESPACES, views.namespace_entry),
-    (ENDPOINT_SLICES, views.SLICES, views.slice_entry),
-    (IPVS_NODES, views.NODE_REPORTS, views.ipvs_node_entries),
-    (IPVS_NODE_REPORTS, views.REPORT_SLICES, views.report_slice_entries),
-    (NODES, views.NODES, views.node_entry),
-    (BGP_PEERS, views.PEERS, views.peer_entry),
-]
+def _indexes(
+    read_report: views.ReportReader,
+) -> list[tuple[tuple[str, ...], str, Callable[[Mapping[str, Any]], Any]]]:
+    """Each resource's one index and its entry function; the report objects' entries are
+    read by ``read_report``, which the event handlers share, so each is parsed once."""
+    return [
+        (VIRTUAL_SERVERS, views.VIRTUAL_SERVERS, views.virtual_server_entries),
+        (SERVICES, views.SERVICES, views.service_entry),
+        (ADDRESS_POOLS, views.POOLS, views.pool_entry),
+        (NAMESPACES, views.NAMESPACES, views.namespace_entry),
+        (ENDPOINT_SLICES, views.SLICES, views.slice_entry),
+        (IPVS_NODES, views.NODE_REPORTS, partial(views.ipvs_node_entries, read=read_report)),
+        (
+            IPVS_NODE_REPORTS,
+            views.REPORT_SLICES,
+            partial(views.report_slice_entries, read=read_report),
+        ),
+        (NODES, views.NODES, views.node_entry),
+        (BGP_PEERS, views.PEERS, views.peer_entry),
+    ]
 
 
 def _deleted(event: Mapping[str, Any]) -> bool:
@@ -99,7 +109,8 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         await app.stop()
 
-    for resource, index_id, entry in _INDEXES:
+    read_report = views.ReportReader()
+    for resource, index_id, entry in _indexes(read_report):
         _register_index(registry, resource, index_id, entry)
 
     @kopf.on.event(*VIRTUAL_SERVERS, registry=registry)
@@ -133,7 +144,7 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def ipvs_node(
         name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
     ) -> None:
-        listed = views.report_entries(body)
+        listed = {} if _deleted(event) else read_report(body)  # a deletion lists nothing
         app.controller.report_changed(name, name, listed, gone=_deleted(event))
         await app.controller.sessions_changed(
             name,
@@ -146,7 +157,7 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def ipvs_node_report(
         name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
     ) -> None:
-        listed = views.report_entries(body)
+        listed = {} if _deleted(event) else read_report(body)  # a deletion lists nothing
         app.controller.report_changed(
             views.report_node(body), name, listed, gone=_deleted(event), part=True
         )

@@ -9,7 +9,7 @@ what the reconcilers read. They are pure; :class:`IndexViews` reads kopf's index
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 from ipvs_api import constants
@@ -173,24 +173,58 @@ def _text(value: Any) -> str:
 
 
 def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
-    """The VirtualServers a node directs, from its IPVSNode's or IPVSNodeReport's entries."""
+    """The VirtualServers a node directs, from its IPVSNode's or IPVSNodeReport's entries.
+
+    Entries that say the same thing share one :class:`DirectorReport`: a node reports most of
+    its VirtualServers alike (Programmed at their generation), and the operator keeps an entry
+    per (node, VirtualServer). Those naming real servers' health are each their own."""
     node = _text(report_node(body))
     out: dict[NamespacedKey, DirectorReport] = {}
+    alike: dict[tuple[str, int | None, str, str, str | None], DirectorReport] = {}
     for entry in (body.get("status") or {}).get("virtualServers") or ():
         if "Director" not in (entry.get("roles") or ()):
             continue
         generation = entry.get("observedGeneration")
         announcement = (entry.get("announcement") or {}).get("mode")
-        out[(_text(entry.get("namespace")), _text(entry.get("name")))] = DirectorReport(
-            node=node,
-            state=_text(entry.get("state") or ""),
-            generation=int(generation) if generation is not None else None,
-            reason=_text(entry.get("reason") or ""),
-            message=_text(entry.get("message") or ""),
-            health=health.parse(entry),
-            announcement=_text(announcement) if announcement else None,
+        said = (
+            _text(entry.get("state") or ""),
+            int(generation) if generation is not None else None,
+            _text(entry.get("reason") or ""),
+            _text(entry.get("message") or ""),
+            _text(announcement) if announcement else None,
         )
+        health_reports = health.parse(entry)
+        report = None if health_reports else alike.get(said)
+        if report is None:
+            state, observed, reason, message, mode = said
+            report = DirectorReport(node, state, observed, reason, message, health_reports, mode)
+            if not health_reports:
+                alike[said] = report
+        out[(_text(entry.get("namespace")), _text(entry.get("name")))] = report
     return out
+
+
+class ReportReader:
+    """:func:`report_entries`, remembered for the last few objects read (by identity).
+
+    kopf hands each event's one body to the index handler and then to the event handler, and
+    a report object holds up to some 1700 entries: each is parsed once. Several are kept
+    because kopf processes objects concurrently, so another object's event may come between
+    the two; the bodies are held, so an identity cannot be reused while remembered."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._read: dict[int, tuple[Mapping[str, Any], dict[NamespacedKey, DirectorReport]]] = {}
+
+    def __call__(self, body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
+        known = self._read.get(id(body))
+        if known is not None and known[0] is body:
+            return known[1]
+        entries = report_entries(body)
+        if len(self._read) >= self._size:
+            del self._read[next(iter(self._read))]
+        self._read[id(body)] = (body, entries)
+        return entries
 
 
 def report_key(namespace: str, name: str) -> str:
@@ -206,17 +240,24 @@ def virtual_server_of(key: str) -> tuple[str, str]:
     return namespace, name
 
 
-def ipvs_node_entries(body: Mapping[str, Any]) -> dict[str | tuple[str, ...], Any]:
-    """An IPVSNode's entries in the one IPVSNode index: its agent's node, and its reports."""
+def ipvs_node_entries(
+    body: Mapping[str, Any],
+    read: Callable[[Mapping[str, Any]], Mapping[NamespacedKey, DirectorReport]] = report_entries,
+) -> dict[str | tuple[str, ...], Any]:
+    """An IPVSNode's entries in the one IPVSNode index: its agent's node, and its reports
+    (as ``read`` reads them)."""
     out: dict[str | tuple[str, ...], Any] = {AGENT_KEY: str(_meta(body).get("name"))}
-    for (namespace, name), report in report_entries(body).items():
+    for (namespace, name), report in read(body).items():
         out[report_key(namespace, name)] = report
     return out
 
 
-def report_slice_entries(body: Mapping[str, Any]) -> dict[str | tuple[str, ...], Any]:
+def report_slice_entries(
+    body: Mapping[str, Any],
+    read: Callable[[Mapping[str, Any]], Mapping[NamespacedKey, DirectorReport]] = report_entries,
+) -> dict[str | tuple[str, ...], Any]:
     """An IPVSNodeReport's reports, keyed as in the IPVSNode index."""
-    return {report_key(ns, name): r for (ns, name), r in report_entries(body).items()}
+    return {report_key(ns, name): r for (ns, name), r in read(body).items()}
 
 
 def newest(reports: Iterable[DirectorReport]) -> dict[str, DirectorReport]:

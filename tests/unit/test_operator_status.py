@@ -283,6 +283,87 @@ def test_report_entries_of_many_nodes_share_their_strings() -> None:
     assert not hasattr(a, "__dict__")  # slots: no per-entry dict
 
 
+def test_entries_that_say_the_same_share_one_report_and_read_as_before() -> None:
+    """A node reports most VirtualServers alike; the operator keeps an entry per (node,
+    VirtualServer), so alike entries are one object. Any difference, or health, is its own."""
+    programmed: dict[str, Any] = {
+        "state": "Programmed",
+        "observedGeneration": 2,
+        "roles": ["Director"],
+    }
+    announced = {**programmed, "announcement": {"mode": "Layer2"}}
+    health: dict[str, Any] = {
+        "realServerHealth": [{"address": "198.51.100.7", "port": 80, "state": "Down"}]
+    }
+    entries = {
+        "a": programmed,
+        "b": programmed,
+        "newer": {**programmed, "observedGeneration": 3},
+        "failed": {**programmed, "state": "Failed", "reason": "KernelError", "message": "EBUSY"},
+        "failed-too": {
+            **programmed,
+            "state": "Failed",
+            "reason": "KernelError",
+            "message": "EBUSY",
+        },
+        "other-reason": {**programmed, "state": "Failed", "reason": "Unsupported"},
+        "other-message": {**programmed, "state": "Failed", "reason": "KernelError"},
+        "announced": announced,
+        "announced-too": announced,
+        "sick": {**programmed, **health},
+        "sick-too": {**programmed, **health},
+        "no-generation": {"state": "Programmed", "roles": ["Director"]},
+    }
+    body = {
+        "metadata": {"name": "n1"},
+        "status": {
+            "virtualServers": [{"namespace": "shop", "name": n, **e} for n, e in entries.items()]
+        },
+    }
+    read = {name: r for (_, name), r in views.report_entries(json.loads(json.dumps(body))).items()}
+    # Each reads as it did when built on its own ...
+    for name, entry in entries.items():
+        alone = {
+            **body,
+            "status": {"virtualServers": [{"namespace": "shop", "name": name, **entry}]},
+        }
+        assert read[name] == views.report_entries(alone)[("shop", name)], name
+    # ... and the alike are one object, the rest distinct.
+    assert read["a"] is read["b"]
+    assert read["failed"] is read["failed-too"]
+    assert read["announced"] is read["announced-too"]
+    assert read["sick"] is not read["sick-too"] and read["sick"] == read["sick-too"]
+    distinct = ["a", "newer", "failed", "other-reason", "other-message", "announced", "sick"]
+    assert len({id(read[n]) for n in [*distinct, "no-generation"]}) == len(distinct) + 1
+
+
+def test_the_report_reader_parses_each_object_once_even_between_others(
+    monkeypatch: Any,
+) -> None:
+    """kopf hands one event's body to the index handler, then to the event handler; other
+    objects' events may come between. Each body is parsed once, and only by identity."""
+    parsed: list[int] = []
+    real = views.report_entries
+
+    def counting(body: Any) -> Any:
+        parsed.append(id(body))
+        return real(body)
+
+    monkeypatch.setattr(views, "report_entries", counting)
+    entry = {"namespace": "shop", "name": "web", "roles": ["Director"], "state": "Programmed"}
+    bodies = [
+        {"metadata": {"name": f"n{i}"}, "status": {"virtualServers": [entry]}} for i in range(4)
+    ]
+    reader = views.ReportReader(size=3)
+    first = [reader(b) for b in bodies[1:]]  # n1, n2, n3: the reader is full
+    assert [reader(b) for b in bodies[1:]] == first and len(parsed) == 3
+    assert all(again is was for again, was in zip(map(reader, bodies[1:]), first, strict=True))
+    equal = json.loads(json.dumps(bodies[3]))  # equal, but another event's body
+    assert reader(equal) == first[2] and len(parsed) == 4  # n1 made room
+    assert reader(bodies[1]) == first[0] and len(parsed) == 5  # so it is read again
+    assert reader(bodies[0])[("shop", "web")].node == "n0"
+
+
 def test_the_announcing_node_is_in_status_and_every_move_is_an_event() -> None:
     def with_announcer(node: str | None) -> dict[str, Any]:
         reports = {

@@ -7,6 +7,7 @@ watch event of that resource; so each resource has one index, and the lookups of
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -161,3 +162,41 @@ def test_no_diff_base_keeps_nothing() -> None:
     patch = kopf.Patch()
     storage.store(body=body, patch=patch, essence=storage.build(body=body))
     assert not patch
+
+
+def test_a_report_object_is_parsed_once_for_its_index_and_its_event_handler(
+    monkeypatch: Any,
+) -> None:
+    """The IPVSNode's index handler and event handler share the registry's ReportReader:
+    kopf calls both with the event's one body, and a report holds up to some 1700 entries."""
+    parsed: list[int] = []
+    real = views.report_entries
+
+    def counting(body: Any) -> Any:
+        parsed.append(id(body))
+        return real(body)
+
+    monkeypatch.setattr(views, "report_entries", counting)
+    app = handlers.App(Settings(), client=None, poster=None, time_left=lambda: math.inf)  # type: ignore[arg-type]
+    registry = handlers.make_registry(app)
+    handed: list[Any] = []
+
+    class Controller:
+        def report_changed(self, node: str, source: str, listed: Any, **_: Any) -> None:
+            handed.append(listed)
+
+        async def sessions_changed(self, *_: Any, **__: Any) -> None:
+            pass
+
+    app._controller = Controller()  # type: ignore[assignment]
+    entry = {"namespace": "shop", "name": "web", "roles": ["Director"], "state": "Programmed"}
+    raw: Any = node_body("n1", [entry])
+    body = kopf.Body(raw)
+    (index,) = [h for h in registry._indexing.get_all_handlers() if h.id == views.NODE_REPORTS]
+    (event,) = [h for h in registry._watching.get_all_handlers() if h.id.endswith(".ipvs_node")]
+    index_fn: Any = index.fn
+    event_fn: Any = event.fn
+    entries = asyncio.run(index_fn(body=body))
+    asyncio.run(event_fn(name="n1", body=body, event={"type": "MODIFIED", "object": raw}))
+    assert parsed == [id(body)]
+    assert handed == [{("shop", "web"): entries[views.report_key("shop", "web")]}]
