@@ -65,11 +65,22 @@ def sessions(bgp: Mapping[str, Any] | None) -> dict[SessionKey, Session]:
     return found
 
 
+#: Why an established session that is no longer in ``after`` is down, by default.
+NOT_REPORTED: Final = "is no longer reported"
+#: ... and when its agent's Lease went stale: the agent died or its node is cut off, and its
+#: BGP speaker with it (a dead node's session ends at the router's hold time).
+STALE_LEASE: Final = "is presumed down: the agent's Lease is stale"
+
+
 def events(
-    node: str, before: Mapping[SessionKey, Session], after: Mapping[SessionKey, Session]
+    node: str,
+    before: Mapping[SessionKey, Session],
+    after: Mapping[SessionKey, Session],
+    gone: str = NOT_REPORTED,
 ) -> list[SessionEvent]:
     """The Events for IPVSNode ``node`` moving from sessions ``before`` to ``after``
-    (:func:`sessions`): one per session that became established or stopped being so."""
+    (:func:`sessions`): one per session that became established or stopped being so;
+    ``gone`` says why one that is not in ``after`` any more is down."""
     found: list[SessionEvent] = []
     for key in sorted(before.keys() | after.keys()):
         was, now = before.get(key), after.get(key)
@@ -84,7 +95,7 @@ def events(
                 )
             )
         elif was is not None and up_before and (now is None or not now.established):
-            state = f"is {now.state}" if now is not None else "is no longer reported"
+            state = f"is {now.state}" if now is not None else gone
             why = f": {now.message}" if now is not None and now.message else ""
             found.append(
                 SessionEvent(

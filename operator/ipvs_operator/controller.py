@@ -34,7 +34,7 @@ from ipvs_operator.marks import MarkClaim, MarkTable
 from ipvs_operator.service_reconciler import ServiceReconciler
 from ipvs_operator.status import Address, DirectorReport
 from ipvs_operator.views import Views, report_key, virtual_server_of
-from ipvs_operator.workqueue import POOL, SVC, VS, Key, WorkQueue
+from ipvs_operator.workqueue import POOL, SESSIONS, SVC, VS, Key, WorkQueue
 from ipvs_operator.writer import NotLeading, Writer, always_leading, status_patch
 from ipvs_operator.writer import meta as _meta
 
@@ -81,6 +81,11 @@ class Controller:
         self._node_reports: dict[str, dict[str, dict[str, int]]] = {}
         #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
         self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
+        #: ... and as its Events last told them: none while its agent is presumed dead.
+        self._sessions_told: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
+        #: Nodes whose agent's Lease went stale and has not been fresh since: their sessions
+        #: are presumed down (a Lease deleted after going stale brings no word of them).
+        self._presumed_dead: set[str] = set()
         self._namespace_labels: dict[str, dict[str, str]] = {}
         self._pool_generations: dict[str, int] = {}
         #: Parsed VirtualServers by (uid, generation): validation is the costliest step, and
@@ -174,21 +179,40 @@ class Controller:
         """Post an Event on each BGPPeer whose session from ``node`` became established or
         stopped being so; ``report`` is the IPVSNode's ``status.bgp``.
 
-        The sessions before are the last report seen here. A node first seen in a listing (the
+        The sessions before are the last told here. A node first seen in a listing (the
         operator's start, a new leader) is only remembered, so a restart repeats no Event; one
         created meanwhile starts from no sessions.
         """
-        after = {} if gone else bgp.sessions(report)
-        before = self._node_sessions.pop(node, None) if gone else self._node_sessions.get(node)
-        if not gone:
-            self._node_sessions[node] = after
-        if before is None and listing:
+        first = node not in self._node_sessions
+        if gone:
+            self._node_sessions.pop(node, None)
+            self._presumed_dead.discard(node)
+        else:
+            self._node_sessions[node] = bgp.sessions(report)
+        if first and listing:
+            self._sessions_told[node] = self._sessions_held(node)
             return
-        for event in bgp.events(node, before or {}, after):
+        await self.tell_sessions(node)
+
+    def _sessions_held(self, node: str) -> dict[bgp.SessionKey, bgp.Session]:
+        """The sessions of ``node`` as they stand: as reported, none while presumed dead."""
+        return {} if node in self._presumed_dead else self._node_sessions.get(node, {})
+
+    async def tell_sessions(self, node: str) -> None:
+        """Post the Events that move what was told of ``node``'s sessions to how they stand.
+
+        kopf retries no event handler, and an Event is only a hint: one refused for want of
+        Lease time is lost, and the sessions count as told all the same."""
+        told = self._sessions_told.pop(node, {})
+        held = self._sessions_held(node)
+        if node in self._node_sessions:
+            self._sessions_told[node] = held
+        why = bgp.STALE_LEASE if node in self._presumed_dead else bgp.NOT_REPORTED
+        for event in bgp.events(node, told, held, gone=why):
             peer = self.views.peer(event.peer) or _peer_reference(event.peer)
             try:
                 await self.writer.post(peer, event.type, event.reason, event.message)
-            except NotLeading:  # kopf retries no event handler, and an Event is only a hint
+            except NotLeading:
                 log.warning("too little of the Lease left: %s not posted", event.reason)
                 return
 
@@ -206,6 +230,18 @@ class Controller:
         """The live or the stale agents moved: what their reports count for may have."""
         before, self._live_agents = self._live_agents, alive
         before_stale, self._stale_agents = self._stale_agents, stale
+        # A BGP speaker dies with its agent: sessions of a node gone stale are presumed down
+        # until its Lease is fresh again. The first word only sets this (a restarted operator
+        # repeats no Event); after it, each move is told.
+        dead = (self._presumed_dead | stale) - alive
+        moved_sessions = dead ^ self._presumed_dead
+        self._presumed_dead = dead
+        if before is None:
+            for node in moved_sessions & self._sessions_told.keys():
+                self._sessions_told[node] = self._sessions_held(node)
+        else:
+            for node in moved_sessions & self._node_sessions.keys():
+                self.queue.add((SESSIONS, "", node))
         moved = set(self._node_reports) if before is None else alive ^ before
         for node in moved | (stale ^ before_stale):
             for listed in self._node_reports.get(node, {}).values():
@@ -271,6 +307,8 @@ class Controller:
             await self.services.reconcile(namespace, name)
         elif kind == POOL:
             await self.reconcile_pool(name)
+        elif kind == SESSIONS:
+            await self.tell_sessions(name)
 
     # -- allocation table ------------------------------------------------------------------
 

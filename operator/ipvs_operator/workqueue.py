@@ -14,11 +14,14 @@ from typing import Final, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
-#: The operator's work items: ("vs", namespace, name), ("svc", namespace, name), ("pool", "", name).
+#: The operator's work items: ("vs", namespace, name), ("svc", namespace, name), ("pool", "", name),
+#: ("sessions", "", node).
 Key = tuple[str, str, str]
 VS: Final = "vs"
 SVC: Final = "svc"
 POOL: Final = "pool"
+#: A node's BGP sessions to tell as Events (:meth:`Controller.tell_sessions`).
+SESSIONS: Final = "sessions"
 
 
 class WorkQueue(Generic[K]):

@@ -157,3 +157,38 @@ def test_sessions_crossing_established_are_events_on_their_peer_once(
         first.kill()
         if second is not None:
             assert second.stop() == 0, second.tail()
+
+
+def test_sessions_of_a_node_whose_agent_lease_goes_stale_are_down_until_it_is_fresh(
+    admin: Any,
+    ns: str,
+    nodes: Nodes,
+    peers: dict[str, dict[str, Any]],
+    operator_kubeconfig: Path,
+    tmp_path: Path,
+) -> None:
+    """An agent that dies takes its BGP speaker along but cannot say so; its IPVSNode still
+    reads Established. A stale Lease is the word: a SessionDown saying so, and a
+    SessionEstablished once the Lease is fresh again."""
+    tor_a, _ = peers.values()
+    node = nodes.add("a", {})
+    nodes.keep_lease(node)
+    op = start_operator(operator_kubeconfig, tmp_path, "bgp-events-stale")
+    try:
+        listed(admin, ns, "at-start")
+        report_sessions(admin, node, (tor_a, "Established"))
+        up = wait_for("a SessionEstablished Event on tor-a", lambda: described(admin, tor_a))
+        nodes.keep_lease(node, duration=2.0)  # its last renewal: then it dies
+        wait_for("a SessionDown Event", lambda: len(described(admin, tor_a)) > 1, 30)
+        router = f"node {node}: session with 192.0.2.1"
+        assert described(admin, tor_a) == [
+            *up,
+            ("Warning", "SessionDown", f"{router} is presumed down: the agent's Lease is stale"),
+        ]
+        nodes.keep_lease(node)  # back
+        wait_for("the session told again", lambda: len(described(admin, tor_a)) > 2, 30)
+        assert described(admin, tor_a)[2:] == [
+            ("Normal", "SessionEstablished", f"{router} is Established")
+        ]
+    finally:
+        assert op.stop() == 0, op.tail()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from ipvs_operator import bgp, views
 from ipvs_operator.controller import Controller, Settings
 from ipvs_operator.events import CLUSTER_EVENTS_NAMESPACE, EventPoster
+from ipvs_operator.workqueue import SESSIONS
 from ipvs_operator.writer import NotLeading
 
 STATES = ("Connecting", "Connected", "Established", "Down", "ConfigError")
@@ -184,6 +185,12 @@ class Peers:
     def peer(self, name: str) -> dict[str, Any] | None:
         return self.bodies.get(name)
 
+    def pools(self) -> list[dict[str, Any]]:
+        return []
+
+    def virtual_servers(self) -> list[dict[str, Any]]:
+        return []
+
 
 def controller(api: FakeKube, time_left: float = 1e9) -> Controller:
     return Controller(
@@ -277,5 +284,74 @@ def test_without_lease_time_left_the_event_is_dropped_not_raised() -> None:
         assert api.posted == []
         await c.sessions_changed("node-a", {}, listing=False, gone=False)
         assert [p[1] for p in posted(api)] == ["SessionDown"]
+
+    asyncio.run(scenario())
+
+
+async def work_off(c: Controller) -> list[tuple[str, str, str]]:
+    """Run what the controller queued, as its workers would; the keys run."""
+    ran = []
+    while len(c.queue):
+        key = await c.queue.get()
+        try:
+            await c.reconcile(key)
+        finally:
+            c.queue.done(key)
+        ran.append(key)
+    return ran
+
+
+def test_sessions_of_an_agent_whose_lease_went_stale_are_presumed_down_until_it_is_fresh() -> None:
+    """A BGP speaker dies with its agent, and a stale Lease says the agent died: each session
+    it had established is a SessionDown that says why. Its IPVSNode still reads Established,
+    and reports while it is stale tell nothing; a fresh Lease brings them back."""
+
+    async def scenario() -> None:
+        api = FakeKube()
+        c = controller(api)
+        none: frozenset[str] = frozenset()
+        up = report(("tor-a", "192.0.2.1", "Established"), ("tor-b", "192.0.2.2", "Connecting"))
+        await c.sessions_changed("node-a", up, listing=True, gone=False)
+        c.agents_changed(frozenset({"node-a"}), none)
+        assert await work_off(c) == [] and api.posted == []
+
+        c.agents_changed(none, frozenset({"node-a"}))  # its agent died
+        assert await work_off(c) == [(SESSIONS, "", "node-a")]
+        assert [(b["reason"], b["message"]) for _, b in api.posted] == [
+            ("SessionDown", f"node node-a: session with 192.0.2.1 {bgp.STALE_LEASE}")
+        ]
+        await c.sessions_changed("node-a", up, listing=False, gone=False)  # still says so
+        c.agents_changed(none, none)  # its stale Lease deleted: no word of it
+        assert await work_off(c) == [] and len(api.posted) == 1
+
+        c.agents_changed(frozenset({"node-a"}), none)  # back, with a fresh Lease
+        await work_off(c)
+        assert [p[1] for p in posted(api)] == ["SessionDown", "SessionEstablished"]
+        # Nothing is told twice, and what it reports is told again.
+        c.agents_changed(frozenset({"node-a"}), none)
+        await c.sessions_changed("node-a", up, listing=False, gone=False)
+        assert await work_off(c) == [] and len(api.posted) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_operator_that_finds_a_stale_lease_posts_nothing() -> None:
+    """The first word on the Leases only sets what is presumed (the replica before posted the
+    Events), whether the IPVSNode was listed before it or after."""
+
+    async def scenario() -> None:
+        api = FakeKube()
+        c = controller(api)
+        none: frozenset[str] = frozenset()
+        up = report(("tor-a", "192.0.2.1", "Established"))
+        await c.sessions_changed("node-a", up, listing=True, gone=False)
+        c.agents_changed(none, frozenset({"node-a", "node-b"}))
+        await c.sessions_changed("node-b", up, listing=True, gone=False)
+        assert await work_off(c) == [] and api.posted == []
+        await c.sessions_changed("node-b", up, listing=False, gone=False)
+        assert api.posted == []
+        c.agents_changed(frozenset({"node-a", "node-b"}), none)
+        await work_off(c)
+        assert [(p[1], p[3]) for p in posted(api)] == [("SessionEstablished", "tor-a")] * 2
 
     asyncio.run(scenario())
