@@ -337,11 +337,8 @@ def test_entries_that_say_the_same_share_one_report_and_read_as_before() -> None
     assert len({id(read[n]) for n in [*distinct, "no-generation"]}) == len(distinct) + 1
 
 
-def test_the_report_reader_parses_each_object_once_even_between_others(
-    monkeypatch: Any,
-) -> None:
-    """kopf hands one event's body to the index handler, then to the event handler; other
-    objects' events may come between. Each body is parsed once, and only by identity."""
+def report_parses(monkeypatch: Any) -> list[int]:
+    """The ids of the bodies :func:`views.report_entries` parses from now on, in order."""
     parsed: list[int] = []
     real = views.report_entries
 
@@ -350,6 +347,15 @@ def test_the_report_reader_parses_each_object_once_even_between_others(
         return real(body)
 
     monkeypatch.setattr(views, "report_entries", counting)
+    return parsed
+
+
+def test_the_report_reader_parses_each_object_once_even_between_others(
+    monkeypatch: Any,
+) -> None:
+    """kopf hands one event's body to the index handler, then to the event handler; other
+    objects' events may come between. Each body is parsed once, and only by identity."""
+    parsed = report_parses(monkeypatch)
     entry = {"namespace": "shop", "name": "web", "roles": ["Director"], "state": "Programmed"}
     bodies = [
         {"metadata": {"name": f"n{i}"}, "status": {"virtualServers": [entry]}} for i in range(4)

@@ -17,6 +17,7 @@ from ipvs_api import constants
 from ipvs_operator import handlers, views
 from ipvs_operator.controller import Settings
 from ipvs_operator.run import NoDiffBase, kopf_settings
+from tests.unit.test_operator_status import report_parses
 
 
 def vs_body(name: str, owner: str | None, backend: str | None) -> dict[str, Any]:
@@ -169,14 +170,7 @@ def test_a_report_object_is_parsed_once_for_its_index_and_its_event_handler(
 ) -> None:
     """The IPVSNode's index handler and event handler share the registry's ReportReader:
     kopf calls both with the event's one body, and a report holds up to some 1700 entries."""
-    parsed: list[int] = []
-    real = views.report_entries
-
-    def counting(body: Any) -> Any:
-        parsed.append(id(body))
-        return real(body)
-
-    monkeypatch.setattr(views, "report_entries", counting)
+    parsed = report_parses(monkeypatch)
     app = handlers.App(Settings(), client=None, poster=None, time_left=lambda: math.inf)  # type: ignore[arg-type]
     registry = handlers.make_registry(app)
     handed: list[Any] = []
