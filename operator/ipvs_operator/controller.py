@@ -76,9 +76,10 @@ class Controller:
         self._waiting: set[Key] = set()
         self._node_labels: dict[str, dict[str, str]] = {}
         #: What each node's report objects (its IPVSNode, and IPVSNodeReports on a big node)
-        #: list, by node, then by object name: each entry's hash by ``report_key``
-        #: (an interned string per VirtualServer: a tuple per entry was half of this memory).
-        self._node_reports: dict[str, dict[str, dict[str, int]]] = {}
+        #: list, by node, then by object name: each entry by ``report_key`` (an interned
+        #: string per VirtualServer: a tuple per entry was half of this memory). The entries
+        #: are the index's own objects (one :class:`views.ReportReader` reading for both).
+        self._node_reports: dict[str, dict[str, dict[str, DirectorReport]]] = {}
         #: Each node's BGP sessions as last reported: nothing the operator writes keeps them.
         self._node_sessions: dict[str, dict[bgp.SessionKey, bgp.Session]] = {}
         #: ... and as its Events last told them: none while its agent is presumed dead.
@@ -153,10 +154,9 @@ class Controller:
         names none. Otherwise only the VirtualServers whose entry appeared, went or changed
         are reconciled: an agent rewrites a whole object (up to some 1700 entries) for one
         entry's change, and reconciling all it lists, on each of N nodes' writes, made one
-        change cost N times 1700 reconciles (each entry is remembered by its hash; two different
-        reports of one VirtualServer with equal hashes are a 2**-64 chance).
+        change cost N times 1700 reconciles.
         """
-        now = {} if gone else {report_key(*k): hash(r) for k, r in listed.items()}
+        now = {} if gone else {report_key(*k): r for k, r in listed.items()}
         objects = self._node_reports.setdefault(node, {})
         before = objects.get(source)
         if gone:
@@ -170,7 +170,8 @@ class Controller:
             return
         before = before or {}
         for key in now.keys() | before.keys():
-            if now.get(key) != before.get(key):
+            was, report = before.get(key), now.get(key)
+            if report is not was and report != was:  # alike entries are one object
                 self.queue.add((VS, *virtual_server_of(key)))
 
     async def sessions_changed(
