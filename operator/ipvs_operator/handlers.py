@@ -93,9 +93,12 @@ def _deleted(event: Mapping[str, Any]) -> bool:
     return event.get("type") == "DELETED"
 
 
-def make_registry(app: App) -> kopf.OperatorRegistry:
-    """A registry with every handler of the operator (no module-level global state)."""
+def make_registry(app: App, read_report: views.ReportReader | None = None) -> kopf.OperatorRegistry:
+    """A registry with every handler of the operator (no module-level global state); its
+    report objects are read by ``read_report`` (a new one by default)."""
     registry = kopf.OperatorRegistry()
+    if read_report is None:  # (not `or`: an empty reader is falsy)
+        read_report = views.ReportReader()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -109,7 +112,6 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         await app.stop()
 
-    read_report = views.ReportReader()
     for resource, index_id, entry in _indexes(read_report):
         _register_index(registry, resource, index_id, entry)
 
@@ -144,7 +146,7 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def ipvs_node(
         name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
     ) -> None:
-        listed = {} if _deleted(event) else read_report(body)  # a deletion lists nothing
+        listed = {} if _deleted(event) else read_report.take(body)  # a deletion lists nothing
         app.controller.report_changed(name, name, listed, gone=_deleted(event))
         await app.controller.sessions_changed(
             name,
@@ -157,7 +159,7 @@ def make_registry(app: App) -> kopf.OperatorRegistry:
     async def ipvs_node_report(
         name: str, body: Mapping[str, Any], event: Mapping[str, Any], **_: Any
     ) -> None:
-        listed = {} if _deleted(event) else read_report(body)  # a deletion lists nothing
+        listed = {} if _deleted(event) else read_report.take(body)  # a deletion lists nothing
         app.controller.report_changed(
             views.report_node(body), name, listed, gone=_deleted(event), part=True
         )

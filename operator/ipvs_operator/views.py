@@ -205,18 +205,20 @@ def report_entries(body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorRepor
 
 
 class ReportReader:
-    """:func:`report_entries`, remembered for the last few objects read (by identity).
+    """:func:`report_entries`, remembered by identity from the index handler's reading to the
+    event handler's (:meth:`take`).
 
     kopf hands each event's one body to the index handler and then to the event handler, and
-    a report object holds up to some 1700 entries: each is parsed once. Several are kept
-    because kopf processes objects concurrently, so another object's event may come between
-    the two; the bodies are held, so an identity cannot be reused while remembered."""
+    a report object holds up to some 1700 entries: each is parsed once. A body is held until
+    taken, so its identity cannot be reused meanwhile; at most ``size`` are held, in case
+    kopf ran an index handler without its event handler."""
 
     def __init__(self, size: int = 16) -> None:
         self._size = size
         self._read: dict[int, tuple[Mapping[str, Any], dict[NamespacedKey, DirectorReport]]] = {}
 
     def __call__(self, body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
+        """The body's entries, remembered for :meth:`take`."""
         known = self._read.get(id(body))
         if known is not None and known[0] is body:
             return known[1]
@@ -225,6 +227,16 @@ class ReportReader:
             del self._read[next(iter(self._read))]
         self._read[id(body)] = (body, entries)
         return entries
+
+    def take(self, body: Mapping[str, Any]) -> dict[NamespacedKey, DirectorReport]:
+        """The body's entries, read now or remembered, and forgotten."""
+        known = self._read.pop(id(body), None)
+        if known is not None and known[0] is body:
+            return known[1]
+        return report_entries(body)
+
+    def __len__(self) -> int:
+        return len(self._read)
 
 
 def report_key(namespace: str, name: str) -> str:

@@ -350,24 +350,30 @@ def report_parses(monkeypatch: Any) -> list[int]:
     return parsed
 
 
-def test_the_report_reader_parses_each_object_once_even_between_others(
+def test_the_report_reader_parses_each_object_once_and_holds_it_only_until_taken(
     monkeypatch: Any,
 ) -> None:
-    """kopf hands one event's body to the index handler, then to the event handler; other
-    objects' events may come between. Each body is parsed once, and only by identity."""
+    """kopf hands one event's body to the index handler, then to the event handler, which
+    takes it: each body is parsed once, by identity, and not held after. Bodies never taken
+    are held up to a bound."""
     parsed = report_parses(monkeypatch)
     entry = {"namespace": "shop", "name": "web", "roles": ["Director"], "state": "Programmed"}
     bodies = [
-        {"metadata": {"name": f"n{i}"}, "status": {"virtualServers": [entry]}} for i in range(4)
+        {"metadata": {"name": f"n{i}"}, "status": {"virtualServers": [entry]}} for i in range(5)
     ]
     reader = views.ReportReader(size=3)
-    first = [reader(b) for b in bodies[1:]]  # n1, n2, n3: the reader is full
-    assert [reader(b) for b in bodies[1:]] == first and len(parsed) == 3
-    assert all(again is was for again, was in zip(map(reader, bodies[1:]), first, strict=True))
+    first = [reader(b) for b in bodies[1:4]]  # n1, n2, n3 between index and event handler
+    assert len(parsed) == 3 and len(reader) == 3
+    assert all(reader(b) is was for b, was in zip(bodies[1:4], first, strict=True))
+    assert reader.take(bodies[2]) is first[1] and len(parsed) == 3 and len(reader) == 2
+    assert reader.take(bodies[2]) == first[1] and len(parsed) == 4  # taken: read again
     equal = json.loads(json.dumps(bodies[3]))  # equal, but another event's body
-    assert reader(equal) == first[2] and len(parsed) == 4  # n1 made room
-    assert reader(bodies[1]) == first[0] and len(parsed) == 5  # so it is read again
-    assert reader(bodies[0])[("shop", "web")].node == "n0"
+    assert reader.take(equal) == first[2] and len(parsed) == 5 and len(reader) == 2
+    reader(bodies[4])  # n4; then n0 makes room: n1 goes, never taken
+    reader(bodies[0])
+    assert len(reader) == 3 and len(parsed) == 7
+    assert reader.take(bodies[1]) == first[0] and len(parsed) == 8
+    assert reader.take(bodies[0])[("shop", "web")].node == "n0" and len(parsed) == 8
 
 
 def test_the_announcing_node_is_in_status_and_every_move_is_an_event() -> None:

@@ -172,7 +172,8 @@ def test_a_report_object_is_parsed_once_for_its_index_and_its_event_handler(
     kopf calls both with the event's one body, and a report holds up to some 1700 entries."""
     parsed = report_parses(monkeypatch)
     app = handlers.App(Settings(), client=None, poster=None, time_left=lambda: math.inf)  # type: ignore[arg-type]
-    registry = handlers.make_registry(app)
+    reader = views.ReportReader()
+    registry = handlers.make_registry(app, reader)
     handed: list[Any] = []
 
     class Controller:
@@ -191,6 +192,9 @@ def test_a_report_object_is_parsed_once_for_its_index_and_its_event_handler(
     index_fn: Any = index.fn
     event_fn: Any = event.fn
     entries = asyncio.run(index_fn(body=body))
+    assert len(reader) == 1  # held for the event handler
     asyncio.run(event_fn(name="n1", body=body, event={"type": "MODIFIED", "object": raw}))
     assert parsed == [id(body)]
+    # Nothing is held after the event handler took it.
+    assert len(reader) == 0
     assert handed == [{("shop", "web"): entries[views.report_key("shop", "web")]}]
