@@ -9,13 +9,17 @@ against a stand-in API server on loopback that only notes when the first request
 - in the same boot, the time of a bare ``python -c pass`` (the interpreter's own start-up),
   as the ratio's base: absolute times under TCG mean little;
 - where the start-up goes: one more run with ``PYTHONPROFILEIMPORTTIME=1``, the imports' own
-  time summed by top-level package (that run is slower for the profiling itself);
+  time summed by top-level package and for each of the project's modules (that run is slower
+  for the profiling itself);
 - whether any of the kubernetes client's models was imported (the agent reads every object as
   a plain dict, so none should be).
 
 Command (results in docs/benchmarks.md)::
 
     .venv/bin/python -m tests.vm.qemu --timeout 900 -- python bench/bench_startup.py
+
+With ``PYTHONPATH`` set, the agent runs from that tree first (another version's code, exported
+where the VM sees it, for a comparison in the same boot).
 """
 
 from __future__ import annotations
@@ -109,7 +113,10 @@ def until_first_request(
     kubeconfig(config, server.port)
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
     env = {k: v for k, v in os.environ.items() if k not in ("POD_NAMESPACE", "NODE_NAME")}
-    env.update({"KUBECONFIG": str(config), "PYTHONPATH": str(CHECKOUT), **(extra_env or {})})
+    path = [p for p in (os.environ.get("PYTHONPATH"), str(CHECKOUT)) if p]  # another tree first
+    env.update(
+        {"KUBECONFIG": str(config), "PYTHONPATH": os.pathsep.join(path), **(extra_env or {})}
+    )
     stderr = work / "stderr"
     try:
         with stderr.open("wb") as sink:
@@ -141,10 +148,15 @@ def bare_python() -> float:
     return time.monotonic() - started
 
 
-def import_profile(stderr: str) -> tuple[dict[str, float], list[str]]:
-    """Seconds of the imports' own time by top-level package (``-X importtime`` lines), and
-    the kubernetes client models imported."""
+#: The project's own packages, listed module by module in the profile.
+OWN = ("ipvs_agent", "ipvs_api")
+
+
+def import_profile(stderr: str) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """Seconds of the imports' own time by top-level package (``-X importtime`` lines), the
+    same for each of the project's own modules, and the kubernetes client models imported."""
     own: dict[str, float] = {}
+    modules: dict[str, float] = {}
     models = []
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
@@ -156,9 +168,15 @@ def import_profile(stderr: str) -> tuple[dict[str, float], list[str]]:
         name = line.rsplit("|", 1)[1].strip()
         top = name.split(".")[0]
         own[top] = own.get(top, 0.0) + self_us / 1e6
+        if top in OWN:
+            modules[name] = modules.get(name, 0.0) + self_us / 1e6
         if name.startswith("kubernetes.client.models."):
             models.append(name)
-    return dict(sorted(own.items(), key=lambda item: -item[1])), models
+    return _by_time(own), _by_time(modules), models
+
+
+def _by_time(seconds: dict[str, float]) -> dict[str, float]:
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,10 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiled, _, stderr = until_first_request(
             work, args.timeout, {"PYTHONPROFILEIMPORTTIME": "1"}
         )
-    own, models = import_profile(stderr)
+    own, modules, models = import_profile(stderr)
     result.update(
         profiled_first_request_s=profiled,
         imports_own_s=own,
+        project_modules_s=modules,
         imports_total_s=sum(own.values()),
         client_models_imported=models,
     )
@@ -198,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result['imports_total_s']:.2f} s:")  # fmt: skip
     for package, seconds in list(own.items())[:12]:
         print(f"  {package:<28} {seconds:6.2f} s")
+    print(f"  of them the project's own modules, {sum(modules.values()):.2f} s:")
+    for module, seconds in list(modules.items())[:12]:
+        print(f"    {module:<40} {seconds:6.2f} s")
     print(f"kubernetes client models imported: {len(models)} {models[:5]}")
     print(json.dumps(result))
     if args.json:

@@ -10,12 +10,11 @@ from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ipvs_agent import __version__
-from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, plan_from_pass
 from ipvs_agent.announce.speaker import Speaker, layer2_inputs
 from ipvs_agent.audit import ENDINGS, Auditor, Expected, Finding, expected_after
 from ipvs_agent.desired import Node, services_used
@@ -41,6 +40,9 @@ from ipvs_agent.status import EntryMemo, node_status
 from ipvs_agent.syncd import SyncDaemons
 from ipvs_api import conditions
 from ipvs_api.types import VirtualServer
+
+if TYPE_CHECKING:  # the BGP modules only when BGP is on: start-up under emulation is slow
+    from ipvs_agent.announce.bgp.inputs import BGPAnnouncer
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +324,8 @@ class Agent:
                 )
             )
         if self.bgp is not None and self.synced:
+            from ipvs_agent.announce.bgp.inputs import plan_from_pass
+
             peers = self.bgp.peers.read(self._objects("bgppeers"))
             self.bgp.speaker.update(
                 plan_from_pass(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,24 @@ def test_agent_errors_are_one_line_and_an_exit_code(tmp_path: Path) -> None:
     unusable.write_text("kind: [unclosed\n")
     result = run(str(BIN / "ipvs-agent"), "validate", "-f", str(unusable))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_agent_run_without_bgp_imports_none_of_its_bgp_modules(tmp_path: Path) -> None:
+    """Start-up under emulation is mostly imports (bench_startup.py): ``ipvs-agent run``
+    imports what it runs, and the BGP modules only with ``--bgp``. Here the run stops at its
+    API client (a kubeconfig with no context), after its own imports."""
+    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\n")
+    code = (
+        "import sys\n"
+        "from ipvs_agent.__main__ import main\n"
+        "assert main(['run', '--node-name', 'n']) != 0\n"
+        "assert 'ipvs_agent.agent' in sys.modules and 'ipvs_agent.audit' in sys.modules\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ipvs_agent.announce.bgp')))\n"
+    )
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
