@@ -381,12 +381,12 @@ def _speaker(args: argparse.Namespace, api: ApiClient, stop: threading.Event) ->
 def _bgp(args: argparse.Namespace, api: ApiClient, stop: threading.Event) -> BGPAnnouncer | None:
     """The BGP speaker and its thread (None: BGP off). ExaBGP itself starts only once this
     node has a session (a BGPPeer selects it)."""
+    if not args.bgp:
+        return None
     from ipvs_agent.announce.bgp.inputs import BGPAnnouncer, Secrets
     from ipvs_agent.announce.bgp.speaker import BGPSpeaker, exabgp_factory
     from ipvs_agent.cluster import secret_reader
 
-    if not args.bgp:
-        return None
     namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE", "")
     if namespace:
         read_secret = secret_reader(api, namespace)

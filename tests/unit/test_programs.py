@@ -99,20 +99,31 @@ def test_agent_errors_are_one_line_and_an_exit_code(tmp_path: Path) -> None:
 
 def test_the_agent_run_without_bgp_imports_none_of_its_bgp_modules(tmp_path: Path) -> None:
     """Start-up under emulation is mostly imports (bench_startup.py): ``ipvs-agent run``
-    imports what it runs, and the BGP modules only with ``--bgp``. Here the run stops at its
-    API client (a kubeconfig with no context), after its own imports."""
-    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\n")
-    code = (
-        "import sys\n"
+    imports what it runs, and the BGP modules not with ``--no-bgp`` (the chart's
+    ``agent.bgp.enabled: false``). Here the run is stopped where it opens the kernel, after
+    its API client, its speakers and their imports."""
+    server = "{cluster: {server: 'http://127.0.0.1:1'}, name: c}"
+    (tmp_path / "kubeconfig").write_text(
+        f"apiVersion: v1\nkind: Config\nclusters: [{server}]\nusers: [{{name: u, user: {{}}}}]\n"
+        "contexts: [{context: {cluster: c, user: u}, name: x}]\ncurrent-context: x\n"
+    )
+    code = (  # where the run opens the kernel, it says what it imported and exits
+        "import os, sys\n"
+        "import ipvs_agent.kernel.ipvs\n"
         "from ipvs_agent.__main__ import main\n"
-        "assert main(['run', '--node-name', 'n']) != 0\n"
-        "assert 'ipvs_agent.agent' in sys.modules and 'ipvs_agent.audit' in sys.modules\n"
-        "print(sorted(m for m in sys.modules if m.startswith('ipvs_agent.announce.bgp')))\n"
+        "def stop(*_, **__):\n"
+        "    print(sorted(m for m in sys.modules if m.startswith('ipvs_agent.announce.bgp')))\n"
+        "    sys.stdout.flush()\n"
+        "    os._exit(0)\n"
+        "ipvs_agent.kernel.ipvs.IPVSKernel = stop\n"
+        "main(['run', '--no-bgp', '--node-name', 'n', '--state-dir', sys.argv[1]])\n"
     )
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}
-    env.pop("KUBERNETES_SERVICE_HOST", None)
+    for name in ("KUBERNETES_SERVICE_HOST", "POD_NAMESPACE"):
+        env.pop(name, None)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
+        [sys.executable, "-c", code, str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", result.stdout
+    assert result.stdout.strip() == "[]", (result.stdout, result.stderr)
