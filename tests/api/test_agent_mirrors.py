@@ -363,7 +363,7 @@ def test_the_agent_reads_the_cluster_without_the_kubernetes_clients_models(
     """Importing the client's models took about 86 s under TCG before the agent's first API
     call (issue 13 §2). The client now loads each model only when used, and the agent reads
     every object as a plain dict: listing, watching and reporting load only the handful its
-    calls' signatures name (delete options, API resource lists), not the client's 800."""
+    calls' signatures name (delete options, API resource lists), not the client's 845."""
     env = {**os.environ, "KUBECONFIG": str(apiserver.kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config here
     done = subprocess.run(
