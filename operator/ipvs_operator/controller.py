@@ -16,7 +16,6 @@ hold the initial listings, so nothing is allocated from a partial picture.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from ipvs_operator.events import EventPoster
 from ipvs_operator.marks import MarkClaim, MarkTable
 from ipvs_operator.service_reconciler import ServiceReconciler
 from ipvs_operator.status import Address, DirectorReport
+from ipvs_operator.tasks import cancelled
 from ipvs_operator.views import Views, report_key, virtual_server_of
 from ipvs_operator.workqueue import POOL, SESSIONS, SVC, VS, Key, WorkQueue
 from ipvs_operator.writer import NotLeading, Writer, always_leading, status_patch
@@ -268,11 +268,7 @@ class Controller:
             self._workers.append(asyncio.create_task(leases.run(), name="agent leases"))
 
     async def stop(self) -> None:
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(*self._workers)
         self._workers = []
 
     async def _work(self) -> None:

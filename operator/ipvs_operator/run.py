@@ -23,6 +23,7 @@ from ipvs_operator.config import Config
 from ipvs_operator.controller import Settings
 from ipvs_operator.events import EventPoster
 from ipvs_operator.leader import LeaderElector, LeaseSettings
+from ipvs_operator.tasks import cancelled
 from ipvs_operator.writer import always_leading
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,7 @@ async def serve(config: Config) -> int:
         log.info("kopf has stopped")
     finally:
         if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await cancelled(keeper)
         if elector is not None and not lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(elector.release(), timeout=config.renew_deadline)
