@@ -90,6 +90,37 @@ def stderr_progress(message: str) -> None:
     print(f"lab: {message}", file=sys.stderr, flush=True)
 
 
+def await_call_home(
+    listener: socket.socket,
+    vm_thread: threading.Thread,
+    qemu: Callable[[], subprocess.Popen[bytes] | None],
+    ended: Callable[[], str],
+    timeout: float,
+) -> socket.socket:
+    """The guest's control connection, once the VM calls home.
+
+    A VM that ends first, or is still silent after ``timeout`` (then it is killed), raises
+    LabError with how it ended and its console's tail: a guest kernel that panicked (a hung
+    task, a soft lockup) says where there, not only in a console log on the CI machine.
+    """
+    deadline = time.monotonic() + timeout
+    listener.settimeout(1.0)
+    while True:
+        try:
+            conn, _ = listener.accept()
+            return conn
+        except TimeoutError:
+            pass
+        if not vm_thread.is_alive():
+            raise LabError(f"the VM ended before it called home: {ended()}")
+        if time.monotonic() > deadline:
+            proc = qemu()
+            if proc is not None:
+                proc.kill()
+            vm_thread.join(timeout=30)
+            raise LabError(f"the VM did not call home within {timeout:.0f}s: {ended()}")
+
+
 class Guest:
     """The request channel to tests/e2e/guest.py (one JSON line each way per request)."""
 
@@ -326,18 +357,9 @@ class LabBed:
         )
         self._vm_thread = threading.Thread(target=boot, name="lab-vm", daemon=True)
         self._vm_thread.start()
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        listener.settimeout(1.0)
-        while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except TimeoutError:
-                pass
-            if not self._vm_thread.is_alive():
-                raise LabError(f"the VM ended before it called home: {self._vm_ended()}")
-            if time.monotonic() > deadline:
-                raise LabError(f"the VM did not call home within {BOOT_TIMEOUT:.0f}s")
+        conn = await_call_home(
+            listener, self._vm_thread, lambda: self._qemu, self._vm_ended, BOOT_TIMEOUT
+        )
         conn.settimeout(None)
         self.guest = Guest(conn)
         hello = self.guest.hello

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.apiserver.cluster import LocalApiServer, TestBedError, build_binaries
-from tests.e2e.bed import Guest, LabError, free_port, stderr_progress
+from tests.e2e.bed import Guest, LabError, await_call_home, free_port, stderr_progress
 from tests.image.oci import Image, build_image
 from tests.vm.image import VMBuildError, ensure_image
 from tests.vm.plugin import _precompile
@@ -289,18 +289,9 @@ class NodeBed:
         self.log("booting the node VM: containerd, image import, kubelet, lab network")
         self._vm_thread = threading.Thread(target=boot, name="node-vm", daemon=True)
         self._vm_thread.start()
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        listener.settimeout(1.0)
-        while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except TimeoutError:
-                pass
-            if not self._vm_thread.is_alive():
-                raise LabError(f"the VM ended before it called home: {self._vm_ended()}")
-            if time.monotonic() > deadline:
-                raise LabError(f"the VM did not call home within {BOOT_TIMEOUT:.0f}s")
+        conn = await_call_home(
+            listener, self._vm_thread, lambda: self._qemu, self._vm_ended, BOOT_TIMEOUT
+        )
         conn.settimeout(None)
         self.guest = Guest(conn)
         self._step(f"VM up, node started {self.guest.hello.get('timings')}", t)

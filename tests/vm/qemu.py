@@ -228,6 +228,9 @@ def qemu_command(
             # A task stuck for 120 s (a kernel deadlock) ends the run at once, with its
             # report on the console, instead of at the suite's timeout an hour later.
             "hung_task_panic=1",
+            # So does a CPU stuck in the kernel for 20 s (a soft lockup, seen once under TCG
+            # in runc's start); the panic prints the stuck CPU's stack, which quiet hides.
+            "softlockup_panic=1",
             f"ipvsvm_kver={image.kernel_version}",
             f"ipvsvm_modtree={image.modules}",
             f"ipvsvm_run={script}",
