@@ -8,11 +8,12 @@ umoci (Debian's package), cached by digest under ``$IPVS_TEST_CACHE/image/rootfs
 ``runtime_spec()`` writes the OCI runtime configuration (runc's ``config.json``) that
 containerd's CRI plugin would make for one container of a pod spec rendered from the chart:
 command and args, environment (fieldRefs resolved, the ``KUBERNETES_SERVICE_*`` variables the
-kubelet adds), user, capabilities (every default one dropped, the chart's added), no_new_privs,
-a read-only root, the runtime's masked and read-only /proc paths, the host network when the
-pod asks for it, and the pod's volumes (hostPath, emptyDir, the ServiceAccount token). Not
-reproduced: the RuntimeDefault seccomp profile (containerd's own, built into it) and cgroup
-limits; the node test (tests/node) runs the chart's pods under the real containerd and kubelet.
+kubelet adds, ``$(VAR)`` in env values, command and args expanded as the kubelet does), user,
+capabilities (every default one dropped, the chart's added), no_new_privs, a read-only root, the
+runtime's masked and read-only /proc paths, the host network when the pod asks for it, and the
+pod's volumes (hostPath, emptyDir, the ServiceAccount token). Not reproduced: the RuntimeDefault
+seccomp profile (containerd's own, built into it) and cgroup limits; the node test (tests/node)
+runs the chart's pods under the real containerd and kubelet.
 """
 
 from __future__ import annotations
@@ -188,18 +189,21 @@ def _field_ref(path: str, pod: PodContext) -> str:
     return values[path]
 
 
-def container_env(image_env: list[str], container: Mapping[str, Any], pod: PodContext) -> list[str]:
-    """Image env, then the kubelet's service variables, then the container's own (they win)."""
-    env: dict[str, str] = dict(item.split("=", 1) for item in image_env)
-    env["KUBERNETES_SERVICE_HOST"] = pod.api_host
-    env["KUBERNETES_SERVICE_PORT"] = str(pod.api_port)
-    env["KUBERNETES_SERVICE_PORT_HTTPS"] = str(pod.api_port)
+def kubelet_env(container: Mapping[str, Any], pod: PodContext) -> dict[str, str]:
+    """The variables the kubelet sets: its service variables, then the container's own in order,
+    each value's ``$(VAR)`` expanded against those before it. Command and args expand against
+    these alone; the image's ENV is the runtime's, unknown to the kubelet."""
+    env = {
+        "KUBERNETES_SERVICE_HOST": pod.api_host,
+        "KUBERNETES_SERVICE_PORT": str(pod.api_port),
+        "KUBERNETES_SERVICE_PORT_HTTPS": str(pod.api_port),
+    }
     for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = str(item["value"])
-        else:
+        if "valueFrom" in item:
             env[item["name"]] = _field_ref(item["valueFrom"]["fieldRef"]["fieldPath"], pod)
-    return [f"{key}={value}" for key, value in env.items()]
+        else:
+            env[item["name"]] = expand(str(item.get("value", "")), env)
+    return env
 
 
 _REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -295,13 +299,16 @@ def runtime_spec(
         namespaces += [{"type": "network"}, {"type": "uts"}]
     if security.get("runAsNonRoot") and uid == "0":
         raise ImageError("runAsNonRoot with uid 0: the kubelet would refuse to start it")
-    env = dict(item.split("=", 1) for item in container_env(config.get("Env", []), container, pod))
+    # The image's ENV, then the kubelet's variables (they win).
+    kubelet = kubelet_env(container, pod)
+    env = dict(item.split("=", 1) for item in config.get("Env", []))
+    env.update(kubelet)
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": int(uid), "gid": int(gid)},
-            "args": [expand(arg, env) for arg in [*entrypoint, *args]],
+            "args": [expand(arg, kubelet) for arg in [*entrypoint, *args]],
             "env": [f"{key}={value}" for key, value in env.items()],
             "cwd": container.get("workingDir") or config.get("WorkingDir") or "/",
             "capabilities": {
