@@ -42,6 +42,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT))
 
 from bench.bench_kernel import machine  # noqa: E402
+from tests.apiserver.cluster import write_kubeconfig  # noqa: E402
 
 
 class FirstRequest:
@@ -81,22 +82,6 @@ class FirstRequest:
         self.server.server_close()
 
 
-def kubeconfig(path: Path, port: int) -> None:
-    """A kubeconfig for the stand-in (plain HTTP, a token that nothing checks)."""
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-                "users": [{"name": "u", "user": {"token": "bench"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-
-
 def agent_command(state: Path) -> list[str]:
     return [
         sys.executable, "-m", "ipvs_agent", "run", "--node-name", "bench",
@@ -110,7 +95,7 @@ def until_first_request(
     """Start the agent; seconds until its first API request, the requests seen, its stderr."""
     server = FirstRequest()
     config = work / "kubeconfig"
-    kubeconfig(config, server.port)
+    write_kubeconfig(config, f"http://127.0.0.1:{server.port}", {"token": "bench"})
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
     env = {k: v for k, v in os.environ.items() if k not in ("POD_NAMESPACE", "NODE_NAME")}
     path = [p for p in (os.environ.get("PYTHONPATH"), str(CHECKOUT)) if p]  # another tree first

@@ -239,6 +239,37 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> Path:
     return path
 
 
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    credentials: dict[str, str],
+    *,
+    ca: bytes | None = None,
+    user: str = "user",
+    namespace: str | None = None,
+) -> Path:
+    """A kubeconfig of one cluster, one user and one context (mode 0600: it holds a secret).
+
+    ``credentials`` is the kubeconfig's ``user`` entry (a token, a client certificate's data);
+    ``ca`` the PEM of the CA that signed the server's certificate.
+    """
+    cluster: dict[str, str] = {"server": server}
+    if ca is not None:
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
+    context = {"cluster": "bed", "user": user}
+    if namespace is not None:
+        context["namespace"] = namespace
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "bed", "cluster": cluster}],
+        "users": [{"name": user, "user": credentials}],
+        "contexts": [{"name": "bed", "context": context}],
+        "current-context": "bed",
+    }
+    return _write(path, yaml.safe_dump(config).encode(), private=True)
+
+
 # --------------------------------------------------------------------------------------
 # Processes
 
@@ -746,27 +777,12 @@ class LocalApiServer:
         """
         assert self.dir is not None and self._client_ca is not None
         leaf = _make_leaf(self._client_ca, user, organizations=groups)
-        ca = base64.b64encode((self.dir / "pki" / "ca.crt").read_bytes()).decode()
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {"name": "bed", "cluster": {"server": server or self.url,
-                                            "certificate-authority-data": ca}}
-            ],
-            "users": [
-                {
-                    "name": user,
-                    "user": {
-                        "client-certificate-data": base64.b64encode(_cert_pem(leaf.cert)).decode(),
-                        "client-key-data": base64.b64encode(_key_pem(leaf.key)).decode(),
-                    },
-                }
-            ],
-            "contexts": [{"name": "bed", "context": {"cluster": "bed", "user": user}}],
-            "current-context": "bed",
-        }  # fmt: skip
-        return _write(path, yaml.safe_dump(config).encode(), private=True)
+        credentials = {
+            "client-certificate-data": base64.b64encode(_cert_pem(leaf.cert)).decode(),
+            "client-key-data": base64.b64encode(_key_pem(leaf.key)).decode(),
+        }
+        ca = (self.dir / "pki" / "ca.crt").read_bytes()
+        return write_kubeconfig(path, server or self.url, credentials, ca=ca, user=user)
 
     def _write_kubeconfig(self) -> None:
         assert self.dir is not None
@@ -775,33 +791,14 @@ class LocalApiServer:
         def b64(name: str) -> str:
             return base64.b64encode((pki / name).read_bytes()).decode()
 
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "ipvs-testbed",
-                    "cluster": {
-                        "server": f"https://127.0.0.1:{self.port}",
-                        "certificate-authority-data": b64("ca.crt"),
-                    },
-                }
-            ],
-            "users": [
-                {
-                    "name": "admin",
-                    "user": {
-                        "client-certificate-data": b64("admin.crt"),
-                        "client-key-data": b64("admin.key"),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": "ipvs-testbed", "context": {"cluster": "ipvs-testbed", "user": "admin"}}
-            ],
-            "current-context": "ipvs-testbed",
+        credentials = {
+            "client-certificate-data": b64("admin.crt"),
+            "client-key-data": b64("admin.key"),
         }
-        _write(self.dir / "kubeconfig", yaml.safe_dump(config).encode(), private=True)
+        write_kubeconfig(
+            self.dir / "kubeconfig", f"https://127.0.0.1:{self.port}", credentials,
+            ca=(pki / "ca.crt").read_bytes(), user="admin",
+        )  # fmt: skip
 
     def _check_alive(self) -> None:
         for what, proc in (("etcd", self._etcd), ("kube-apiserver", self._apiserver)):

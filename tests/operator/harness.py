@@ -8,7 +8,6 @@ RBAC rules are enough.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.apiserver.cluster import REPO_ROOT, LocalApiServer
+from tests.apiserver.cluster import REPO_ROOT, LocalApiServer, write_kubeconfig
 
 T = TypeVar("T")
 
@@ -115,25 +114,10 @@ def service_account_kubeconfig(
             name, namespace, request
         )
     token = response.status.token
-    ca = base64.b64encode((bed.kubeconfig.parent / "pki" / "ca.crt").read_bytes()).decode()
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "bed",
-                "cluster": {"server": server or bed.url, "certificate-authority-data": ca},
-            }
-        ],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [
-            {"name": "sa", "context": {"cluster": "bed", "user": name, "namespace": namespace}}
-        ],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+    ca = (bed.kubeconfig.parent / "pki" / "ca.crt").read_bytes()
+    return write_kubeconfig(
+        path, server or bed.url, {"token": token}, ca=ca, user=name, namespace=namespace
+    )
 
 
 class Operator:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ipvs_api import schema
+from tests.apiserver.cluster import write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -102,11 +103,7 @@ def test_the_agent_run_without_bgp_imports_none_of_its_bgp_modules(tmp_path: Pat
     imports what it runs, and the BGP modules not with ``--no-bgp`` (the chart's
     ``agent.bgp.enabled: false``). Here the run is stopped where it opens the kernel, after
     its API client, its speakers and their imports."""
-    server = "{cluster: {server: 'http://127.0.0.1:1'}, name: c}"
-    (tmp_path / "kubeconfig").write_text(
-        f"apiVersion: v1\nkind: Config\nclusters: [{server}]\nusers: [{{name: u, user: {{}}}}]\n"
-        "contexts: [{context: {cluster: c, user: u}, name: x}]\ncurrent-context: x\n"
-    )
+    write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1", {})
     code = (  # where the run opens the kernel, it says what it imported and exits
         "import os, sys\n"
         "import ipvs_agent.kernel.ipvs\n"
