@@ -547,12 +547,17 @@ with_audit = rss()
 again = reconcile(take(mirror, [], node, cache=cache), kernel, host, last_memory, time.monotonic())
 gc.collect()
 second_pass = rss()
+# How much of that is free memory glibc keeps rather than live objects: hand it back, read again.
+import ctypes
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+trimmed = rss()
 print(json.dumps({"python_start_mb": start, "with_kernel_layer_mb": opened,
                   "holding_dump_mb": held, "dump_mb": held - with_client,
                   "with_agent_imports_mb": agent, "with_client_imports_mb": with_client,
                   "with_mirror_mb": with_mirror, "agent_after_pass_mb": after_pass,
                   "with_audit_reading_mb": with_audit, "audit_reading_live_mb": audit_live,
-                  "after_second_pass_mb": second_pass, "second_pass_ops": len(again.ops),
+                  "after_second_pass_mb": second_pass, "after_malloc_trim_mb": trimmed,
+                  "second_pass_ops": len(again.ops),
                   "dests": dests, "pass_ops": len(last.ops), "services": services,
                   "mode": sys.argv[5], "traced": trace}))
 """
